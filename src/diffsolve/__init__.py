@@ -1,0 +1,69 @@
+"""diffsolve: fast, training-free sampling of diffusion and flow-matching models.
+
+>>> import diffsolve as ds
+>>> proc = ds.VPDiscrete.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012)
+"""
+
+from .denoiser import CFG, PREDICTIONS, Denoiser, EvalPoint, Prediction
+from .processes import EDM, VE, FlowMatching, GaussianProcess, VPCosine, VPDiscrete, VPLinear
+from .sample import NonFiniteError, SampleInfo, sample
+from .schedules import (
+    Exponential,
+    Karras,
+    Leading,
+    Linspace,
+    LogSNR,
+    Quadratic,
+    Schedule,
+    Trailing,
+    Uniform,
+    schedules,
+)
+from .solvers import Grid, Solver, State, get_solver, solvers
+from .solvers._all import *  # noqa: F403  (solver classes: ds.UniPC, ds.DPMSolverPP2M, ...)
+
+__version__ = "0.1.0"
+
+
+def prior(process: GaussianProcess, shape: tuple[int, ...], generator=None, device=None,
+          dtype=None):
+    """x at t_max in the process's own scale: ``prior_std · N(0, I)``, shape ``shape``."""
+    import torch
+
+    return process.prior(shape, generator=generator, device=device,
+                         dtype=dtype if dtype is not None else torch.float32)
+
+
+__all__ = [
+    "CFG",
+    "EDM",
+    "PREDICTIONS",
+    "VE",
+    "Denoiser",
+    "EvalPoint",
+    "Exponential",
+    "FlowMatching",
+    "GaussianProcess",
+    "Grid",
+    "Karras",
+    "Leading",
+    "Linspace",
+    "LogSNR",
+    "NonFiniteError",
+    "Prediction",
+    "Quadratic",
+    "SampleInfo",
+    "Schedule",
+    "Solver",
+    "State",
+    "Trailing",
+    "Uniform",
+    "VPCosine",
+    "VPDiscrete",
+    "VPLinear",
+    "get_solver",
+    "prior",
+    "sample",
+    "schedules",
+    "solvers",
+]

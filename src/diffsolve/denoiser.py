@@ -1,0 +1,216 @@
+"""The Denoiser: any network prediction converted once per call into the pair (x̂_0, ε̂).
+
+Solvers only ever see x̂_0 and ε̂ and never branch on the prediction type. With
+x = α·x_0 + σ·ε (DESIGN §1), the conversions are, for network output ``out``:
+
+=============  =====================================  ============================================
+prediction     network output                         (x̂_0, ε̂)
+=============  =====================================  ============================================
+``eps``        ε̂                                      ((x − σ·ε̂)/α, ε̂)
+``x0``         x̂_0 (EDM's D(x; σ))                    (x̂_0, (x − α·x̂_0)/σ)
+``v``          α·ε − σ·x_0 (Salimans & Ho 2022)        ((α·x − σ·v)/(α²+σ²), (σ·x + α·v)/(α²+σ²))
+``score``      ∇ log p_t = −ε/σ                       ((x + σ²·s)/α, −σ·s)
+``velocity``   dx/dt = α'·x_0 + σ'·ε (flow matching)  Cramer's rule on the 2×2 system
+=============  =====================================  ============================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .processes.base import GaussianProcess, as_time
+
+__all__ = ["PREDICTIONS", "CFG", "Denoiser", "EvalPoint", "Prediction"]
+
+PREDICTIONS = ("eps", "x0", "v", "score", "velocity")
+
+
+class Prediction(NamedTuple):
+    """The two views of one network call, both shaped like x (compute dtype)."""
+
+    x0: Tensor
+    eps: Tensor
+
+
+@dataclass(frozen=True)
+class EvalPoint:
+    """A time at which the network is evaluated, with its coefficients as float64 scalars.
+
+    Built once per schedule (``Denoiser.point``); the only tensor is the network's time input
+    ``t_in`` of shape (B,), already on the sample's device, so a sampling loop makes no host↔device
+    traffic.
+    """
+
+    t: float
+    alpha: float
+    sigma: float
+    d_alpha: float
+    d_sigma: float
+    t_in: Tensor
+
+    @property
+    def rho(self) -> float:
+        return self.sigma / self.alpha if self.alpha != 0 else float("inf")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # half-precision networks run with float32 solver arithmetic
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class Denoiser:
+    """Wrap a network ``net(x, t_model, **cond) -> Tensor`` as an (x̂_0, ε̂) predictor.
+
+    Args:
+        net: any callable (an ``nn.Module``, a diffusers UNet through a lambda, ...).
+        process: the forward process the network was trained on.
+        prediction: one of ``eps``, ``x0``, ``v``, ``score``, ``velocity``.
+        time_map: maps process time (float64 tensor) to the network's time input; defaults to
+            ``process.model_time`` (fractional index for VPDiscrete, σ for VE/EDM, t otherwise).
+        net_dtype: dtype the network wants its input in (default: its parameters' dtype for an
+            ``nn.Module``, else the sample's). Outputs are converted to float32 or wider.
+        sample_shape: optional per-sample shape (without batch) used to validate x_T early.
+
+    Calling ``denoiser(x, t, **cond)`` with x of shape (B, ...) and t a float or an
+    :class:`EvalPoint` returns a :class:`Prediction`. ``denoiser.nfe`` counts network calls over
+    the object's life; ``ds.sample`` reports the count of its own run in ``info.nfe``.
+    """
+
+    def __init__(
+        self,
+        net: Callable[..., Tensor],
+        process: GaussianProcess,
+        prediction: str = "eps",
+        *,
+        time_map: Callable[[Tensor], Tensor] | None = None,
+        net_dtype: torch.dtype | None = None,
+        sample_shape: tuple[int, ...] | None = None,
+    ):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
+        if not isinstance(process, GaussianProcess):
+            raise TypeError(f"process must be a GaussianProcess, got {type(process).__name__}")
+        self.net = net
+        self.process = process
+        self.prediction = prediction
+        self.time_map = time_map if time_map is not None else process.model_time
+        if net_dtype is None and isinstance(net, nn.Module):
+            p = next(iter(net.parameters()), None)
+            net_dtype = p.dtype if p is not None and p.is_floating_point() else None
+        self.net_dtype = net_dtype
+        self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
+        self.nfe = 0
+
+    # -- evaluation points ------------------------------------------------------------------
+    def point(self, t: float | Tensor, like: Tensor) -> EvalPoint:
+        """Precompute the evaluation point at process time ``t`` for samples shaped like ``like``."""
+        proc = self.process
+        t64 = as_time(t)
+        t_model = self.time_map(t64)
+        in_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        t_in = torch.as_tensor(t_model, dtype=in_dtype).to(like.device).expand(like.shape[0])
+        return EvalPoint(
+            t=float(t64),
+            alpha=float(proc.alpha(t64)),
+            sigma=float(proc.sigma(t64)),
+            d_alpha=float(proc.d_alpha(t64)) if self.prediction == "velocity" else 0.0,
+            d_sigma=float(proc.d_sigma(t64)) if self.prediction == "velocity" else 0.0,
+            t_in=t_in,
+        )
+
+    # -- the call ---------------------------------------------------------------------------
+    def raw(self, x: Tensor, point: EvalPoint, **cond: Any) -> Tensor:
+        """One network call on x (cast to the network's dtype); returns the raw output."""
+        x_in = x if self.net_dtype is None else x.to(self.net_dtype)
+        t_in = point.t_in
+        if t_in.shape[0] != x.shape[0]:
+            t_in = t_in[:1].expand(x.shape[0])
+        self.nfe += 1
+        return self.net(x_in, t_in, **cond)
+
+    def convert(self, x: Tensor, out: Tensor, point: EvalPoint) -> Prediction:
+        """Convert a raw network output into (x̂_0, ε̂) in the solver's compute dtype."""
+        if out.shape != x.shape:
+            raise ValueError(
+                f"network output shape {tuple(out.shape)} does not match its input {tuple(x.shape)}"
+            )
+        dt = _compute_dtype(x.dtype)
+        x = x.to(dt)
+        out = out.to(dt)
+        a, s = point.alpha, point.sigma
+        p = self.prediction
+        if p == "eps":
+            return Prediction((x - s * out) / a, out)
+        if p == "x0":
+            return Prediction(out, (x - a * out) / s)
+        if p == "v":
+            n = a * a + s * s
+            return Prediction((a * x - s * out) / n, (s * x + a * out) / n)
+        if p == "score":
+            return Prediction((x + (s * s) * out) / a, (-s) * out)
+        # velocity u = α'·x0 + σ'·ε together with x = α·x0 + σ·ε
+        da, ds_ = point.d_alpha, point.d_sigma
+        det = a * ds_ - s * da
+        return Prediction((ds_ * x - s * out) / det, (a * out - da * x) / det)
+
+    def __call__(self, x: Tensor, t: float | Tensor | EvalPoint, **cond: Any) -> Prediction:
+        point = t if isinstance(t, EvalPoint) else self.point(t, x)
+        return self.convert(x, self.raw(x, point, **cond), point)
+
+    def __repr__(self) -> str:
+        return f"Denoiser({type(self.net).__name__}, {self.process!r}, prediction={self.prediction!r})"
+
+
+class CFG:
+    """Classifier-free guidance (Ho & Salimans 2022) as a Denoiser wrapper.
+
+    x̂ = x̂_u + w·(x̂_c − x̂_u), applied to both x̂_0 and ε̂ (the two are affine in the network
+    output for fixed x and t, so guiding either is the same). The conditional and unconditional
+    branches run as **one** network call on a doubled batch: one NFE.
+
+    Args:
+        model: the Denoiser to guide.
+        scale: guidance weight w (1 = no guidance).
+        uncond: keyword arguments of the unconditional branch (e.g. ``{"labels": null}``),
+            each with the same keys and shapes as the conditioning passed to ``sample``.
+    """
+
+    def __init__(self, model: Denoiser, scale: float, uncond: Mapping[str, Any]):
+        self.model = model
+        self.scale = float(scale)
+        self.uncond = dict(uncond)
+        self.process = model.process
+        self.sample_shape = model.sample_shape
+
+    def point(self, t: float | Tensor, like: Tensor) -> EvalPoint:
+        return self.model.point(t, like)
+
+    @property
+    def nfe(self) -> int:
+        return self.model.nfe
+
+    def __call__(self, x: Tensor, t: float | Tensor | EvalPoint, **cond: Any) -> Prediction:
+        point = t if isinstance(t, EvalPoint) else self.point(t, x)
+        if set(cond) != set(self.uncond):
+            raise ValueError(
+                f"CFG: conditioning keys {sorted(cond)} differ from uncond keys {sorted(self.uncond)}"
+            )
+        both = {k: torch.cat([cond[k], _batch_like(self.uncond[k], cond[k])]) for k in cond}
+        out = self.model.raw(torch.cat([x, x]), point, **both)
+        c, u = out.chunk(2)
+        w = self.scale
+        return self.model.convert(x, u + w * (c - u), point)
+
+
+def _batch_like(u: Any, c: Tensor) -> Tensor:
+    u = torch.as_tensor(u, device=c.device)
+    if u.shape != c.shape:
+        u = u.expand_as(c) if u.ndim <= c.ndim else u
+    if u.shape != c.shape:
+        raise ValueError(f"CFG: uncond shape {tuple(u.shape)} does not match cond {tuple(c.shape)}")
+    return u

@@ -1,0 +1,8 @@
+"""Forward processes: every one a Gaussian path x_t = α_t·x_0 + σ_t·ε."""
+
+from .base import GaussianProcess
+from .flow import FlowMatching
+from .ve import EDM, VE
+from .vp import VPCosine, VPDiscrete, VPLinear
+
+__all__ = ["EDM", "VE", "FlowMatching", "GaussianProcess", "VPCosine", "VPDiscrete", "VPLinear"]

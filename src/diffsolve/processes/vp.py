@@ -1,0 +1,178 @@
+"""Variance-preserving processes (α_t² + σ_t² = 1): discrete tables, linear β(t), cosine."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .base import GaussianProcess, _interp, as_time, log1mexp
+
+__all__ = ["VPCosine", "VPDiscrete", "VPLinear"]
+
+
+def _log_alpha_of_lambda(lam: Tensor) -> Tensor:
+    # α² = 1 / (1 + e^{−2λ}) on a VP path
+    return -0.5 * torch.nn.functional.softplus(-2.0 * lam)
+
+
+class _VP(GaussianProcess):
+    def log_sigma(self, t: float | Tensor) -> Tensor:
+        return 0.5 * log1mexp(2.0 * self.log_alpha(t))
+
+    def d_log_alpha(self, t: float | Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def d_alpha(self, t: float | Tensor) -> Tensor:
+        return self.alpha(t) * self.d_log_alpha(t)
+
+    def d_sigma(self, t: float | Tensor) -> Tensor:
+        # σ = sqrt(1 − α²) ⇒ σ' = −α·α'/σ
+        a = self.alpha(t)
+        return -a * self.d_alpha(t) / self.sigma(t)
+
+    def prior_std(self) -> float:
+        # x_T ~ N(0, α_T²·Var x_0 + σ_T²) = N(0, I) for unit-variance data: the standard prior
+        return 1.0
+
+
+class VPDiscrete(_VP):
+    """Discrete-time VP (DDPM / Stable Diffusion) from a table of ᾱ_n, n = 0 … N−1.
+
+    Continuous in t by the DPM-Solver convention (Lu et al. 2022, App. D): grid index n sits at
+    t_n = (n+1)/N and log α_t is piecewise linear in t between grid points, so t_min = 1/N and
+    t_max = 1. The network receives the fractional index N·t − 1 (0 … N−1).
+
+    Args:
+        alphas_cumprod: ᾱ table, shape (N,), decreasing.
+    """
+
+    def __init__(self, alphas_cumprod: Tensor | np.ndarray | list[float]):
+        ac = torch.as_tensor(np.asarray(alphas_cumprod, dtype=np.float64))
+        if ac.ndim != 1 or ac.numel() < 2:
+            raise ValueError("alphas_cumprod must be a 1-D table with at least 2 entries")
+        if not bool(((ac > 0) & (ac < 1)).all()) or not bool((ac[1:] < ac[:-1]).all()):
+            raise ValueError("alphas_cumprod must be strictly decreasing inside (0, 1)")
+        self.alphas_cumprod = ac
+        self.num_train_steps = n = ac.numel()
+        self._t = torch.arange(1, n + 1, dtype=torch.float64) / n
+        self._log_alpha = 0.5 * torch.log(ac)
+        self.t_min = 1.0 / n
+        self.t_max = 1.0
+
+    @classmethod
+    def from_betas(
+        cls,
+        kind: str = "linear",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        steps: int = 1000,
+    ) -> VPDiscrete:
+        """Build from a named β schedule, as diffusers' ``beta_schedule`` does.
+
+        ``linear`` (DDPM: 1e-4 … 0.02), ``scaled_linear`` (Stable Diffusion: linear in √β,
+        0.00085 … 0.012) or ``squaredcos_cap_v2`` (Nichol & Dhariwal 2021 cosine, β ≤ 0.999).
+        """
+        if kind == "linear":
+            betas = np.linspace(beta_start, beta_end, steps, dtype=np.float64)
+        elif kind == "scaled_linear":
+            betas = np.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=np.float64) ** 2
+        elif kind == "squaredcos_cap_v2":
+
+            def abar(u: np.ndarray) -> np.ndarray:
+                return np.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+            i = np.arange(steps, dtype=np.float64)
+            betas = np.minimum(1 - abar((i + 1) / steps) / abar(i / steps), 0.999)
+        else:
+            raise ValueError(
+                f"unknown beta schedule {kind!r}; valid: 'linear', 'scaled_linear', "
+                "'squaredcos_cap_v2'"
+            )
+        return cls(np.cumprod(1.0 - betas))
+
+    def log_alpha(self, t: float | Tensor) -> Tensor:
+        return _interp(as_time(t), self._t, self._log_alpha)
+
+    def d_log_alpha(self, t: float | Tensor) -> Tensor:
+        t = as_time(t)
+        idx = torch.searchsorted(self._t, t.clamp(self._t[0], self._t[-1])).clamp(1, len(self._t) - 1)
+        la, t_ = self._log_alpha, self._t
+        return (la[idx] - la[idx - 1]) / (t_[idx] - t_[idx - 1])
+
+    def t_of_lambda(self, lam: float | Tensor) -> Tensor:
+        log_a = _log_alpha_of_lambda(as_time(lam))
+        # log α decreases in t: interpolate on the flipped table
+        return _interp(-log_a, -self._log_alpha, self._t)
+
+    def model_time(self, t: float | Tensor) -> Tensor:
+        return as_time(t) * self.num_train_steps - 1.0
+
+    def time_of_index(self, index: Tensor | np.ndarray | list[int]) -> Tensor:
+        """Process time of discrete timestep indices (diffusers' ``timesteps``)."""
+        return (as_time(np.asarray(index, dtype=np.float64)) + 1.0) / self.num_train_steps
+
+    def _repr_fields(self) -> dict[str, object]:
+        return {"num_train_steps": self.num_train_steps}
+
+
+class VPLinear(_VP):
+    """Continuous VP with linear β(t) = β₀ + t(β₁ − β₀) (Song et al. 2021, Score SDE).
+
+    log α_t = −(β₁ − β₀)t²/4 − β₀t/2; the inverse of λ is closed-form (DPM-Solver, App. D).
+    """
+
+    def __init__(
+        self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3, t_max: float = 1.0
+    ):
+        if not 0 < beta_min < beta_max:
+            raise ValueError("need 0 < beta_min < beta_max")
+        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
+        self.t_min, self.t_max = float(t_min), float(t_max)
+
+    def log_alpha(self, t: float | Tensor) -> Tensor:
+        t = as_time(t)
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def d_log_alpha(self, t: float | Tensor) -> Tensor:
+        t = as_time(t)
+        return -0.5 * t * (self.beta_max - self.beta_min) - 0.5 * self.beta_min
+
+    def t_of_lambda(self, lam: float | Tensor) -> Tensor:
+        lam = as_time(lam)
+        b0, db = self.beta_min, self.beta_max - self.beta_min
+        tmp = 2.0 * db * torch.logaddexp(-2.0 * lam, torch.zeros_like(lam))
+        return tmp / (torch.sqrt(b0**2 + tmp) + b0) / db
+
+    def _repr_fields(self) -> dict[str, object]:
+        return {"beta_min": self.beta_min, "beta_max": self.beta_max, **super()._repr_fields()}
+
+
+class VPCosine(_VP):
+    """Continuous cosine VP (Nichol & Dhariwal 2021): α_t = cos(π/2·(t+s)/(1+s)) / cos(π/2·s/(1+s)).
+
+    t_max defaults to 0.9946 (DPM-Solver's choice, where λ ≈ −5.1) because α → 0 at t = 1.
+    """
+
+    def __init__(self, s: float = 0.008, t_min: float = 1e-3, t_max: float = 0.9946):
+        self.s = float(s)
+        self.t_min, self.t_max = float(t_min), float(t_max)
+        self._log_a0 = math.log(math.cos(math.pi / 2 * self.s / (1 + self.s)))
+
+    def log_alpha(self, t: float | Tensor) -> Tensor:
+        t = as_time(t)
+        return torch.log(torch.cos(math.pi / 2 * (t + self.s) / (1 + self.s))) - self._log_a0
+
+    def d_log_alpha(self, t: float | Tensor) -> Tensor:
+        t = as_time(t)
+        k = math.pi / 2 / (1 + self.s)
+        return -k * torch.tan(k * (t + self.s))
+
+    def t_of_lambda(self, lam: float | Tensor) -> Tensor:
+        log_a = _log_alpha_of_lambda(as_time(lam))
+        return 2 * (1 + self.s) / math.pi * torch.arccos(torch.exp(log_a + self._log_a0)) - self.s
+
+    def _repr_fields(self) -> dict[str, object]:
+        return {"s": self.s, **super()._repr_fields()}

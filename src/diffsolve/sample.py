@@ -1,0 +1,205 @@
+"""The one sampling loop."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .denoiser import EvalPoint, Prediction
+from .processes.base import GaussianProcess
+from .schedules import Schedule, get_schedule, validate_times
+from .solvers._expint import extrapolate_to_zero
+from .solvers.base import Grid, Solver, State, get_solver
+
+__all__ = ["FINALS", "NonFiniteError", "SampleInfo", "sample"]
+
+FINALS = ("standard", "extrapolate", "tmin")
+
+
+class NonFiniteError(FloatingPointError, ValueError):
+    """The network returned NaN or Inf; the message names the step and the time."""
+
+
+@dataclass(frozen=True)
+class SampleInfo:
+    """What a run did: network calls, the grid (float64, clean end as t = 0), wall time."""
+
+    nfe: int
+    times: Tensor
+    seconds: float
+    solver: Solver
+    final: str
+    steps: int
+
+
+class _Evaluator:
+    """The model as the loop hands it to a solver: counts calls and watches for NaN/Inf.
+
+    Finiteness is accumulated on the device and read once after the loop (no host sync per
+    step); ``check_finite="step"`` reads it after every call instead, stopping at once.
+    """
+
+    def __init__(self, model: Any, cond: Mapping[str, Any], check: str | bool, keep: int):
+        self.model, self.cond, self.check = model, dict(cond), check
+        self.nfe = 0
+        self.step = 0
+        self._flags: list[Tensor] = []
+        self._where: list[tuple[int, float]] = []
+        self.recent: deque[tuple[float, Tensor]] = deque(maxlen=keep) if keep else deque(maxlen=1)
+        self._keep = keep
+
+    def point(self, t: float | Tensor, like: Tensor) -> EvalPoint:
+        return self.model.point(t, like)
+
+    def __call__(self, x: Tensor, t: EvalPoint) -> Prediction:
+        pred = self.model(x, t, **self.cond)
+        self.nfe += 1
+        if self.check:
+            ok = torch.isfinite(pred.x0).all() & torch.isfinite(pred.eps).all()
+            if self.check == "step":
+                if not bool(ok):
+                    self._raise(self.step, t.t)
+            else:
+                self._flags.append(ok)
+                self._where.append((self.step, t.t))
+        if self._keep:
+            self.recent.append((t.rho, pred.x0))
+        return pred
+
+    def _raise(self, step: int, t: float) -> None:
+        raise NonFiniteError(f"network output is NaN/Inf at step {step} (t={t:.6g})")
+
+    def raise_if_nonfinite(self) -> None:
+        if self._flags:
+            ok = torch.stack(self._flags)
+            if not bool(ok.all()):  # the run's single host sync
+                first = int((~ok).nonzero()[0])
+                self._raise(*self._where[first])
+
+
+def _check_cond(x: Tensor, cond: Mapping[str, Any], sample_shape: tuple[int, ...] | None) -> None:
+    if sample_shape is not None and tuple(x.shape[1:]) != tuple(sample_shape):
+        raise ValueError(
+            f"x_T has per-sample shape {tuple(x.shape[1:])}, the model expects {tuple(sample_shape)}"
+        )
+    for k, v in cond.items():
+        if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"conditioning {k!r} has batch {v.shape[0]} but x_T has batch {x.shape[0]}"
+            )
+
+
+def _continue_to_zero(recent: deque[tuple[float, Tensor]], order: int, x: Tensor) -> Tensor:
+    # newest evaluations first, one per distinct noise level (Heun re-evaluates at a grid σ)
+    rhos: list[float] = []
+    x0s: list[Tensor] = []
+    for rho, x0 in reversed(recent):
+        if all(abs(rho - r) > 1e-12 * max(rho, r) for r in rhos):
+            rhos.append(rho)
+            x0s.append(x0)
+        if len(rhos) == order:
+            break
+    return extrapolate_to_zero(rhos, x0s) if len(rhos) > 1 else x
+
+
+def sample(
+    model: Any,
+    x: Tensor,
+    solver: str | Solver = "dpmpp_2m",
+    nfe: int | None = None,
+    *,
+    steps: int | None = None,
+    times: Tensor | None = None,
+    schedule: str | Schedule | None = None,
+    final: str = "standard",
+    cond: Mapping[str, Any] | None = None,
+    callback: Callable[[int, Tensor, State], None] | None = None,
+    check_finite: bool | str = True,
+    noise: Any = None,
+    generator: torch.Generator | None = None,
+    return_info: bool = False,
+    **options: Any,
+) -> Tensor | tuple[Tensor, SampleInfo]:
+    """Integrate from x at t_max to the data end with ``solver``.
+
+    Args:
+        model: a :class:`~diffsolve.Denoiser` (or a wrapper such as :class:`~diffsolve.CFG`).
+        x: x_T, shape (B, ...), in the process's own scale (``ds.prior``).
+        solver: a registered name (``ds.solvers()``) or a solver object.
+        nfe: budget of network calls, met exactly. Alternatives: ``steps`` (solver steps on the
+            schedule) or ``times`` (explicit decreasing process times, all evaluated).
+        schedule: name (``ds.schedules()``) or object; default: the solver's own default.
+        final: ``"standard"`` — the last step returns x̂_0 at the last evaluated time (as
+            k-diffusion, EDM and diffusers' ``final_sigmas_type="zero"`` do); ``"extrapolate"`` —
+            continue the ODE to σ = 0 by extrapolating the last x̂_0's in σ/α to 0 (no extra
+            NFE); ``"tmin"`` — stop at the last grid time with σ > 0.
+        cond: keyword arguments for the network (batch-first tensors), e.g. class labels.
+        callback: ``callback(i, x, state)`` after every step.
+        check_finite: raise :class:`NonFiniteError` naming the step and t if the network returns
+            NaN/Inf (``True``: checked once after the loop; ``"step"``: after every call;
+            ``False``: off).
+        noise: a :class:`~diffsolve.noise.NoiseSource` for stochastic solvers (per-sample
+            seeds make samples independent of the batch split).
+        generator: shorthand for ``noise=NoiseSource(generator)``.
+        return_info: also return a :class:`SampleInfo`.
+        **options: solver options (validated against the solver's declared options).
+
+    Returns:
+        The sample (shape and dtype of x), and the info if ``return_info``.
+    """
+    cond = dict(cond or {})
+    solver_obj = get_solver(solver, **options)
+    process: GaussianProcess = model.process
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise ValueError("x must be a floating-point tensor of shape (B, ...)")
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(f"x must have a batch dimension, got shape {tuple(x.shape)}")
+    if final not in FINALS:
+        raise ValueError(f"unknown final {final!r}; valid: {', '.join(FINALS)}")
+    _check_cond(x, cond, getattr(model, "sample_shape", None))
+    if sum(v is not None for v in (nfe, steps, times)) != 1:
+        raise ValueError("give exactly one of nfe=, steps= or times=")
+    clean_end = final != "tmin"
+    sched = get_schedule(schedule if schedule is not None else solver_obj.default_schedule)
+    if nfe is not None:
+        if int(nfe) != nfe or nfe < 1:
+            raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
+        grid_t = solver_obj.plan_times(process, sched, int(nfe), clean_end)
+    elif steps is not None:
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        grid_t = sched(process, int(steps) if clean_end else int(steps) + 1)
+    else:
+        grid_t = validate_times(process, times)
+        if not clean_end and grid_t.numel() < 2:
+            raise ValueError("final='tmin' needs at least two times")
+    grid = Grid.build(process, grid_t, clean_end)
+
+    start = time.perf_counter()
+    ev = _Evaluator(model, cond, check_finite, keep=6 if final == "extrapolate" else 0)
+    xc = x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x
+    if noise is None and solver_obj.stochastic:
+        from .noise import NoiseSource
+
+        noise = NoiseSource(generator)
+    state = solver_obj.init(xc, grid, ev, noise)
+    for i in range(grid.steps):
+        ev.step = i
+        xc, state = solver_obj.step(xc, i, state, ev)
+        if callback is not None:
+            callback(i, xc, state)
+    if final == "extrapolate":
+        xc = _continue_to_zero(ev.recent, min(solver_obj.order, 3), xc)
+    ev.raise_if_nonfinite()
+    out = xc.to(x.dtype)
+    if not return_info:
+        return out
+    info = SampleInfo(nfe=ev.nfe, times=grid.t, seconds=time.perf_counter() - start,
+                      solver=solver_obj, final=final, steps=grid.steps)
+    return out, info

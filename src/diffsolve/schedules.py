@@ -1,0 +1,211 @@
+"""Timestep schedules: where the network is evaluated.
+
+A schedule maps (process, n) to n process times, strictly decreasing from the noise end to the
+data end (both included), in float64. The sampling loop then appends the clean end σ = 0 (or,
+with ``final="tmin"``, asks for one point more and stops at the last one).
+
+Conventions are those of the papers and peers, so grids compare like with like:
+``karras(n)`` equals k-diffusion's ``get_sigmas_karras(n, σ_min, σ_max)`` (without its trailing
+0) in σ/α, and the diffusers spacings reproduce ``set_timesteps`` of diffusers' schedulers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .processes.base import GaussianProcess, as_time
+from .processes.vp import VPDiscrete
+
+__all__ = [
+    "Exponential",
+    "Karras",
+    "Leading",
+    "Linspace",
+    "LogSNR",
+    "Quadratic",
+    "Schedule",
+    "Trailing",
+    "Uniform",
+    "get_schedule",
+    "schedules",
+]
+
+
+class Schedule:
+    """Base class: ``schedule(process, n) -> Tensor`` of n decreasing float64 times."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    def __call__(self, process: GaussianProcess, n: int) -> Tensor:
+        if int(n) != n or n < 1:
+            raise ValueError(f"a schedule needs at least one point, got n={n}")
+        t = self.times(process, int(n))
+        process.check_times(t, what=f"schedule {self.name!r}")
+        return t
+
+    def times(self, process: GaussianProcess, n: int) -> Tensor:
+        raise NotImplementedError
+
+
+def _ramp(n: int) -> Tensor:
+    # k-diffusion's ramp: linspace(0, 1, n), and [0] for n = 1 (the noise end alone)
+    return torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class Uniform(Schedule):
+    """Uniform in t (with the process's time shift, e.g. SD3 flow shift)."""
+
+    name: ClassVar[str] = "uniform"
+    description: ClassVar[str] = "uniform in t (time-shifted for shifted flow models)"
+
+    def times(self, process: GaussianProcess, n: int) -> Tensor:
+        t = process.t_max + _ramp(n) * (process.t_min - process.t_max)
+        return process.shift_time(t)
+
+
+@dataclass(frozen=True)
+class LogSNR(Schedule):
+    """Uniform in the half-log-SNR λ (DPM-Solver's ``logSNR``; Lu et al. 2022)."""
+
+    name: ClassVar[str] = "logsnr"
+    description: ClassVar[str] = "uniform in λ = log(α/σ) (DPM-Solver's logSNR)"
+
+    def times(self, process: GaussianProcess, n: int) -> Tensor:
+        lo, hi = process.lambda_(process.t_max_finite), process.lambda_(process.t_min)
+        t = process.t_of_lambda(lo + _ramp(n) * (hi - lo))
+        return _pin_ends(t, process)
+
+
+@dataclass(frozen=True)
+class Exponential(LogSNR):
+    """Uniform in log(σ/α): k-diffusion's ``get_sigmas_exponential``; the same grid as logsnr."""
+
+    name: ClassVar[str] = "exponential"
+    description: ClassVar[str] = "uniform log(σ/α) (k-diffusion's exponential; equals logsnr)"
+
+
+@dataclass(frozen=True)
+class Karras(Schedule):
+    """EDM's ρ-schedule in σ/α (Karras et al. 2022, eq. 5); ρ → ∞ tends to uniform λ."""
+
+    rho: float = 7.0
+    name: ClassVar[str] = "karras"
+    description: ClassVar[str] = "EDM power schedule in σ/α, ρ = 7 (k-diffusion get_sigmas_karras)"
+
+    def times(self, process: GaussianProcess, n: int) -> Tensor:
+        r_min = float(process.rho(process.t_min)) ** (1 / self.rho)
+        r_max = float(process.rho(process.t_max_finite)) ** (1 / self.rho)
+        rho = (r_max + _ramp(n) * (r_min - r_max)) ** self.rho
+        return _pin_ends(process.t_of_rho(rho), process)
+
+
+@dataclass(frozen=True)
+class Quadratic(Schedule):
+    """Power-κ spacing in t, denser near the data (DEIS's t-grid; κ = 2 is DDIM's "quad")."""
+
+    kappa: float = 2.0
+    name: ClassVar[str] = "quadratic"
+    description: ClassVar[str] = "t_i = (t_max^{1/κ} + u_i·(t_min^{1/κ} − t_max^{1/κ}))^κ, κ = 2"
+
+    def times(self, process: GaussianProcess, n: int) -> Tensor:
+        k = self.kappa
+        a, b = process.t_max ** (1 / k), process.t_min ** (1 / k)
+        return (a + _ramp(n) * (b - a)) ** k
+
+
+def _pin_ends(t: Tensor, process: GaussianProcess) -> Tensor:
+    # inverse maps round by ~1 ulp; pin the ends exactly inside [t_min, t_max]
+    t = t.clamp(process.t_min, process.t_max)
+    t[0] = process.t_max_finite
+    if t.numel() > 1:
+        t[-1] = process.t_min
+    return t
+
+
+# -- diffusers' discrete spacings ---------------------------------------------------------------
+@dataclass(frozen=True)
+class _Discrete(Schedule):
+    steps_offset: int = 0
+
+    def times(self, process: GaussianProcess, n: int) -> Tensor:
+        if not isinstance(process, VPDiscrete):
+            raise ValueError(f"schedule {self.name!r} needs a VPDiscrete process")
+        idx = self.indices(process.num_train_steps, n)
+        if len(np.unique(idx)) != n:
+            raise ValueError(
+                f"schedule {self.name!r} gives repeated timesteps for n={n} on a "
+                f"{process.num_train_steps}-step table"
+            )
+        return process.time_of_index(idx)
+
+    def indices(self, num_train: int, n: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Leading(_Discrete):
+    """diffusers ``timestep_spacing="leading"``: k·⌊N/n⌋ + offset (DDIM paper, SD default)."""
+
+    name: ClassVar[str] = "leading"
+    description: ClassVar[str] = "diffusers 'leading' spacing (VPDiscrete)"
+
+    def indices(self, num_train: int, n: int) -> np.ndarray:
+        ratio = num_train // n
+        idx = (np.arange(0, n) * ratio).round()[::-1].astype(np.int64) + self.steps_offset
+        return np.minimum(idx, num_train - 1)
+
+
+@dataclass(frozen=True)
+class Trailing(_Discrete):
+    """diffusers ``timestep_spacing="trailing"``: round(N − k·N/n) − 1 (Lin et al. 2024)."""
+
+    name: ClassVar[str] = "trailing"
+    description: ClassVar[str] = "diffusers 'trailing' spacing (VPDiscrete)"
+
+    def indices(self, num_train: int, n: int) -> np.ndarray:
+        return np.round(np.arange(num_train, 0, -num_train / n)).astype(np.int64)[:n] - 1
+
+
+@dataclass(frozen=True)
+class Linspace(_Discrete):
+    """diffusers ``timestep_spacing="linspace"``: round(linspace(0, N−1, n+1)) without the 0."""
+
+    name: ClassVar[str] = "linspace"
+    description: ClassVar[str] = "diffusers 'linspace' spacing (VPDiscrete)"
+
+    def indices(self, num_train: int, n: int) -> np.ndarray:
+        return np.linspace(0, num_train - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+
+
+_SCHEDULES: dict[str, type[Schedule]] = {
+    cls.name: cls for cls in (Uniform, LogSNR, Karras, Quadratic, Exponential, Leading, Trailing,
+                              Linspace)
+}
+
+
+def schedules() -> dict[str, str]:
+    """Every registered schedule name with a one-line description."""
+    return {name: cls.description for name, cls in _SCHEDULES.items()}
+
+
+def get_schedule(schedule: str | Schedule) -> Schedule:
+    """A schedule object from a name or an object (objects pass through)."""
+    if isinstance(schedule, Schedule):
+        return schedule
+    if isinstance(schedule, str) and schedule in _SCHEDULES:
+        return _SCHEDULES[schedule]()
+    raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(_SCHEDULES)}")
+
+
+def validate_times(process: GaussianProcess, times: Tensor | np.ndarray | list[float]) -> Tensor:
+    """Explicit user times as a checked float64 tensor."""
+    t = as_time(np.asarray(times, dtype=np.float64) if not isinstance(times, Tensor) else times)
+    process.check_times(t, what="times")
+    return t.clone()

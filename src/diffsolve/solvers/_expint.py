@@ -1,0 +1,78 @@
+"""Shared maths of exponential integrators, written once, in float64 on the host.
+
+φ-functions: φ_0(z) = e^z, φ_{k+1}(z) = (φ_k(z) − 1/k!)/z, so that
+z^k·φ_k(z) = e^z − Σ_{j<k} z^j/j!. Solvers use the scaled forms
+
+* noise form (DPM-Solver): h^k·φ_k(h)   — ``phi_noise(k, h)``
+* data form (DPM-Solver++): h^k·φ_k(−h) — ``phi_data(k, h)``
+
+evaluated by the closed form for |z| ≥ 1 and by the Taylor series below, where the closed form
+cancels catastrophically (Hochbruck & Ostermann 2010, §2.3). ``phi_data`` accepts h = +∞ (the
+step to σ = 0) for k = 1, where h·φ_1(−h) = 1 − e^{−h} = 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "extrapolate_to_zero",
+    "lagrange_weights",
+    "phi_data",
+    "phi_noise",
+    "zphi",
+]
+
+_SERIES_TERMS = 30
+
+
+def zphi(k: int, z: Tensor) -> Tensor:
+    """z^k·φ_k(z) = e^z − Σ_{j<k} z^j/j!, float64, stable for small |z|."""
+    z = torch.as_tensor(z, dtype=torch.float64)
+    if k == 0:
+        return torch.exp(z)
+    closed = torch.expm1(z) - sum(z**j / math.factorial(j) for j in range(1, k))
+    zs = torch.where(z.abs() < 1, z, torch.zeros_like(z))
+    series = sum(zs**j / math.factorial(j) for j in range(k, k + _SERIES_TERMS))
+    return torch.where(z.abs() < 1, series, closed)
+
+
+def phi_noise(k: int, h: Tensor) -> Tensor:
+    """h^k·φ_k(h), the noise-form (ε̂) weights: h·φ_1(h) = e^h − 1, …"""
+    return zphi(k, torch.as_tensor(h, dtype=torch.float64))
+
+
+def phi_data(k: int, h: Tensor) -> Tensor:
+    """h^k·φ_k(−h), the data-form (x̂_0) weights: h·φ_1(−h) = 1 − e^{−h}, …  (h may be +∞ for k=1)."""
+    h = torch.as_tensor(h, dtype=torch.float64)
+    if k == 1:
+        return -torch.expm1(-h)
+    return (-1) ** k * zphi(k, -h)
+
+
+def lagrange_weights(nodes: Tensor, at: float) -> Tensor:
+    """Weights w_j with p(at) = Σ_j w_j·y_j for the polynomial p through (nodes_j, y_j)."""
+    nodes = torch.as_tensor(nodes, dtype=torch.float64)
+    n = nodes.numel()
+    w = torch.ones(n, dtype=torch.float64)
+    for j in range(n):
+        for m in range(n):
+            if m != j:
+                w[j] = w[j] * (at - nodes[m]) / (nodes[j] - nodes[m])
+    return w
+
+
+def extrapolate_to_zero(rhos: list[float], values: list[Tensor]) -> Tensor:
+    """Polynomial extrapolation of ``values`` (x̂_0 at noise levels ρ = σ/α) to ρ = 0.
+
+    Continues the probability-flow ODE to σ = 0 at no extra network call: along the exact
+    trajectory x̂_0(ρ) is smooth and x(σ=0) = x̂_0(ρ=0).
+    """
+    w = lagrange_weights(torch.tensor(rhos, dtype=torch.float64), 0.0).tolist()
+    out = values[0] * w[0]
+    for wj, v in zip(w[1:], values[1:]):
+        out = out + wj * v
+    return out

@@ -1,0 +1,225 @@
+"""The solver contract: a frozen configuration, a state value, a registry.
+
+A solver is a frozen dataclass. ``init(x, grid, model)`` builds a state (per-step coefficients
+computed once in float64, evaluation points, empty history); ``step(x, i, state, model)`` moves
+x from ``grid.t[i]`` to ``grid.t[i+1]`` and returns the new state. History, counters and noise
+live in the state, never on the solver, so one solver object can serve concurrent runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import torch
+from torch import Tensor
+
+from ..denoiser import EvalPoint, Prediction
+from ..processes.base import GaussianProcess
+
+__all__ = [
+    "Grid",
+    "Model",
+    "Solver",
+    "State",
+    "get_solver",
+    "register",
+    "solvers",
+]
+
+
+class Model(Protocol):
+    """What a solver calls: a Denoiser (or the sampling loop's counting wrapper of one)."""
+
+    def point(self, t: float | Tensor, like: Tensor) -> EvalPoint: ...
+
+    def __call__(self, x: Tensor, t: EvalPoint) -> Prediction: ...
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The time grid of one run, in float64 on the host.
+
+    ``t`` has ``steps + 1`` entries, strictly decreasing. With ``clean_end`` the last one is the
+    data end σ = 0 (α = 1, λ = +∞; its t entry is 0 by convention and is never evaluated).
+    """
+
+    process: GaussianProcess
+    t: Tensor
+    alpha: Tensor
+    sigma: Tensor
+    lam: Tensor
+    clean_end: bool
+
+    @classmethod
+    def build(cls, process: GaussianProcess, times: Tensor, clean_end: bool) -> Grid:
+        t = times.to(torch.float64)
+        alpha, sigma, lam = process.alpha(t), process.sigma(t), process.lambda_(t)
+        if clean_end:
+            one = torch.ones(1, dtype=torch.float64)
+            t = torch.cat([t, 0 * one])
+            alpha = torch.cat([alpha, one])
+            sigma = torch.cat([sigma, 0 * one])
+            lam = torch.cat([lam, torch.full((1,), float("inf"), dtype=torch.float64)])
+        return cls(process, t, alpha, sigma, lam, clean_end)
+
+    @property
+    def steps(self) -> int:
+        return self.t.numel() - 1
+
+    @property
+    def h(self) -> Tensor:
+        """Step sizes in λ, h_i = λ_{i+1} − λ_i > 0 (+∞ for the step to σ = 0), shape (steps,)."""
+        return self.lam[1:] - self.lam[:-1]
+
+    @property
+    def exp_neg_h(self) -> Tensor:
+        """e^{−h_i} = σ_{i+1}·α_i / (σ_i·α_{i+1}), finite even where λ is infinite."""
+        return self.sigma[1:] * self.alpha[:-1] / (self.sigma[:-1] * self.alpha[1:])
+
+    def is_final(self, i: int) -> bool:
+        """Whether step i lands on the clean end σ = 0."""
+        return self.clean_end and i == self.steps - 1
+
+
+S = TypeVar("S", bound="State")
+
+
+@dataclass(frozen=True)
+class State:
+    """Base class of solver states: batch-first tensors (or tuples of them) and host values.
+
+    ``select(index)`` reindexes every batch tensor along dim 0, so particle methods can resample
+    between steps.
+    """
+
+    def replace(self: S, **changes: Any) -> S:
+        return dataclasses.replace(self, **changes)
+
+    def select(self: S, index: Tensor) -> S:
+        def pick(v: Any) -> Any:
+            if isinstance(v, Tensor) and v.ndim > 0:
+                return v[index]
+            if isinstance(v, tuple):
+                return tuple(pick(u) for u in v)
+            return v
+
+        return dataclasses.replace(self, **{f.name: pick(getattr(self, f.name)) for f in fields(self)
+                                            if f.metadata.get("batch", True)})
+
+
+def host(**kw: Any) -> Any:
+    """A state field that is not per-sample (coefficients, points): ``select`` leaves it alone."""
+    return dataclasses.field(metadata={"batch": False}, **kw)
+
+
+@dataclass(frozen=True)
+class Solver:
+    """A sampling method: configuration only (frozen); see the module docstring.
+
+    Subclasses set ``name`` and ``description`` and implement ``init`` and ``step``. The
+    defaults below fit a method that makes one network call per step; others override
+    ``nfe_of`` and ``plan_times``.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    stochastic: ClassVar[bool] = False
+    default_schedule: ClassVar[str] = "logsnr"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError on inconsistent options (called on construction)."""
+
+    @property
+    def order(self) -> int:
+        raise NotImplementedError
+
+    def nfe_of(self, steps: int, clean_end: bool) -> int:
+        """Network calls made by ``steps`` steps."""
+        return steps
+
+    def plan_times(
+        self, process: GaussianProcess, schedule: Callable[[GaussianProcess, int], Tensor],
+        nfe: int, clean_end: bool,
+    ) -> Tensor:
+        """Grid times (without the clean end) that use exactly ``nfe`` network calls."""
+        return schedule(process, nfe if clean_end else nfe + 1)
+
+    def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> State:
+        """Precompute per-step coefficients (float64 → Python floats) and evaluation points.
+
+        ``noise`` is the run's :class:`~diffsolve.noise.NoiseSource` (stochastic solvers only).
+        """
+        raise NotImplementedError
+
+    def step(self, x: Tensor, i: int, state: State, model: Model) -> tuple[Tensor, State]:
+        raise NotImplementedError
+
+    @classmethod
+    def options(cls) -> dict[str, Any]:
+        """Declared options and their defaults."""
+        out: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+            else:
+                out[f.name] = None
+        return out
+
+
+_REGISTRY: dict[str, type[Solver]] = {}
+_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
+
+
+def register(cls: type[Solver]) -> type[Solver]:
+    """Class decorator: make ``cls`` available by ``cls.name``."""
+    if not cls.name:
+        raise ValueError("a registered solver needs a name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def alias(name: str, target: str, description: str, **options: Any) -> None:
+    """Register ``name`` as ``target`` with fixed options (e.g. ddim → euler)."""
+    _ALIASES[name] = (target, dict(options, _description=description))
+
+
+def solvers() -> dict[str, str]:
+    """Every registered solver name with a one-line description."""
+    from . import _all  # noqa: F401  (imports register every solver)
+
+    out = {name: cls.description for name, cls in _REGISTRY.items()}
+    out.update({name: opts["_description"] for name, (_, opts) in _ALIASES.items()})
+    return dict(sorted(out.items()))
+
+
+def get_solver(solver: str | Solver, **options: Any) -> Solver:
+    """A solver object from a name (plus options) or an object (options replace its fields)."""
+    from . import _all  # noqa: F401
+
+    if isinstance(solver, Solver):
+        cls, fixed = type(solver), {}
+        base = {f.name: getattr(solver, f.name) for f in fields(solver)}
+    elif isinstance(solver, str) and (solver in _REGISTRY or solver in _ALIASES):
+        if solver in _ALIASES:
+            target, fixed = _ALIASES[solver]
+            fixed = {k: v for k, v in fixed.items() if k != "_description"}
+            cls = _REGISTRY[target]
+        else:
+            cls, fixed = _REGISTRY[solver], {}
+        base = {}
+    else:
+        raise ValueError(f"unknown solver {solver!r}; valid: {', '.join(solvers())}")
+    valid = set(cls.options())
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        listed = ", ".join(sorted(valid)) or "(none)"
+        raise ValueError(f"unknown option(s) {unknown} for solver {cls.name!r}; valid: {listed}")
+    return cls(**{**base, **fixed, **options})
