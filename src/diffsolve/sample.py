@@ -195,7 +195,7 @@ def sample(
         if callback is not None:
             callback(i, xc, state)
     if final == "extrapolate":
-        xc = _continue_to_zero(ev.recent, min(solver_obj.order, 3), xc)
+        xc = _continue_to_zero(ev.recent, min(max(solver_obj.order, 2), 3), xc)
     ev.raise_if_nonfinite()
     out = xc.to(x.dtype)
     if not return_info:

@@ -132,20 +132,28 @@ def _pin_ends(t: Tensor, process: GaussianProcess) -> Tensor:
 # -- diffusers' discrete spacings ---------------------------------------------------------------
 @dataclass(frozen=True)
 class _Discrete(Schedule):
+    """diffusers' spacings come in two conventions under each name: its multistep solvers
+    (DPMSolverMultistep, UniPC, DEIS) lay n+1 points and drop the one at index 0 (the default
+    here); DDIM and PNDM lay n points ending at index 0 (``include_zero=True``)."""
+
     steps_offset: int = 0
+    include_zero: bool = False
 
     def times(self, process: GaussianProcess, n: int) -> Tensor:
         if not isinstance(process, VPDiscrete):
             raise ValueError(f"schedule {self.name!r} needs a VPDiscrete process")
-        idx = self.indices(process.num_train_steps, n)
+        num = process.num_train_steps
+        idx = self.indices(num, n) if self.include_zero else self.indices(num, n + 1)[:-1]
+        idx = np.minimum(idx + self.steps_offset, num - 1)
         if len(np.unique(idx)) != n:
             raise ValueError(
                 f"schedule {self.name!r} gives repeated timesteps for n={n} on a "
-                f"{process.num_train_steps}-step table"
+                f"{num}-step table"
             )
         return process.time_of_index(idx)
 
     def indices(self, num_train: int, n: int) -> np.ndarray:
+        """n decreasing indices, the last at (or near) 0, before the offset."""
         raise NotImplementedError
 
 
@@ -157,9 +165,7 @@ class Leading(_Discrete):
     description: ClassVar[str] = "diffusers 'leading' spacing (VPDiscrete)"
 
     def indices(self, num_train: int, n: int) -> np.ndarray:
-        ratio = num_train // n
-        idx = (np.arange(0, n) * ratio).round()[::-1].astype(np.int64) + self.steps_offset
-        return np.minimum(idx, num_train - 1)
+        return (np.arange(0, n) * (num_train // n)).round()[::-1].astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -169,19 +175,24 @@ class Trailing(_Discrete):
     name: ClassVar[str] = "trailing"
     description: ClassVar[str] = "diffusers 'trailing' spacing (VPDiscrete)"
 
-    def indices(self, num_train: int, n: int) -> np.ndarray:
-        return np.round(np.arange(num_train, 0, -num_train / n)).astype(np.int64)[:n] - 1
+    def times(self, process: GaussianProcess, n: int) -> Tensor:
+        # both diffusers conventions agree here: n points from N−1 down, none at 0
+        if not isinstance(process, VPDiscrete):
+            raise ValueError(f"schedule {self.name!r} needs a VPDiscrete process")
+        num = process.num_train_steps
+        idx = np.round(np.arange(num, 0, -num / n)).astype(np.int64)[:n] - 1
+        return process.time_of_index(idx)
 
 
 @dataclass(frozen=True)
 class Linspace(_Discrete):
-    """diffusers ``timestep_spacing="linspace"``: round(linspace(0, N−1, n+1)) without the 0."""
+    """diffusers ``timestep_spacing="linspace"``: round(linspace(0, N−1, ·))."""
 
     name: ClassVar[str] = "linspace"
     description: ClassVar[str] = "diffusers 'linspace' spacing (VPDiscrete)"
 
     def indices(self, num_train: int, n: int) -> np.ndarray:
-        return np.linspace(0, num_train - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+        return np.linspace(0, num_train - 1, n).round()[::-1].astype(np.int64)
 
 
 _SCHEDULES: dict[str, type[Schedule]] = {

@@ -6,7 +6,8 @@ The PF-ODE of a Gaussian path, in the α-scaled state x̃ = x/α and the noise l
     dx̃/dρ = (x̃ − x̂_0(α·x̃, t(ρ))) / ρ = ε̂,
 
 which is smooth and free of the path's own time scale. It is integrated here in u = log ρ
-(dx̃/du = ρ·ε̂) by scipy's DOP853 (8th order, adaptive) at rtol = atol = 1e-12 by default.
+(dx̃/du = ρ·ε̂ = x̃ − x̂_0) by scipy's DOP853 (8th order, adaptive) at rtol = atol = 1e-12 by
+default.
 """
 
 from __future__ import annotations
@@ -23,11 +24,6 @@ from .gmm import GaussianMixture
 __all__ = ["exact_x0_at", "solve_pf_ode"]
 
 
-def _rho_to_ab(process: GaussianProcess, rho: float) -> tuple[float, float]:
-    t = float(process.t_of_rho(rho))
-    return float(process.alpha(t)), float(process.sigma(t))
-
-
 def solve_pf_ode(
     gmm: GaussianMixture,
     process: GaussianProcess,
@@ -39,31 +35,36 @@ def solve_pf_ode(
 ) -> Tensor:
     """x at ``t_to`` on the PF-ODE through x at ``t_from`` (float64, same shape as x).
 
-    Both times must lie in the process's range (σ > 0). α and σ at intermediate noise levels are
-    evaluated exactly through the process; the mixture's posterior mean is exact.
+    ``t_to = 0`` means the clean end σ = 0: the ODE is continued to ρ = 1e-8 (beyond any grid's
+    last point; the mixture's x̂_0 has no linear term in ρ, so x̂_0 there is σ = 0 to ~1e-16) and
+    x̂_0 is returned. Because E[x_0 | x_t] depends on x_t only through (x_t/α, ρ), the mixture is
+    evaluated at (x̃, α = 1, σ = ρ): no inversion of the process's time map is involved.
     """
     from scipy.integrate import solve_ivp
 
-    a0, s0 = float(process.alpha(t_from)), float(process.sigma(t_from))
-    a1, s1 = float(process.alpha(t_to)), float(process.sigma(t_to))
-    u0, u1 = math.log(s0 / a0), math.log(s1 / a1)
-    if u0 == u1:
-        return x.to(torch.float64).clone()
+    a0, rho0 = float(process.alpha(t_from)), float(process.rho(t_from))
+    clean = t_to == 0
+    a1, rho1 = (1.0, _CLEAN_RHO) if clean else (float(process.alpha(t_to)), float(process.rho(t_to)))
     shape = x.shape
-    xt = (x.to(torch.float64) / a0).reshape(-1).numpy()
+    y0 = x.to(torch.float64) / a0
+    if rho0 != rho1:
 
-    def rhs(u: float, y: np.ndarray) -> np.ndarray:
-        rho = math.exp(u)
-        a, s = _rho_to_ab(process, rho)
-        xs = torch.from_numpy(y).reshape(shape) * a
-        x0 = gmm.x0_mean(xs, a, s)
-        eps = (xs - a * x0) / s
-        return (rho * eps).reshape(-1).numpy()
+        def rhs(u: float, y: np.ndarray) -> np.ndarray:
+            # dx̃/d log ρ = ρ·ε̂ = x̃ − x̂_0(x̃; ρ)
+            xs = torch.from_numpy(y).reshape(shape)
+            return (xs - gmm.x0_mean(xs, 1.0, math.exp(u))).reshape(-1).numpy()
 
-    sol = solve_ivp(rhs, (u0, u1), xt, method="DOP853", rtol=rtol, atol=atol)
-    if not sol.success:
-        raise RuntimeError(f"reference ODE solve failed: {sol.message}")
-    return torch.from_numpy(sol.y[:, -1]).reshape(shape) * a1
+        sol = solve_ivp(rhs, (math.log(rho0), math.log(rho1)), y0.reshape(-1).numpy(),
+                        method="DOP853", rtol=rtol, atol=atol)
+        if not sol.success:
+            raise RuntimeError(f"reference ODE solve failed: {sol.message}")
+        y0 = torch.from_numpy(sol.y[:, -1]).reshape(shape)
+    if clean:
+        return gmm.x0_mean(y0, 1.0, _CLEAN_RHO)
+    return y0 * a1
+
+
+_CLEAN_RHO = 1e-8
 
 
 def exact_x0_at(gmm: GaussianMixture, process: GaussianProcess, x: Tensor, t: float) -> Tensor:

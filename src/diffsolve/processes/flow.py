@@ -37,6 +37,12 @@ class FlowMatching(GaussianProcess):
     def log_sigma(self, t: float | Tensor) -> Tensor:
         return torch.log(as_time(t))
 
+    def alpha(self, t: float | Tensor) -> Tensor:
+        return 1.0 - as_time(t)
+
+    def sigma(self, t: float | Tensor) -> Tensor:
+        return as_time(t).clone()
+
     def d_alpha(self, t: float | Tensor) -> Tensor:
         return -torch.ones_like(as_time(t))
 

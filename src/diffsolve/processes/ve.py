@@ -16,6 +16,9 @@ class _AlphaOne(GaussianProcess):
     def log_alpha(self, t: float | Tensor) -> Tensor:
         return torch.zeros_like(as_time(t))
 
+    def alpha(self, t: float | Tensor) -> Tensor:
+        return torch.ones_like(as_time(t))
+
     def d_alpha(self, t: float | Tensor) -> Tensor:
         return torch.zeros_like(as_time(t))
 
@@ -62,6 +65,9 @@ class EDM(_AlphaOne):
 
     def log_sigma(self, t: float | Tensor) -> Tensor:
         return torch.log(as_time(t))
+
+    def sigma(self, t: float | Tensor) -> Tensor:
+        return as_time(t).clone()
 
     def d_sigma(self, t: float | Tensor) -> Tensor:
         return torch.ones_like(as_time(t))
