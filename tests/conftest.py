@@ -18,12 +18,12 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.double() - ref.double()).norm() / ref.double().norm())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sd_process() -> ds.VPDiscrete:
     return ds.VPDiscrete.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012, steps=1000)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gmm(name: str):
     return {"gmm2d": gmm2d, "gmm64": gmm64}[name]()
 
@@ -44,8 +44,9 @@ def g2():
 
 
 def prior64(process, n: int = 8, seed: int = 0) -> torch.Tensor:
-    return ds.prior(process, (n, 64), generator=torch.Generator().manual_seed(seed),
-                    dtype=torch.float64)
+    return ds.prior(
+        process, (n, 64), generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
 
 
 _REF_CACHE: dict = {}

@@ -91,8 +91,9 @@ def test_nan_from_the_network_names_step_and_time(check):
 
 
 def test_nan_check_can_be_disabled():
-    x = ds.sample(_model(CountingNet(nan_after=0)), torch.randn(2, 3), "euler", nfe=3,
-                  check_finite=False)
+    x = ds.sample(
+        _model(CountingNet(nan_after=0)), torch.randn(2, 3), "euler", nfe=3, check_finite=False
+    )
     assert torch.isnan(x).all()
 
 
@@ -116,8 +117,9 @@ def test_extrapolate_continues_the_ode_to_sigma_zero(g64):
     x_clean = solve_pf_ode(g64, p, x_T, p.t_max, 0.0)
     errs = {}
     for final in ("standard", "extrapolate"):
-        x, info = ds.sample(m, x_T, "euler", nfe=1000, schedule="karras", final=final,
-                            return_info=True)
+        x, info = ds.sample(
+            m, x_T, "euler", nfe=1000, schedule="karras", final=final, return_info=True
+        )
         assert info.nfe == 1000
         errs[final] = rel_err(x, x_clean)
     # measured: 4.3e-3 (standard, the final-jump floor) vs 1.7e-3 (extrapolated)
@@ -183,8 +185,13 @@ def test_batch_split_and_concurrent_reuse_give_identical_results(g64):
 
 def test_callback_sees_every_step(g64):
     seen = []
-    ds.sample(g64.denoiser(sd_process()), prior64(sd_process()), "euler", nfe=5,
-              callback=lambda i, x, state: seen.append(i))
+    ds.sample(
+        g64.denoiser(sd_process()),
+        prior64(sd_process()),
+        "euler",
+        nfe=5,
+        callback=lambda i, x, state: seen.append(i),
+    )
     assert seen == [0, 1, 2, 3, 4]
 
 

@@ -32,8 +32,17 @@ def test_schedule_is_decreasing_inside_range(name, n):
 def test_continuous_schedules_span_the_process(name, proc):
     t = get_schedule(name)(proc, 9)
     assert bool((t[1:] < t[:-1]).all())
-    assert abs(float(t[-1]) - (proc.shift_time(torch.tensor(proc.t_min, dtype=torch.float64))
-                                if name == "uniform" else proc.t_min)) < 1e-9
+    assert (
+        abs(
+            float(t[-1])
+            - (
+                proc.shift_time(torch.tensor(proc.t_min, dtype=torch.float64))
+                if name == "uniform"
+                else proc.t_min
+            )
+        )
+        < 1e-9
+    )
 
 
 def test_karras_matches_edm_formula_in_sigma_over_alpha():
@@ -48,8 +57,9 @@ def test_karras_matches_edm_formula_in_sigma_over_alpha():
     edm = ds.EDM()
     got = ds.Karras(rho=7)(edm, 18).numpy()
     ramp = np.linspace(0, 1, 18)
-    np.testing.assert_allclose(got, (80 ** (1 / 7) + ramp * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7,
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        got, (80 ** (1 / 7) + ramp * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7, rtol=1e-12
+    )
 
 
 def test_logsnr_is_uniform_in_lambda_and_exponential_equals_it():
@@ -74,20 +84,27 @@ def test_quadratic_is_power_two_in_t():
 def test_discrete_spacings_equal_diffusers(scheduler, spacing, n):
     diffusers = pytest.importorskip("diffusers")
     offset = 1 if spacing == "leading" else 0
-    sch = getattr(diffusers, scheduler)(beta_schedule="scaled_linear", beta_start=0.00085,
-                                        beta_end=0.012, timestep_spacing=spacing,
-                                        steps_offset=offset)
+    sch = getattr(diffusers, scheduler)(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        timestep_spacing=spacing,
+        steps_offset=offset,
+    )
     sch.set_timesteps(n)
     p = sd_process()
     ddim = scheduler == "DDIMScheduler"
-    sched = {"leading": ds.Leading(steps_offset=1, include_zero=ddim), "trailing": ds.Trailing(),
-             "linspace": ds.Linspace(include_zero=ddim)}[spacing]
+    sched = {
+        "leading": ds.Leading(steps_offset=1, include_zero=ddim),
+        "trailing": ds.Trailing(),
+        "linspace": ds.Linspace(include_zero=ddim),
+    }[spacing]
     ours = p.model_time(sched(p, n)).round().long().numpy()
     np.testing.assert_array_equal(ours, sch.timesteps.numpy())
 
 
 def test_unknown_schedule_lists_valid_names():
-    with pytest.raises(ValueError, match="valid: .*karras"):
+    with pytest.raises(ValueError, match=r"valid: .*karras"):
         get_schedule("cosine-ish")
 
 

@@ -25,13 +25,18 @@ from .solvers._all import *  # noqa: F403  (solver classes: ds.UniPC, ds.DPMSolv
 __version__ = "0.1.0"
 
 
-def prior(process: GaussianProcess, shape: tuple[int, ...], generator=None, device=None,
-          dtype=None):
+def prior(
+    process: GaussianProcess, shape: tuple[int, ...], generator=None, device=None, dtype=None
+):
     """x at t_max in the process's own scale: ``prior_std · N(0, I)``, shape ``shape``."""
     import torch
 
-    return process.prior(shape, generator=generator, device=device,
-                         dtype=dtype if dtype is not None else torch.float32)
+    return process.prior(
+        shape,
+        generator=generator,
+        device=device,
+        dtype=dtype if dtype is not None else torch.float32,
+    )
 
 
 __all__ = [

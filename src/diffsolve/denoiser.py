@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .processes.base import GaussianProcess, as_time
 
-__all__ = ["PREDICTIONS", "CFG", "Denoiser", "EvalPoint", "Prediction"]
+__all__ = ["CFG", "PREDICTIONS", "Denoiser", "EvalPoint", "Prediction"]
 
 PREDICTIONS = ("eps", "x0", "v", "score", "velocity")
 
@@ -108,7 +108,7 @@ class Denoiser:
 
     # -- evaluation points ------------------------------------------------------------------
     def point(self, t: float | Tensor, like: Tensor) -> EvalPoint:
-        """Precompute the evaluation point at process time ``t`` for samples shaped like ``like``."""
+        """The evaluation point at process time ``t`` for samples shaped like ``like``."""
         proc = self.process
         t64 = as_time(t)
         t_model = self.time_map(t64)
@@ -163,7 +163,9 @@ class Denoiser:
         return self.convert(x, self.raw(x, point, **cond), point)
 
     def __repr__(self) -> str:
-        return f"Denoiser({type(self.net).__name__}, {self.process!r}, prediction={self.prediction!r})"
+        return (
+            f"Denoiser({type(self.net).__name__}, {self.process!r}, prediction={self.prediction!r})"
+        )
 
 
 class CFG:
@@ -198,7 +200,8 @@ class CFG:
         point = t if isinstance(t, EvalPoint) else self.point(t, x)
         if set(cond) != set(self.uncond):
             raise ValueError(
-                f"CFG: conditioning keys {sorted(cond)} differ from uncond keys {sorted(self.uncond)}"
+                f"CFG: conditioning keys {sorted(cond)} differ from "
+                f"uncond keys {sorted(self.uncond)}"
             )
         both = {k: torch.cat([cond[k], _batch_like(self.uncond[k], cond[k])]) for k in cond}
         out = self.model.raw(torch.cat([x, x]), point, **both)

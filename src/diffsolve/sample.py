@@ -86,7 +86,8 @@ class _Evaluator:
 def _check_cond(x: Tensor, cond: Mapping[str, Any], sample_shape: tuple[int, ...] | None) -> None:
     if sample_shape is not None and tuple(x.shape[1:]) != tuple(sample_shape):
         raise ValueError(
-            f"x_T has per-sample shape {tuple(x.shape[1:])}, the model expects {tuple(sample_shape)}"
+            f"x_T has per-sample shape {tuple(x.shape[1:])}, "
+            f"the model expects {tuple(sample_shape)}"
         )
     for k, v in cond.items():
         if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] != x.shape[0]:
@@ -200,6 +201,12 @@ def sample(
     out = xc.to(x.dtype)
     if not return_info:
         return out
-    info = SampleInfo(nfe=ev.nfe, times=grid.t, seconds=time.perf_counter() - start,
-                      solver=solver_obj, final=final, steps=grid.steps)
+    info = SampleInfo(
+        nfe=ev.nfe,
+        times=grid.t,
+        seconds=time.perf_counter() - start,
+        solver=solver_obj,
+        final=final,
+        steps=grid.steps,
+    )
     return out, info

@@ -147,8 +147,7 @@ class _Discrete(Schedule):
         idx = np.minimum(idx + self.steps_offset, num - 1)
         if len(np.unique(idx)) != n:
             raise ValueError(
-                f"schedule {self.name!r} gives repeated timesteps for n={n} on a "
-                f"{num}-step table"
+                f"schedule {self.name!r} gives repeated timesteps for n={n} on a {num}-step table"
             )
         return process.time_of_index(idx)
 
@@ -196,8 +195,8 @@ class Linspace(_Discrete):
 
 
 _SCHEDULES: dict[str, type[Schedule]] = {
-    cls.name: cls for cls in (Uniform, LogSNR, Karras, Quadratic, Exponential, Leading, Trailing,
-                              Linspace)
+    cls.name: cls
+    for cls in (Uniform, LogSNR, Karras, Quadratic, Exponential, Leading, Trailing, Linspace)
 }
 
 

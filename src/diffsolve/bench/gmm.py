@@ -22,7 +22,7 @@ from torch import Tensor
 from ..denoiser import PREDICTIONS, Denoiser
 from ..processes.base import GaussianProcess
 
-__all__ = ["GaussianMixture", "gmm2d", "gmm64", "gmm3072", "GMMS", "get_gmm"]
+__all__ = ["GMMS", "GaussianMixture", "get_gmm", "gmm2d", "gmm64", "gmm3072"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,9 @@ class GaussianMixture:
         var = alpha**2 * self.eigvals + sigma**2  # (K, D)
         resid = xf[:, None, :] - alpha * self.means[None]  # (B, K, D)
         y = resid if self.eigvecs is None else torch.einsum("bkd,kde->bke", resid, self.eigvecs)
-        logn = -0.5 * ((y**2 / var).sum(-1) + torch.log(var).sum(-1) + self.dim * math.log(2 * math.pi))
+        logn = -0.5 * (
+            (y**2 / var).sum(-1) + torch.log(var).sum(-1) + self.dim * math.log(2 * math.pi)
+        )
         return torch.log(self.weights) + logn, y, var
 
     def x0_mean(self, x: Tensor, alpha: float, sigma: float) -> Tensor:
@@ -93,8 +95,11 @@ class GaussianMixture:
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
         return Denoiser(
-            _ExactNet(self, process, prediction), process, prediction,
-            time_map=lambda t: t, sample_shape=self.shape,
+            _ExactNet(self, process, prediction),
+            process,
+            prediction,
+            time_map=lambda t: t,
+            sample_shape=self.shape,
         )
 
 
@@ -125,8 +130,14 @@ class _ExactNet:
         return out.to(x.dtype)
 
 
-def _mixture(weights: np.ndarray, means: np.ndarray, covs: np.ndarray | None, diag: np.ndarray | None,
-             shape: tuple[int, ...], name: str) -> GaussianMixture:
+def _mixture(
+    weights: np.ndarray,
+    means: np.ndarray,
+    covs: np.ndarray | None,
+    diag: np.ndarray | None,
+    shape: tuple[int, ...],
+    name: str,
+) -> GaussianMixture:
     if covs is not None:
         lam, q = np.linalg.eigh(covs)
         eigvals, eigvecs = torch.from_numpy(lam), torch.from_numpy(q)
@@ -173,7 +184,9 @@ def gmm3072() -> GaussianMixture:
     for _ in range(k):
         f = rng.uniform(0.5, 3.0, (3, 2))
         ph = rng.uniform(0, 2 * np.pi, (3,))
-        img = 0.7 * np.sin(f[:, :1, None] * np.pi * xx + f[:, 1:, None] * np.pi * yy + ph[:, None, None])
+        img = 0.7 * np.sin(
+            f[:, :1, None] * np.pi * xx + f[:, 1:, None] * np.pi * yy + ph[:, None, None]
+        )
         means.append(img.reshape(-1))
     diag = rng.uniform(0.002, 0.05, (k, 3 * 32 * 32))
     weights = rng.uniform(0.5, 1.5, k)

@@ -44,7 +44,9 @@ def solve_pf_ode(
 
     a0, rho0 = float(process.alpha(t_from)), float(process.rho(t_from))
     clean = t_to == 0
-    a1, rho1 = (1.0, _CLEAN_RHO) if clean else (float(process.alpha(t_to)), float(process.rho(t_to)))
+    a1, rho1 = (
+        (1.0, _CLEAN_RHO) if clean else (float(process.alpha(t_to)), float(process.rho(t_to)))
+    )
     shape = x.shape
     y0 = x.to(torch.float64) / a0
     if rho0 != rho1:
@@ -54,8 +56,14 @@ def solve_pf_ode(
             xs = torch.from_numpy(y).reshape(shape)
             return (xs - gmm.x0_mean(xs, 1.0, math.exp(u))).reshape(-1).numpy()
 
-        sol = solve_ivp(rhs, (math.log(rho0), math.log(rho1)), y0.reshape(-1).numpy(),
-                        method="DOP853", rtol=rtol, atol=atol)
+        sol = solve_ivp(
+            rhs,
+            (math.log(rho0), math.log(rho1)),
+            y0.reshape(-1).numpy(),
+            method="DOP853",
+            rtol=rtol,
+            atol=atol,
+        )
         if not sol.success:
             raise RuntimeError(f"reference ODE solve failed: {sol.message}")
         y0 = torch.from_numpy(sol.y[:, -1]).reshape(shape)

@@ -33,8 +33,13 @@ class VE(_AlphaOne):
     The network receives σ_t. Defaults are the CIFAR-10 NCSN++ values.
     """
 
-    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, t_min: float = 0.0,
-                 t_max: float = 1.0):
+    def __init__(
+        self,
+        sigma_min: float = 0.01,
+        sigma_max: float = 50.0,
+        t_min: float = 0.0,
+        t_max: float = 1.0,
+    ):
         if not 0 < sigma_min < sigma_max:
             raise ValueError("need 0 < sigma_min < sigma_max")
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)

@@ -98,7 +98,9 @@ class VPDiscrete(_VP):
 
     def d_log_alpha(self, t: float | Tensor) -> Tensor:
         t = as_time(t)
-        idx = torch.searchsorted(self._t, t.clamp(self._t[0], self._t[-1])).clamp(1, len(self._t) - 1)
+        idx = torch.searchsorted(self._t, t.clamp(self._t[0], self._t[-1])).clamp(
+            1, len(self._t) - 1
+        )
         la, t_ = self._log_alpha, self._t
         return (la[idx] - la[idx - 1]) / (t_[idx] - t_[idx - 1])
 

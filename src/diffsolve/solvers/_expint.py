@@ -46,7 +46,7 @@ def phi_noise(k: int, h: Tensor) -> Tensor:
 
 
 def phi_data(k: int, h: Tensor) -> Tensor:
-    """h^k·φ_k(−h), the data-form (x̂_0) weights: h·φ_1(−h) = 1 − e^{−h}, …  (h may be +∞ for k=1)."""
+    """h^k·φ_k(−h), the data-form (x̂_0) weights: h·φ_1(−h) = 1 − e^{−h}, … (h = +∞ ok for k=1)."""
     h = torch.as_tensor(h, dtype=torch.float64)
     if k == 1:
         return -torch.expm1(-h)

@@ -106,8 +106,14 @@ class State:
                 return tuple(pick(u) for u in v)
             return v
 
-        return dataclasses.replace(self, **{f.name: pick(getattr(self, f.name)) for f in fields(self)
-                                            if f.metadata.get("batch", True)})
+        return dataclasses.replace(
+            self,
+            **{
+                f.name: pick(getattr(self, f.name))
+                for f in fields(self)
+                if f.metadata.get("batch", True)
+            },
+        )
 
 
 def host(**kw: Any) -> Any:
@@ -144,8 +150,11 @@ class Solver:
         return steps
 
     def plan_times(
-        self, process: GaussianProcess, schedule: Callable[[GaussianProcess, int], Tensor],
-        nfe: int, clean_end: bool,
+        self,
+        process: GaussianProcess,
+        schedule: Callable[[GaussianProcess, int], Tensor],
+        nfe: int,
+        clean_end: bool,
     ) -> Tensor:
         """Grid times (without the clean end) that use exactly ``nfe`` network calls."""
         return schedule(process, nfe if clean_end else nfe + 1)
