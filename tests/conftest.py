@@ -10,7 +10,8 @@ import torch
 import diffsolve as ds
 from diffsolve.bench import exact_x0_at, gmm2d, gmm64, solve_pf_ode
 
-torch.set_num_threads(2)
+# one thread: the analytic models are small, and OpenMP spin-waits badly on a busy 2-core box
+torch.set_num_threads(1)
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:

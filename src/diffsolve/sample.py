@@ -164,9 +164,17 @@ def sample(
     if final not in FINALS:
         raise ValueError(f"unknown final {final!r}; valid: {', '.join(FINALS)}")
     _check_cond(x, cond, getattr(model, "sample_shape", None))
-    if sum(v is not None for v in (nfe, steps, times)) != 1:
-        raise ValueError("give exactly one of nfe=, steps= or times=")
     clean_end = final != "tmin"
+    if solver_obj.adaptive:
+        if nfe is not None or steps is not None:
+            raise ValueError(
+                f"solver {solver_obj.name!r} chooses its own steps: omit nfe= and steps= "
+                "(set its rtol/atol), or give times= for the points to pass through"
+            )
+        if times is None:
+            times = torch.tensor([process.t_max_finite, process.t_min], dtype=torch.float64)
+    elif sum(v is not None for v in (nfe, steps, times)) != 1:
+        raise ValueError("give exactly one of nfe=, steps= or times=")
     sched = get_schedule(schedule if schedule is not None else solver_obj.default_schedule)
     if nfe is not None:
         if int(nfe) != nfe or nfe < 1:
@@ -180,7 +188,7 @@ def sample(
         grid_t = validate_times(process, times)
         if not clean_end and grid_t.numel() < 2:
             raise ValueError("final='tmin' needs at least two times")
-    grid = Grid.build(process, grid_t, clean_end)
+    grid = Grid.build(process, grid_t, clean_end, nfe=nfe)
 
     start = time.perf_counter()
     ev = _Evaluator(model, cond, check_finite, keep=6 if final == "extrapolate" else 0)

@@ -1,7 +1,32 @@
 """The exact benchmark: analytic models, exact references, metrics, tables and plots."""
 
 from .gmm import GMMS, GaussianMixture, get_gmm, gmm2d, gmm64, gmm3072
-from .reference import exact_x0_at, solve_pf_ode
+from .metrics import (
+    mean_log_likelihood,
+    mmd_rbf,
+    nfe_to_reach,
+    per_sample_rel_err,
+    rel_rmse,
+    sliced_w2,
+)
+from .reference import check_reference, dopri5, exact_x0_at, solve_exact, solve_pf_ode
 
-__all__ = ["GMMS", "GaussianMixture", "exact_x0_at", "get_gmm", "gmm2d", "gmm64", "gmm3072",
-           "solve_pf_ode"]
+__all__ = [
+    "GMMS",
+    "GaussianMixture",
+    "check_reference",
+    "dopri5",
+    "exact_x0_at",
+    "get_gmm",
+    "gmm2d",
+    "gmm64",
+    "gmm3072",
+    "mean_log_likelihood",
+    "mmd_rbf",
+    "nfe_to_reach",
+    "per_sample_rel_err",
+    "rel_rmse",
+    "sliced_w2",
+    "solve_exact",
+    "solve_pf_ode",
+]

@@ -44,6 +44,8 @@ class Grid:
 
     ``t`` has ``steps + 1`` entries, strictly decreasing. With ``clean_end`` the last one is the
     data end σ = 0 (α = 1, λ = +∞; its t entry is 0 by convention and is never evaluated).
+    ``nfe`` is the budget the grid was planned for (``sample(nfe=...)``), else None: a solver
+    whose calls per grid are not fixed by the step count (Heun with an odd/even budget) reads it.
     """
 
     process: GaussianProcess
@@ -52,9 +54,12 @@ class Grid:
     sigma: Tensor
     lam: Tensor
     clean_end: bool
+    nfe: int | None = None
 
     @classmethod
-    def build(cls, process: GaussianProcess, times: Tensor, clean_end: bool) -> Grid:
+    def build(
+        cls, process: GaussianProcess, times: Tensor, clean_end: bool, nfe: int | None = None
+    ) -> Grid:
         t = times.to(torch.float64)
         alpha, sigma, lam = process.alpha(t), process.sigma(t), process.lambda_(t)
         if clean_end:
@@ -63,7 +68,7 @@ class Grid:
             alpha = torch.cat([alpha, one])
             sigma = torch.cat([sigma, 0 * one])
             lam = torch.cat([lam, torch.full((1,), float("inf"), dtype=torch.float64)])
-        return cls(process, t, alpha, sigma, lam, clean_end)
+        return cls(process, t, alpha, sigma, lam, clean_end, nfe)
 
     @property
     def steps(self) -> int:
@@ -133,6 +138,7 @@ class Solver:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     stochastic: ClassVar[bool] = False
+    adaptive: ClassVar[bool] = False  # chooses its own steps between the grid's two ends
     default_schedule: ClassVar[str] = "logsnr"
 
     def __post_init__(self) -> None:

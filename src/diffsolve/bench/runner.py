@@ -1,0 +1,374 @@
+"""The benchmark runner: every solver × NFE × schedule against the exact PF-ODE solution.
+
+For one analytic model (a Gaussian mixture with an exact Denoiser) on one process, a batch of
+x_T is drawn from a fixed seed (float64) and every configuration is run with
+``ds.sample(..., nfe=n, return_info=True)``. Each run gets two errors (relative RMSE over the
+batch, :func:`~diffsolve.bench.metrics.rel_rmse`):
+
+- ``err_continued``: against the exact ODE solution from the run's first time continued to
+  σ = 0 (the reference continues to ρ = σ/α = 1e-8, where the mixture's x̂_0 differs from its
+  σ → 0 limit by O(ρ²/λ_min(S)) ≈ 1e-14, and returns x̂_0 there);
+- ``err_standard``: against the "standard endpoint": the exact solution at the run's last
+  evaluated time, then the exact x̂_0 there — what a sampler that ends with x̂_0 at its last
+  σ > 0 can at best deliver (k-diffusion, EDM, diffusers' ``final_sigmas_type="zero"``).
+
+Reference states are cached per start time: an exact state at time t is reused for every run
+that ends there, and a new end time is reached from the nearest cached state above it (each
+segment solved at 1e-12, so chaining costs nothing in accuracy).
+
+Peers (diffusers, k-diffusion; ``diffsolve.interop.peers``) get the same two errors on their own
+grids; where one has an equivalent here, ours runs on exactly that grid (``times=grid``) so the
+ratio ours/peer compares the same algorithm on the same schedule.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..denoiser import Denoiser
+from ..processes import EDM, VE, FlowMatching, GaussianProcess, VPCosine, VPDiscrete, VPLinear
+from ..sample import sample
+from ..solvers.base import get_solver, solvers
+from .gmm import GaussianMixture, get_gmm
+from .metrics import per_sample_rel_err, rel_rmse
+from .reference import check_reference, exact_x0_at, solve_exact
+
+__all__ = [
+    "DEFAULT_NFES",
+    "PROCESSES",
+    "BenchResult",
+    "ExactReference",
+    "default_solvers",
+    "get_process",
+    "run_benchmark",
+]
+
+DEFAULT_NFES = (4, 5, 6, 8, 10, 12, 15, 20, 25)
+
+PROCESSES: dict[str, tuple[Callable[[], GaussianProcess], str]] = {
+    "sd": (
+        lambda: VPDiscrete.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012),
+        "Stable Diffusion: discrete VP, scaled-linear β 0.00085…0.012, 1000 steps",
+    ),
+    "ddpm": (
+        lambda: VPDiscrete.from_betas("linear", beta_start=1e-4, beta_end=0.02),
+        "DDPM: discrete VP, linear β 1e-4…0.02, 1000 steps",
+    ),
+    "vp-linear": (VPLinear, "continuous VP, linear β(t) 0.1…20 (Score SDE), t ∈ [1e-3, 1]"),
+    "vp-cosine": (VPCosine, "continuous cosine VP (Nichol & Dhariwal), t ∈ [1e-3, 0.9946]"),
+    "ve": (VE, "variance exploding, σ geometric 0.01…50 (Score SDE)"),
+    "edm": (EDM, "EDM: α = 1, σ = t ∈ [0.002, 80]"),
+    "flow": (FlowMatching, "flow matching / rectified flow: α = 1 − t, σ = t"),
+}
+
+
+def get_process(name: str | GaussianProcess) -> GaussianProcess:
+    """A benchmark process by name (``PROCESSES``) or an object (passed through)."""
+    if isinstance(name, GaussianProcess):
+        return name
+    if name not in PROCESSES:
+        raise ValueError(f"unknown process {name!r}; valid: {', '.join(PROCESSES)}")
+    return PROCESSES[name][0]()
+
+
+def default_solvers() -> list[str]:
+    """Every registered deterministic solver that takes an NFE budget (not ``stochastic``, not
+    ``adaptive``), aliases that duplicate another name dropped."""
+    out: list[str] = []
+    seen: list[Any] = []
+    # canonical names (a class's own) before aliases, so "euler" is kept rather than "ddim"
+    names = sorted(solvers(), key=lambda n: get_solver(n).name != n)
+    for name in names:
+        obj = get_solver(name)
+        if obj.stochastic or getattr(obj, "adaptive", False) or obj in seen:
+            continue
+        seen.append(obj)
+        out.append(name)
+    return out
+
+
+def _key(t: float) -> float:
+    return round(float(t), 14)
+
+
+class ExactReference:
+    """Exact PF-ODE states of one (model, process, x_T), cached per (start time, end time).
+
+    ``at(t_start, t)`` is the exact x at ``t`` on the trajectory through x_T at ``t_start``
+    (``t = 0``: the clean end, x̂_0 at σ = 0); ``standard(t_start, t_last)`` is the exact x̂_0 at
+    ``t_last``. ``solves`` counts integrator calls.
+    """
+
+    def __init__(
+        self,
+        gmm: GaussianMixture,
+        process: GaussianProcess,
+        x_T: Tensor,
+        method: str = "dop853",
+        rtol: float = 1e-12,
+    ):
+        self.gmm, self.process, self.method, self.rtol = gmm, process, method, rtol
+        self.x_T = x_T.to(torch.float64)
+        self._states: dict[float, dict[float, Tensor]] = {}
+        self.solves = 0
+
+    def at(self, t_start: float, t: float) -> Tensor:
+        traj = self._states.setdefault(_key(t_start), {_key(t_start): self.x_T})
+        k = _key(t)
+        if k not in traj:
+            # nearest cached state above t (never the clean end, which has no time > 0)
+            above = min(s for s in traj if s >= k and s > 0)
+            self.solves += 1
+            traj[k] = solve_exact(
+                self.gmm,
+                self.process,
+                traj[above],
+                above,
+                float(t),
+                self.method,
+                rtol=self.rtol,
+                atol=self.rtol,
+            )
+        return traj[k]
+
+    def continued(self, t_start: float) -> Tensor:
+        return self.at(t_start, 0.0)
+
+    def standard(self, t_start: float, t_last: float) -> Tensor:
+        return exact_x0_at(self.gmm, self.process, self.at(t_start, t_last), float(t_last))
+
+    def errors(self, x: Tensor, t_start: float, t_last: float) -> dict[str, float]:
+        """Both errors of a clean sample x from a run over [t_start … t_last, σ = 0]."""
+        std = self.standard(t_start, t_last)
+        per = per_sample_rel_err(x, std)
+        return {
+            "err_continued": rel_rmse(x, self.continued(t_start)),
+            "err_standard": rel_rmse(x, std),
+            "err_standard_median": float(per.median()),
+            "err_standard_max": float(per.max()),
+        }
+
+
+@dataclass
+class BenchResult:
+    """Rows (one per run, JSON-ready dicts) and the run's metadata."""
+
+    rows: list[dict[str, Any]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"meta": _clean(self.meta), "rows": [_clean(r) for r in self.rows]}
+
+
+def _clean(v: Any) -> Any:
+    # strict JSON: NaN/Inf become null, tuples lists
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {str(k): _clean(u) for k, u in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(u) for u in v]
+    return v
+
+
+def _empty_errors() -> dict[str, float | None]:
+    return dict.fromkeys(
+        ("err_continued", "err_standard", "err_standard_median", "err_standard_max")
+    )
+
+
+def _run_ours(
+    ref: ExactReference,
+    model: Denoiser,
+    x_T: Tensor,
+    solver: str,
+    options: dict[str, Any],
+    **how: Any,
+) -> dict[str, Any]:
+    try:
+        x, info = sample(model, x_T, solver, return_info=True, **how, **options)
+    except (ValueError, FloatingPointError, RuntimeError) as e:
+        return {**_empty_errors(), "nfe_used": None, "seconds": None, "error": str(e)}
+    t = info.times
+    return {
+        **ref.errors(x, float(t[0]), float(t[-2])),
+        "nfe_used": info.nfe,
+        "seconds": info.seconds,
+        "t_start": float(t[0]),
+        "t_last": float(t[-2]),
+        "error": None,
+    }
+
+
+def prediction_for(process: GaussianProcess) -> str:
+    """The exact model's output type: velocity on flow paths (where α = 0 at t = 1), else ε."""
+    return "velocity" if isinstance(process, FlowMatching) else "eps"
+
+
+def run_benchmark(
+    model: str | GaussianMixture = "gmm64",
+    process: str | GaussianProcess = "sd",
+    solver_names: Sequence[str] | None = None,
+    nfes: Sequence[int] = DEFAULT_NFES,
+    schedules: Sequence[str] | None = None,
+    batch: int = 64,
+    seed: int = 0,
+    peers: bool = False,
+    prediction: str | None = None,
+    check: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> BenchResult:
+    """Run the exact benchmark.
+
+    Args:
+        model: ``gmm2d`` | ``gmm64`` | ``gmm3072`` or a mixture.
+        process: a name of ``PROCESSES`` or a process object.
+        solver_names: solver names (default: :func:`default_solvers`), each with default options.
+        nfes: NFE budgets.
+        schedules: schedule names; None runs each solver on its own default schedule.
+        batch, seed: x_T ~ prior, (batch, *shape) float64 from ``torch.Generator().manual_seed``.
+        peers: add diffusers / k-diffusion peers (``diffsolve.interop.peers``) where installed.
+        prediction: the exact network's output type (default: :func:`prediction_for`).
+        check: cross-check the continued reference (DOP853 vs Dormand–Prince, tolerance halving)
+            on the first 8 samples and store the relative differences in
+            ``meta["reference_check"]``.
+        progress: called with a short message before each configuration.
+
+    Returns:
+        :class:`BenchResult`; each row has ``kind`` (``diffsolve`` | ``peer``), ``label``,
+        ``library``, ``solver``, ``options``, ``schedule``, ``nfe`` (requested), ``nfe_used``,
+        ``err_continued``, ``err_standard`` (+ per-sample median / max), ``seconds``, ``error``;
+        peer rows add ``ours`` (the same algorithm on the peer's grid) and ``ratio_standard`` /
+        ``ratio_continued`` = ours / peer.
+    """
+    gmm = get_gmm(model) if isinstance(model, str) else model
+    proc = get_process(process)
+    proc_name = process if isinstance(process, str) else repr(process)
+    pred = prediction or prediction_for(proc)
+    den = gmm.denoiser(proc, pred)
+    names = list(solver_names) if solver_names is not None else default_solvers()
+    for name in names:
+        get_solver(name)  # unknown names fail here, before any work
+    gen = torch.Generator().manual_seed(seed)
+    x_T = proc.prior((batch, *gmm.shape), generator=gen, dtype=torch.float64)
+    ref = ExactReference(gmm, proc, x_T)
+    say = progress or (lambda _msg: None)
+    started = time.perf_counter()
+
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        sched_list: list[str | None] = list(schedules) if schedules else [None]
+        for sched in sched_list:
+            sched_name = sched if sched is not None else get_solver(name).default_schedule
+            label = name if sched is None else f"{name} ({sched})"
+            for n in nfes:
+                say(f"{label} nfe={n}")
+                how: dict[str, Any] = {"nfe": int(n)}
+                if sched is not None:
+                    how["schedule"] = sched
+                res = _run_ours(ref, den, x_T, name, {}, **how)
+                rows.append(
+                    {
+                        "kind": "diffsolve",
+                        "label": label,
+                        "library": "diffsolve",
+                        "solver": name,
+                        "options": {},
+                        "schedule": sched_name,
+                        "nfe": int(n),
+                        **res,
+                    }
+                )
+
+    peer_note = None
+    if peers:
+        peer_note = _run_peers(rows, ref, den, x_T, proc, nfes, say)
+
+    meta: dict[str, Any] = {
+        "model": gmm.name,
+        "dim": gmm.dim,
+        "process": proc_name,
+        "process_repr": repr(proc),
+        "prediction": pred,
+        "batch": batch,
+        "seed": seed,
+        "nfes": [int(n) for n in nfes],
+        "solvers": names,
+        "schedules": list(schedules) if schedules else None,
+        "reference": {"method": "DOP853 in log(σ/α)", "rtol": ref.rtol, "solves": ref.solves},
+        "peers": peer_note,
+        "seconds": time.perf_counter() - started,
+        "torch": torch.__version__,
+    }
+    if check:
+        say("checking the reference")
+        # the integrators' accuracy, not the batch, is under test: 8 samples keep it to seconds
+        meta["reference_check"] = check_reference(gmm, proc, x_T[:8], 0.0, t_from=proc.t_max)
+    return BenchResult(rows, meta)
+
+
+def _run_peers(
+    rows: list[dict[str, Any]],
+    ref: ExactReference,
+    den: Denoiser,
+    x_T: Tensor,
+    proc: GaussianProcess,
+    nfes: Sequence[int],
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    try:
+        from ..interop import peers as peer_mod
+    except ImportError as e:  # the interop layer itself is optional
+        return {"available": {}, "note": f"peers unavailable: {e}"}
+    have = peer_mod.available()
+    configs = peer_mod.peer_configs(proc)
+    for cfg in configs:
+        for n in nfes:
+            say(f"{cfg.label} nfe={n}")
+            row: dict[str, Any] = {
+                "kind": "peer",
+                "label": cfg.label,
+                "library": cfg.library,
+                "solver": cfg.algorithm,
+                "options": {},
+                "schedule": cfg.spacing,
+                "nfe": int(n),
+                "ours": None,
+                "ratio_standard": None,
+                "ratio_continued": None,
+            }
+            try:
+                t0 = time.perf_counter()
+                res = peer_mod.run_peer(cfg, den, x_T, int(n))
+                seconds = time.perf_counter() - t0
+                grid = res.grid.to(torch.float64)
+                t_start, t_last = float(grid[0]), float(grid[-1])
+                row.update(
+                    ref.errors(res.x, t_start, t_last),
+                    nfe_used=int(res.nfe),
+                    seconds=seconds,
+                    t_start=t_start,
+                    t_last=t_last,
+                    error=None,
+                )
+            except Exception as e:  # a peer's own failure is a result, not a crash
+                row.update(_empty_errors(), nfe_used=None, seconds=None, error=repr(e))
+                rows.append(row)
+                continue
+            if cfg.ours is not None:
+                name, opts = cfg.ours
+                ours = _run_ours(ref, den, x_T, name, dict(opts), times=grid)
+                row["ours"] = {"solver": name, "options": dict(opts), **ours}
+                for k in ("standard", "continued"):
+                    a, b = ours[f"err_{k}"], row[f"err_{k}"]
+                    if a is not None and b:
+                        row[f"ratio_{k}"] = a / b
+            rows.append(row)
+    return {"available": have, "configs": [asdict(c) for c in configs]}
