@@ -22,7 +22,7 @@ import torch
 import diffsolve as ds
 from diffsolve.bench import solve_pf_ode
 from diffsolve.solvers.base import Grid
-from diffsolve.solvers.dpm_solver import fast_plan
+from diffsolve.solvers.dpm_solver import SOLVER_TYPES, fast_plan
 
 from .conftest import prior64, rel_err, sd_process
 
@@ -279,3 +279,193 @@ def test_lower_order_final_follows_the_official_threshold():
         assert multistep_orders(grid, 3, True, 10) == expected
     grid = Grid.build(p, ds.LogSNR()(p, 5), clean_end=True)  # the step to σ = 0 counts
     assert multistep_orders(grid, 3, True, 10) == [1, 2, 3, 2, 0]
+
+
+# -- peers: diffusers' singlestep scheduler, k-diffusion's dpm_fast and dpm_2 ---------------------
+def stage_times(process, outer: torch.Tensor, orders: list[int]) -> list[float]:
+    """Every evaluation time of a singlestep run, in order: each outer step's start, then its
+    λ-uniform stages (what ``singlestep_init`` evaluates)."""
+    lam = process.lambda_(outer).tolist()
+    out = []
+    for i, k in enumerate(orders):
+        out.append(float(outer[i]))
+        if k > 1:
+            targets = [lam[i] + j / k * (lam[i + 1] - lam[i]) for j in range(1, k)]
+            out += process.t_of_lambda(torch.tensor(targets, dtype=torch.float64)).tolist()
+    return out
+
+
+def run_diffusers_singlestep(model, x_T, ts: list[float], last_rho: float, **config):
+    """diffusers' DPMSolverSinglestepScheduler evaluating the exact model at the process times
+    ``ts`` (its σ's set to ρ(ts) in float64, then ``last_rho``): the same λ-points as ours."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DPMSolverSinglestepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", **config
+    )
+    sched.set_timesteps(timesteps=[999 - 10 * k for k in range(len(ts))])
+    p = model.process
+    rho = p.rho(torch.tensor(ts, dtype=torch.float64))
+    sched.sigmas = torch.cat([rho, torch.tensor([last_rho], dtype=torch.float64)])
+    x = x_T
+    for t, tau in zip(ts, sched.timesteps):
+        eps = model(x, model.point(t, x)).eps
+        x = sched.step(eps, tau, x, return_dict=False)[0]
+    return x
+
+
+# (order, our solver_type, diffusers' solver_type): diffusers' order-3 "midpoint" is neither
+# official type (its u2 uses the midpoint weight), its "heun" is the official "taylor"
+DIFFUSERS_TYPES = [
+    (1, "dpmsolver", "midpoint"),
+    (2, "dpmsolver", "midpoint"),
+    (2, "taylor", "heun"),
+    (3, "taylor", "heun"),
+]
+
+
+@pytest.mark.peers
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # diffusers deprecates "dpmsolver"
+@pytest.mark.parametrize(("order", "ours", "theirs"), DIFFUSERS_TYPES)
+def test_singlestep_agrees_with_diffusers(g64, order, ours, theirs):
+    """algorithm_type="dpmsolver" (noise form, final σ = σ_min: our final="tmin"), three outer
+    steps on a Karras grid, the same λ-points on both sides (measured ≤ 1e-13)."""
+    p = sd_process()
+    m = g64.denoiser(p)
+    x_T = prior64(p, n=4)
+    outer = ds.Karras()(p, 4)
+    ts = stage_times(p, outer, [order] * 3)
+    peer = run_diffusers_singlestep(
+        m, x_T, ts, float(p.rho(outer[-1])), solver_order=order, algorithm_type="dpmsolver",
+        solver_type=theirs, final_sigmas_type="sigma_min",
+    )  # fmt: skip
+    got, info = ds.sample(m, x_T, "dpm_solver", times=outer, final="tmin", order=order,
+                          method="singlestep", solver_type=ours, return_info=True)  # fmt: skip
+    assert info.nfe == len(ts) == 3 * order
+    assert rel_err(got, peer) <= 1e-5
+
+
+@pytest.mark.peers
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_diffusers_order3_midpoint_is_not_official(g64):
+    """diffusers' order-3 ``midpoint`` builds u2 with (e^{r2h} − 1)/2·(r2/r1) in place of the
+    official (r2/r1)·P(2, r2h)/(r2h): it differs from both official types (≈1e-3 here)."""
+    p = sd_process()
+    m = g64.denoiser(p)
+    x_T = prior64(p, n=4)
+    outer = ds.Karras()(p, 4)
+    ts = stage_times(p, outer, [3] * 3)
+    peer = run_diffusers_singlestep(
+        m, x_T, ts, float(p.rho(outer[-1])), solver_order=3, algorithm_type="dpmsolver",
+        solver_type="midpoint", final_sigmas_type="sigma_min",
+    )  # fmt: skip
+    for st in SOLVER_TYPES:
+        got = ds.sample(m, x_T, "dpm_solver", times=outer, final="tmin", order=3,
+                        method="singlestep", solver_type=st)  # fmt: skip
+        assert rel_err(got, peer) > 1e-5
+
+
+def kd_sampling():
+    """k-diffusion's sampling module (skip if k-diffusion is missing)."""
+    kdiff = pytest.importorskip("diffsolve.interop.kdiffusion")
+    try:
+        return kdiff.load_sampling()
+    except ImportError:
+        pytest.skip("k-diffusion not installed")
+
+
+def kd_denoiser(gmm):
+    """The exact x̂_0 in k-diffusion's scale: D(x/α, ρ) with α = 1, σ = ρ."""
+
+    def denoise(x, s):
+        return gmm.x0_mean(x, 1.0, float(s[0]))
+
+    return denoise
+
+
+@pytest.mark.peers
+def test_dpm_fast_is_k_diffusion_sample_dpm_fast(g64):
+    """k-diffusion's ``sample_dpm_fast`` (η = 0) is DPM-Solver-fast: K = ⌊M/3⌋ + 1 steps uniform
+    in λ between σ_max and σ_min, orders [3…3, 2, 1] / [3…3, 1] / [3…3, 2], each the official
+    ``dpmsolver`` update; that is ``dpm_fast`` = dpm_solver(order=3, method="singlestep") with
+    ``nfe=M`` on the logsnr schedule and final="tmin" (its default clean end replaces the last
+    step by the call at t_min returning x̂_0). Measured ≤ 3.6e-6 (k-diffusion's float32 λ-grid)."""
+    K = kd_sampling()
+    p = sd_process()
+    x_T = prior64(p, n=4)
+    s_max, s_min = float(p.rho(p.t_max_finite)), float(p.rho(p.t_min))
+
+    denoise = kd_denoiser(g64)
+    assert ds.get_solver("dpm_fast") == ds.get_solver("dpm_solver", order=3, method="singlestep")
+    for nfe in (5, 6, 7, 10, 20):
+        x_k = K.sample_dpm_fast(denoise, x_T / float(p.alpha(p.t_max_finite)), s_min, s_max, nfe,
+                                disable=True)  # fmt: skip
+        ours, info = ds.sample(g64.denoiser(p), x_T, "dpm_fast", nfe=nfe, final="tmin",
+                               return_info=True)  # fmt: skip
+        assert info.nfe == nfe
+        assert rel_err(ours / float(p.alpha(p.t_min)), x_k) < 1e-5, nfe
+
+
+@pytest.mark.peers
+def test_dpm2_is_k_diffusion_sample_dpm_2(g64):
+    """``dpm2`` (alias of dpm_solver order 2 singlestep) on k-diffusion's Karras σ's: the last
+    step of sample_dpm_2 (to σ = 0) is Euler, i.e. x̂_0, as our clean end (measured 4e-15)."""
+    K = kd_sampling()
+    from diffsolve.interop.kdiffusion import sigmas_for
+
+    assert ds.get_solver("dpm2") == ds.get_solver("dpm_solver", order=2, method="singlestep")
+    p = sd_process()
+    x_T = prior64(p, n=4)
+    sig = sigmas_for(p, "karras", 6)
+    times = p.t_of_rho(sig[:-1])
+
+    denoise = kd_denoiser(g64)
+    x_k = K.sample_dpm_2(denoise, x_T / float(p.alpha(times[0])), sig, disable=True)
+    ours, info = ds.sample(g64.denoiser(p), x_T, "dpm2", times=times, return_info=True)
+    assert info.nfe == 2 * 5 + 1
+    assert rel_err(ours, x_k) < 1e-12, rel_err(ours, x_k)
+
+
+def test_new_singlestep_budgets_and_no_nan():
+    """dpm_fast, dpm2, dpmpp_3s: nfe 1…25 met exactly, 3n − 1 steps, 1000 calls, finite."""
+    p = sd_process()
+    m = _cheap_model(p)
+    x = prior64(p, n=2)
+    for name in ("dpm_fast", "dpm2", "dpmpp_3s"):
+        for nfe in [*range(1, 26), 1000]:
+            for final in ("standard", "tmin"):
+                out, info = ds.sample(m, x, name, nfe=nfe, final=final, return_info=True)
+                assert info.nfe == nfe and torch.isfinite(out).all(), (name, nfe, final)
+        for steps in (2, 5, 8, 11):
+            out = ds.sample(m, x, name, steps=steps)
+            assert torch.isfinite(out).all()
+
+
+@pytest.mark.peers
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' numpy use, not ours
+def test_dpm2_agrees_with_diffusers_kdpm2(g64):
+    """diffusers' KDPM2DiscreteScheduler: DPM-Solver-2 in ρ with σ_interpol = √(σ_i·σ_{i+1})
+    (the λ-midpoint), Euler (x̂_0) to σ = 0. Its network sees the interpolated σ through a
+    log-σ-interpolated timestep; here the exact model is evaluated at the process time of the
+    scheduler's own σ's, and ours runs ``dpm2`` with times = those of its outer σ's. Measured
+    3.8e-8 (diffusers' float32 σ's and log-lerp)."""
+    diffusers = pytest.importorskip("diffusers")
+    p = sd_process()
+    m = g64.denoiser(p)
+    x_T = prior64(p, n=4)
+    sched = diffusers.KDPM2DiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        timestep_spacing="leading", steps_offset=1,
+    )  # fmt: skip
+    sched.set_timesteps(8)
+    x = x_T * sched.init_noise_sigma
+    for tau in sched.timesteps:
+        x_in = sched.scale_model_input(x, tau)
+        first = sched.state_in_first_order
+        rho = (sched.sigmas if first else sched.sigmas_interpol)[sched.step_index]
+        eps = m(x_in, float(p.t_of_rho(float(rho)))).eps
+        x = sched.step(eps, tau, x, return_dict=False)[0]
+    outer = sched.sigmas.double()
+    outer = outer[torch.cat([outer[:1] > 0, outer[1:] != outer[:-1]]) & (outer > 0)]
+    ours, info = ds.sample(m, x_T, "dpm2", times=p.t_of_rho(outer), return_info=True)
+    assert info.nfe == len(sched.timesteps) == 2 * 8 - 1
+    assert rel_err(ours, x) <= 1e-5, rel_err(ours, x)

@@ -22,6 +22,8 @@ from .test_dpm_solver import HS, HS_SMALL, lte_order
 
 CONFIGS = [
     ("dpmpp_2s", {}, 0, 2),
+    ("dpmpp_3s", {}, 0, 3),
+    ("dpmpp_3s", {"solver_type": "taylor"}, 0, 3),
     ("dpmpp_2m", {"solver_type": "midpoint"}, 1, 2),
     ("dpmpp_2m", {"solver_type": "heun"}, 1, 2),
     ("dpmpp_3m", {}, 2, 3),
@@ -31,7 +33,7 @@ CONFIGS = [
 
 @pytest.mark.parametrize(("name", "opts", "history", "expected"), CONFIGS, ids=str)
 def test_measured_order(g64, name, opts, history, expected):
-    if name != "dpmpp_2s":
+    if name not in ("dpmpp_2s", "dpmpp_3s"):
         opts = {**opts, "lower_order_final": False}
     hs = HS_SMALL if opts.get("reference") else HS
     order, errs = lte_order(ds.get_solver(name, **opts), g64, history, hs=hs)
@@ -168,7 +170,7 @@ def test_no_nan_on_fine_grids_and_flow(g2):
         m = g2.denoiser(p, pred)
         x = ds.prior(p, (2, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         for nfe in (1, 2, 3, 5, 29, 1000):
-            for solver in ("dpmpp_2s", "dpmpp_2m", "dpmpp_3m"):
+            for solver in ("dpmpp_2s", "dpmpp_3s", "dpmpp_2m", "dpmpp_3m"):
                 out = ds.sample(m, x, solver, nfe=nfe, schedule=schedule)
                 assert torch.isfinite(out).all(), (p, solver, nfe)
 
@@ -218,3 +220,70 @@ def test_float32_samples(g64, name):
     x64 = ds.sample(m, x, name, nfe=12)
     x32 = ds.sample(m, x.float(), name, nfe=12)
     assert x32.dtype == torch.float32 and rel_err(x32, x64) < 1e-5
+
+
+# -- dpmpp_3s and diffusers' singlestep scheduler (data form) ----------------------------------
+def test_3s_budgets_follow_dpm_solver_fast(g64):
+    """nfe=M: the DPM-Solver-fast plan and outer grid of dpm_solver singlestep order 3."""
+    _, m, x = _setup(g64)
+    for nfe in (4, 9, 10, 11):
+        for final in ("standard", "tmin"):
+            _, info = ds.sample(m, x, "dpmpp_3s", nfe=nfe, final=final, return_info=True)
+            _, ref = ds.sample(m, x, "dpm_solver", nfe=nfe, final=final, order=3,
+                               method="singlestep", return_info=True)  # fmt: skip
+            assert info.nfe == nfe and info.steps == len(fast_plan(3, nfe, final != "tmin"))
+            assert torch.equal(info.times, ref.times)
+
+
+def test_3s_solver_types_differ_and_are_validated(g64):
+    _, m, x = _setup(g64)
+    a = ds.sample(m, x, "dpmpp_3s", nfe=31)
+    b = ds.sample(m, x, "dpmpp_3s", nfe=31, solver_type="taylor")
+    assert 1e-8 < rel_err(a, b) < 1e-2
+    with pytest.raises(ValueError, match="solver_type must be one of"):
+        ds.get_solver("dpmpp_3s", solver_type="heun")
+
+
+# (order, ours, options, diffusers' solver_type); diffusers' order-3 "midpoint" builds u2 with
+# the midpoint weight, not the official one (test_dpm_solver::test_diffusers_order3_midpoint...)
+PP_DIFFUSERS = [
+    (1, "euler", {}, "midpoint"),
+    (2, "dpmpp_2s", {}, "midpoint"),
+    (3, "dpmpp_3s", {"solver_type": "taylor"}, "heun"),
+]
+
+
+@pytest.mark.peers
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize(("order", "name", "opts", "theirs"), PP_DIFFUSERS, ids=str)
+def test_singlestep_agrees_with_diffusers(g64, order, name, opts, theirs):
+    """DPMSolverSinglestepScheduler(algorithm_type="dpmsolver++", final σ = 0) against ours with
+    a clean end: three outer steps of ``order`` on a Karras grid, then the first-order step to
+    σ = 0 (x̂_0), on the same λ-points (measured ≤ 1e-14)."""
+    from .test_dpm_solver import run_diffusers_singlestep, stage_times
+
+    p, m, x_T = _setup(g64)
+    outer = ds.Karras()(p, 4)
+    ts = stage_times(p, outer, [order] * 3 + [1])
+    peer = run_diffusers_singlestep(
+        m, x_T, ts, 0.0, solver_order=order, algorithm_type="dpmsolver++", solver_type=theirs
+    )
+    got, info = ds.sample(m, x_T, name, times=outer, return_info=True, **opts)
+    assert info.nfe == len(ts) == 3 * order + 1
+    assert rel_err(got, peer) <= 1e-5
+
+
+@pytest.mark.peers
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_3s_official_type_is_neither_diffusers_type(g64):
+    from .test_dpm_solver import run_diffusers_singlestep, stage_times
+
+    p, m, x_T = _setup(g64)
+    outer = ds.Karras()(p, 4)
+    ts = stage_times(p, outer, [3] * 3 + [1])
+    ours = ds.sample(m, x_T, "dpmpp_3s", times=outer)
+    for theirs in ("midpoint", "heun"):
+        peer = run_diffusers_singlestep(
+            m, x_T, ts, 0.0, solver_order=3, algorithm_type="dpmsolver++", solver_type=theirs
+        )
+        assert rel_err(ours, peer) > 1e-4

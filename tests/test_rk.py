@@ -31,7 +31,7 @@ def _order(g64, solver, ns=(16, 32, 64), schedule="logsnr"):
 def test_rk_tableau_order_in_lambda(g64, tableau):
     # rk38's leading error nearly cancels on this problem: its slope reaches 4 only past ~100
     # steps (3.57, 3.69, 3.79, 3.85 from 64 to 256), so the pair is taken there for every tableau
-    slope, errs = _order(g64, RK(tableau=tableau), ns=(96, 192))
+    slope, errs = _order(g64, RK(tableau=tableau, variable="lambda"), ns=(96, 192))
     assert abs(slope - TABLEAUX[tableau].order) < 0.3, errs
 
 

@@ -5,6 +5,7 @@
 """
 
 from .denoiser import CFG, PREDICTIONS, Denoiser, EvalPoint, Prediction
+from .guidance import DynamicThreshold, StaticThreshold
 from .processes import EDM, VE, FlowMatching, GaussianProcess, VPCosine, VPDiscrete, VPLinear
 from .sample import NonFiniteError, SampleInfo, sample
 from .schedules import (
@@ -45,6 +46,7 @@ __all__ = [
     "PREDICTIONS",
     "VE",
     "Denoiser",
+    "DynamicThreshold",
     "EvalPoint",
     "Exponential",
     "FlowMatching",
@@ -61,6 +63,7 @@ __all__ = [
     "Schedule",
     "Solver",
     "State",
+    "StaticThreshold",
     "Trailing",
     "Uniform",
     "VPCosine",

@@ -120,7 +120,7 @@ def sample(
     schedule: str | Schedule | None = None,
     final: str = "standard",
     cond: Mapping[str, Any] | None = None,
-    callback: Callable[[int, Tensor, State], None] | None = None,
+    callback: Callable[[int, Tensor, State], tuple[Tensor, State] | None] | None = None,
     check_finite: bool | str = True,
     noise: Any = None,
     generator: torch.Generator | None = None,
@@ -141,7 +141,11 @@ def sample(
             continue the ODE to σ = 0 by extrapolating the last x̂_0's in σ/α to 0 (no extra
             NFE); ``"tmin"`` — stop at the last grid time with σ > 0.
         cond: keyword arguments for the network (batch-first tensors), e.g. class labels.
-        callback: ``callback(i, x, state)`` after every step.
+        callback: ``callback(i, x, state)`` after every step. If it returns a tuple
+            ``(x, state)`` the loop continues from that pair (the steering hook; any other
+            return value is ignored): e.g. particle resampling returns
+            ``(x[idx], state.select(idx))``. Conditioning tensors in ``cond`` and per-sample
+            noise seeds are not reindexed; the batch size must stay the same.
         check_finite: raise :class:`NonFiniteError` naming the step and t if the network returns
             NaN/Inf (``True``: checked once after the loop; ``"step"``: after every call;
             ``False``: off).
@@ -202,7 +206,9 @@ def sample(
         ev.step = i
         xc, state = solver_obj.step(xc, i, state, ev)
         if callback is not None:
-            callback(i, xc, state)
+            replaced = callback(i, xc, state)
+            if isinstance(replaced, tuple):  # the steering hook; other return values are ignored
+                xc, state = replaced
     if final == "extrapolate":
         xc = _continue_to_zero(ev.recent, min(max(solver_obj.order, 2), 3), xc)
     ev.raise_if_nonfinite()

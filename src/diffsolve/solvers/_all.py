@@ -3,11 +3,14 @@
 from .adams import DEIS, IPNDM, LMS
 from .adaptive import RK45
 from .ddpm import DDPM
+from .dpm_adaptive import DPMAdaptive
 from .dpm_solver import DPMSolver
-from .dpmpp import DPMSolverPP2M, DPMSolverPP2S, DPMSolverPP3M
+from .dpmpp import DPMSolverPP2M, DPMSolverPP2S, DPMSolverPP3M, DPMSolverPP3S
 from .euler import Euler
 from .heun import Heun
+from .pndm import PNDM
 from .rk import RK
+from .sa_solver import SASolver
 from .unipc import UniPC
 
 __all__ = [
@@ -15,13 +18,17 @@ __all__ = [
     "DEIS",
     "IPNDM",
     "LMS",
+    "PNDM",
     "RK",
     "RK45",
+    "DPMAdaptive",
     "DPMSolver",
     "DPMSolverPP2M",
     "DPMSolverPP2S",
     "DPMSolverPP3M",
+    "DPMSolverPP3S",
     "Euler",
     "Heun",
+    "SASolver",
     "UniPC",
 ]

@@ -13,6 +13,8 @@ Adams–Bashforth step integrates a polynomial through the last k values of ε̂
   in ρ, which schedules never give, so its order on a real grid is measured, not assumed.
 
 Warm-up uses the orders 1, 2, … as history accumulates. The step to σ = 0 returns x̂_0.
+``euler_at_final`` (all three): the last step is first order, y_{i+1} = y_i + (ρ_{i+1} − ρ_i)·ε̂_i
+(Euler in ρ, i.e. DDIM), at any step count (:class:`~diffsolve.solvers.base.FinalOrders`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from numpy.polynomial import polynomial as P
 from torch import Tensor
 
 from ..denoiser import EvalPoint
-from .base import Grid, Model, Solver, State, alias, host, register
+from .base import FinalOrders, Grid, Model, Solver, State, alias, host, register
 
 __all__ = ["IPNDM", "LMS", "lagrange_integral_weights"]
 
@@ -62,12 +64,15 @@ class _RhoAdams(Solver):
     def _check_order(self, order: int) -> None:
         if order not in (1, 2, 3, 4):
             raise ValueError(f"order must be 1, 2, 3 or 4, got {order!r}")
+        FinalOrders.of(self.name, False, 0, self.euler_at_final)  # type check
 
     def _coefficients(self, grid: Grid, rho: np.ndarray, i: int, k: int) -> tuple[float, ...]:
         raise NotImplementedError
 
     def _order_at(self, grid: Grid, i: int) -> int:
-        return min(self.order, i + 1)
+        # euler_at_final: Euler in ρ on the last step (FinalOrders; no lower_order_final here)
+        cap = FinalOrders.of(self.name, False, 0, self.euler_at_final).cap(i, grid.steps)
+        return min(self.order, i + 1, cap)
 
     def init(self, x: Tensor, grid: Grid, model: Model, noise: object = None) -> AdamsState:
         rho = (grid.sigma / grid.alpha).numpy()
@@ -109,6 +114,7 @@ class LMS(_RhoAdams):
     """
 
     order: int = 4  # type: ignore[assignment]
+    euler_at_final: bool = False
     name: ClassVar[str] = "lms"
     description: ClassVar[str] = "linear multistep in σ/α, exact Lagrange weights (k-diffusion)"
 
@@ -129,6 +135,7 @@ class IPNDM(_RhoAdams):
     """
 
     order: int = 4  # type: ignore[assignment]
+    euler_at_final: bool = False
     name: ClassVar[str] = "ipndm"
     description: ClassVar[str] = "improved PNDM: fixed-weight Adams–Bashforth in σ/α (DEIS paper)"
 
@@ -168,6 +175,7 @@ class DEIS(_RhoAdams):
     order: int = 3  # type: ignore[assignment]
     variant: str = "tab"
     lower_order_final: bool = True
+    euler_at_final: bool = False
     name: ClassVar[str] = "deis"
     description: ClassVar[str] = "DEIS multistep: exponential integrator, Lagrange ε̂ in t/ρ/log ρ"
     default_schedule: ClassVar[str] = "quadratic"
@@ -177,12 +185,13 @@ class DEIS(_RhoAdams):
             raise ValueError(f"order must be 1, 2 or 3, got {self.order!r}")
         if self.variant not in ("tab", "rhoab", "logrho"):
             raise ValueError(f"unknown variant {self.variant!r}; valid: tab, rhoab, logrho")
+        FinalOrders.of("deis", self.lower_order_final, 15, self.euler_at_final)
 
     def _order_at(self, grid: Grid, i: int) -> int:
-        k = min(self.order, i + 1)
-        if self.lower_order_final and not grid.clean_end and grid.steps < 15:
-            k = min(k, grid.steps - i)
-        return k
+        # diffusers' DEIS threshold, and only without a clean end (the step to σ = 0 is x̂_0)
+        lof = self.lower_order_final and not grid.clean_end
+        rule = FinalOrders.of("deis", lof, 15, self.euler_at_final)
+        return min(self.order, i + 1, rule.cap(i, grid.steps))
 
     def _coefficients(self, grid: Grid, rho: np.ndarray, i: int, k: int) -> tuple[float, ...]:
         if self.variant == "rhoab" or k == 1:

@@ -20,6 +20,7 @@ from ..denoiser import EvalPoint, Prediction
 from ..processes.base import GaussianProcess
 
 __all__ = [
+    "FinalOrders",
     "Grid",
     "Model",
     "Solver",
@@ -119,6 +120,45 @@ class State:
                 if f.metadata.get("batch", True)
             },
         )
+
+
+@dataclass(frozen=True)
+class FinalOrders:
+    """How a multistep run lowers its order over its last steps: one rule object behind the
+    multistep solvers' ``lower_order_final`` and ``euler_at_final`` options.
+
+    Step i of N (a step to σ = 0 counts as the last one) uses order ≤ ``cap(i, N)``:
+
+    * ``lower_below`` (``lower_order_final``): a run of N < ``lower_below`` steps ends with
+      orders ≤ N − i (the last step first order, the one before at most second). Thresholds
+      follow each method's reference code: 15 for DPM-Solver++ (2M/3M) and DEIS (diffusers),
+      10 for DPM-Solver (the official code), ∞ for UniPC (applied at every N); 0 turns it off.
+    * ``euler`` (``euler_at_final``, diffusers #5433/#5541): the last step is first order at
+      every N (DDIM for the exponential integrators, Euler in σ/α for the ρ-Adams methods),
+      which removes high-order extrapolation artefacts near σ → 0 at high step counts.
+
+    With a clean end the last step returns x̂_0 anyway (order 0), so both rules matter only for
+    the steps before it (``lower_below``) or for ``final="tmin"`` runs (``euler``).
+    """
+
+    lower_below: float = 0.0
+    euler: bool = False
+
+    @classmethod
+    def of(
+        cls, solver: str, lower_order_final: Any, below: float, euler_at_final: Any
+    ) -> FinalOrders:
+        """The rule of a solver's two boolean options (ValueError if they are not bools)."""
+        flags = {"lower_order_final": lower_order_final, "euler_at_final": euler_at_final}
+        for name, v in flags.items():
+            if not isinstance(v, bool):
+                raise ValueError(f"{solver}: {name} must be a bool, got {v!r}")
+        return cls(below if lower_order_final else 0.0, euler_at_final)
+
+    def cap(self, i: int, steps: int) -> int:
+        """The highest order step i of ``steps`` may use (``steps`` if unconstrained)."""
+        k = steps - i if steps < self.lower_below else steps
+        return 1 if self.euler and i == steps - 1 else k
 
 
 def host(**kw: Any) -> Any:

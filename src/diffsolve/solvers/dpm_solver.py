@@ -27,7 +27,7 @@ from ..denoiser import EvalPoint, Prediction
 from ..processes.base import GaussianProcess
 from ..schedules import LogSNR
 from ._expint import phi_data, phi_noise
-from .base import Grid, Model, Solver, State, host, register
+from .base import FinalOrders, Grid, Model, Solver, State, alias, host, register
 
 __all__ = ["DPMSolver"]
 
@@ -98,7 +98,9 @@ class MultistepState(State):
     history: tuple[Tensor, ...] = ()
 
 
-def multistep_orders(grid: Grid, order: int, lower_order_final: bool, below: int) -> list[int]:
+def multistep_orders(
+    grid: Grid, order: int, lower_order_final: bool, below: int, euler_at_final: bool = False
+) -> list[int]:
     """Order of each step (0 for the step to σ = 0, which returns x̂_0).
 
     Step i uses min(order, i + 1) (warm-up from the single evaluation at t_max), never a history
@@ -106,15 +108,16 @@ def multistep_orders(grid: Grid, order: int, lower_order_final: bool, below: int
     and fewer than ``below`` steps, at most N − i (the last step first order, the one before at
     most second): DPM-Solver's rule (``below`` = 10) and diffusers' (15, its ``lower_order_final``
     plus ``lower_order_second``). With a clean end the step to σ = 0 counts as the last step.
+    ``euler_at_final``: the last step first order at any N (see :class:`.base.FinalOrders`).
     """
+    rule = FinalOrders(below if lower_order_final else 0.0, euler_at_final)
     n = grid.steps
     lam = grid.lam.tolist()
     out, run = [], 0
     for i in range(n):
         run = run + 1 if math.isfinite(lam[i]) else 0
         k = min(order, i + 1, max(run, 1))
-        if lower_order_final and n < below:
-            k = min(k, n - i)
+        k = min(k, rule.cap(i, n))
         out.append(0 if grid.is_final(i) else k)
     return out
 
@@ -171,8 +174,9 @@ def multistep_init(
     reference: bool,
     lower_order_final: bool,
     below: int,
+    euler_at_final: bool = False,
 ) -> MultistepState:
-    orders = multistep_orders(grid, order, lower_order_final, below)
+    orders = multistep_orders(grid, order, lower_order_final, below, euler_at_final)
     return MultistepState(
         points=tuple(model.point(grid.t[i], x) for i in range(grid.steps)),
         coef=tuple(multistep_coefs(grid, orders, data, second, reference)),
@@ -457,6 +461,16 @@ class DPMSolver(Solver):
       Warm-up orders 1, 2, …; ``lower_order_final`` as the official code: below 10 steps step i
       of N uses at most N − i (see :func:`multistep_orders`; diffusers' threshold is 15, so
       runs of 10–14 steps differ from its ``algorithm_type="dpmsolver"`` in the last steps).
+      ``euler_at_final`` (multistep only): the last step is DDIM at any step count (diffusers'
+      option; it matters with final="tmin", see :class:`~diffsolve.solvers.base.FinalOrders`).
+
+    Aliases: ``dpm2`` (order 2, singlestep) is k-diffusion's ``sample_dpm_2`` and diffusers'
+    ``KDPM2DiscreteScheduler`` (DPM-Solver-2 written as Euler in ρ = σ/α with the λ-midpoint
+    √(ρ_i·ρ_{i+1})); ``dpm_fast`` (order 3, singlestep) run with ``nfe=M`` on the logsnr
+    schedule and final="tmin" is k-diffusion's ``sample_dpm_fast`` (η = 0): the same plan,
+    λ-uniform outer grid and ``dpmsolver`` updates (with the default clean end the last step
+    is the call at t_min returning x̂_0, see :func:`fast_plan`). The adaptive DPM-Solver-12/23
+    is ``dpm_adaptive`` (:mod:`.dpm_adaptive`).
 
     The step to σ = 0 returns x̂_0. Shapes: x (B, ...).
     """
@@ -466,6 +480,7 @@ class DPMSolver(Solver):
     solver_type: str = "dpmsolver"
     lower_order_final: bool = True
     reference: bool = False
+    euler_at_final: bool = False
 
     name: ClassVar[str] = "dpm_solver"
     description: ClassVar[str] = (
@@ -481,10 +496,9 @@ class DPMSolver(Solver):
             raise ValueError(
                 f"dpm_solver: solver_type must be one of {SOLVER_TYPES}, got {self.solver_type!r}"
             )
-        if not isinstance(self.lower_order_final, bool):
-            raise ValueError(
-                f"dpm_solver: lower_order_final must be a bool, got {self.lower_order_final!r}"
-            )
+        FinalOrders.of("dpm_solver", self.lower_order_final, 10, self.euler_at_final)
+        if self.euler_at_final and self.method != "multistep":
+            raise ValueError("dpm_solver: euler_at_final applies only to method='multistep'")
         if not isinstance(self.reference, bool):
             raise ValueError(f"dpm_solver: reference must be a bool, got {self.reference!r}")
         if self.reference and (self.method != "multistep" or self.order != 3):
@@ -518,9 +532,23 @@ class DPMSolver(Solver):
             x, grid, model, order=self.order, data=False,
             second="half" if self.solver_type == "dpmsolver" else "taylor",
             reference=self.reference, lower_order_final=self.lower_order_final, below=10,
+            euler_at_final=self.euler_at_final,
         )  # fmt: skip
 
     def step(self, x: Tensor, i: int, state: State, model: Model) -> tuple[Tensor, State]:
         if isinstance(state, SinglestepState):
             return singlestep_step(x, i, state, model)
         return multistep_step(x, i, state, model)  # type: ignore[arg-type]
+
+
+# k-diffusion's sample_dpm_2 (DPM-Solver-2 written as Euler in ρ = σ/α with the λ-midpoint
+# σ_mid = √(σ_i·σ_{i+1}), then Euler to σ = 0) and sample_dpm_fast (the DPM-Solver-fast plan on
+# a λ-uniform grid, final="tmin", η = 0) are these configurations exactly (tests/test_dpm_solver).
+alias(
+    "dpm2", "dpm_solver", "DPM-Solver-2 singlestep (k-diffusion's DPM2)",
+    order=2, method="singlestep",
+)  # fmt: skip
+alias(
+    "dpm_fast", "dpm_solver", "DPM-Solver-fast: singlestep order 3 with the official NFE plan",
+    order=3, method="singlestep",
+)  # fmt: skip

@@ -18,8 +18,9 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from ..processes.base import GaussianProcess
-from .base import Grid, Model, Solver, State, register
+from .base import FinalOrders, Grid, Model, Solver, State, register
 from .dpm_solver import (
+    SOLVER_TYPES,
     MultistepState,
     SinglestepState,
     multistep_init,
@@ -30,9 +31,10 @@ from .dpm_solver import (
     singlestep_step,
 )
 
-__all__ = ["DPMSolverPP2M", "DPMSolverPP2S", "DPMSolverPP3M"]
+__all__ = ["DPMSolverPP2M", "DPMSolverPP2S", "DPMSolverPP3M", "DPMSolverPP3S"]
 
 SOLVER_TYPES_2M = ("midpoint", "heun")
+SOLVER_TYPES_3S = SOLVER_TYPES  # official names: "dpmsolver", "taylor"
 
 
 def _check_bool(solver: str, name: str, value: Any) -> None:
@@ -40,9 +42,44 @@ def _check_bool(solver: str, name: str, value: Any) -> None:
         raise ValueError(f"{solver}: {name} must be a bool, got {value!r}")
 
 
+@dataclass(frozen=True)
+class _DataSinglestep(Solver):
+    """DPM-Solver++ singlestep of order ``stages`` on :mod:`.dpm_solver`'s singlestep machinery
+    (its data-prediction path), with DPM-Solver-fast budgets: ``nfe=M`` runs the plan of
+    :func:`~.dpm_solver.fast_plan` (the step to σ = 0 one first-order call), ``steps=``/
+    ``times=`` run ``stages`` calls on every step but the one to σ = 0."""
+
+    stages: ClassVar[int] = 2
+
+    @property
+    def order(self) -> int:
+        return self.stages
+
+    def nfe_of(self, steps: int, clean_end: bool) -> int:
+        return singlestep_nfe_of(self.stages, steps, clean_end)
+
+    def plan_times(
+        self,
+        process: GaussianProcess,
+        schedule: Callable[[GaussianProcess, int], Tensor],
+        nfe: int,
+        clean_end: bool,
+    ) -> Tensor:
+        return singlestep_plan_times(self.stages, process, schedule, nfe, clean_end)
+
+    def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> SinglestepState:
+        solver_type = getattr(self, "solver_type", "dpmsolver")
+        return singlestep_init(
+            x, grid, model, order=self.stages, data=True, solver_type=solver_type
+        )
+
+    def step(self, x: Tensor, i: int, state: State, model: Model) -> tuple[Tensor, State]:
+        return singlestep_step(x, i, state, model)  # type: ignore[arg-type]
+
+
 @register
 @dataclass(frozen=True)
-class DPMSolverPP2S(Solver):
+class DPMSolverPP2S(_DataSinglestep):
     """DPM-Solver++(2S), singlestep (Lu et al. 2022b, Alg. 1) with r1 = ½, stage uniform in λ:
 
         u   = (σ_{s1}/σ_s)·x_s + α_{s1}(1 − e^{−h/2})·x̂_0(x_s, s),   λ_{s1} = λ_s + h/2
@@ -54,32 +91,46 @@ class DPMSolverPP2S(Solver):
     the grid rule). Order 2. Shapes: x (B, ...).
     """
 
+    stages: ClassVar[int] = 2
     name: ClassVar[str] = "dpmpp_2s"
     description: ClassVar[str] = "DPM-Solver++(2S): singlestep 2nd order, data prediction"
 
-    @property
-    def order(self) -> int:
-        return 2
 
-    def nfe_of(self, steps: int, clean_end: bool) -> int:
-        return singlestep_nfe_of(2, steps, clean_end)
+@register
+@dataclass(frozen=True)
+class DPMSolverPP3S(_DataSinglestep):
+    """DPM-Solver++(3S), singlestep order 3 in the data form (Lu et al. 2022b, App. B; the
+    official ``singlestep_dpm_solver_third_update`` with ``algorithm_type="dpmsolver++"``).
 
-    def plan_times(
-        self,
-        process: GaussianProcess,
-        schedule: Callable[[GaussianProcess, int], Tensor],
-        nfe: int,
-        clean_end: bool,
-    ) -> Tensor:
-        return singlestep_plan_times(2, process, schedule, nfe, clean_end)
+    Stages uniform in λ, r1 = ⅓, r2 = ⅔, P(k, h) = h^k·φ_k(−h), m_j = x̂_0 at stage j
+    (m_0 at s), D_j = m_j − m_0:
 
-    def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> SinglestepState:
-        return singlestep_init(x, grid, model, order=2, data=True, solver_type="dpmsolver")
+        u1  = (σ_{s1}/σ_s)·x_s + α_{s1}(1 − e^{−r1·h})·m_0
+        u2  = (σ_{s2}/σ_s)·x_s + α_{s2}(1 − e^{−r2·h})·m_0 + α_{s2}·(r2/r1)·P(2, r2h)/(r2h)·D_1
+        x_t = (σ_t/σ_s)·x_s + α_t(1 − e^{−h})·m_0 + α_t·P(2, h)/(h·r2)·D_2        (``dpmsolver``)
+        or  + α_t·(P(2,h)/h·D1 + P(3,h)/h²·D2), D1 = (r2·D_1/r1 − r1·D_2/r2)/(r2 − r1),
+            D2 = 2(D_2/r2 − D_1/r1)/(r2 − r1)                                     (``taylor``)
 
-    def step(
-        self, x: Tensor, i: int, state: SinglestepState, model: Model
-    ) -> tuple[Tensor, SinglestepState]:
-        return singlestep_step(x, i, state, model)
+    Three calls per step, the step to σ = 0 one (returns x̂_0). Budgets ``nfe=M`` follow
+    DPM-Solver-fast exactly as ``dpm_solver`` singlestep order 3 (orders [3…3, 2, 1] or
+    [3…3, 1, 1] with a clean end; see :func:`~.dpm_solver.fast_plan`). ``taylor`` equals
+    diffusers' ``DPMSolverSinglestepScheduler(algorithm_type="dpmsolver++", solver_order=3,
+    solver_type="heun")`` on the same points; diffusers' ``midpoint`` builds u2 with
+    (1 − e^{−r2h})/2 in place of the official P(2, r2h)/(r2h) weight, so neither of its types is
+    the official ``dpmsolver`` update (both are 3rd order). Order 3. Shapes: x (B, ...).
+    """
+
+    solver_type: str = "dpmsolver"
+
+    stages: ClassVar[int] = 3
+    name: ClassVar[str] = "dpmpp_3s"
+    description: ClassVar[str] = "DPM-Solver++(3S): singlestep 3rd order, data prediction"
+
+    def validate(self) -> None:
+        if self.solver_type not in SOLVER_TYPES_3S:
+            raise ValueError(
+                f"dpmpp_3s: solver_type must be one of {SOLVER_TYPES_3S}, got {self.solver_type!r}"
+            )
 
 
 @register
@@ -96,11 +147,14 @@ class DPMSolverPP2M(Solver):
 
     The first step is DDIM (one evaluation so far). ``lower_order_final`` (diffusers): with
     fewer than 15 steps the last step is first order (it matters only with final="tmin": the
-    step to σ = 0 always returns x̂_0). Order 2. Shapes: x (B, ...); one x̂_0 of history.
+    step to σ = 0 always returns x̂_0). ``euler_at_final``: the last step is DDIM at any step
+    count (diffusers #5541; :class:`~diffsolve.solvers.base.FinalOrders`). Order 2.
+    Shapes: x (B, ...); one x̂_0 of history.
     """
 
     solver_type: str = "midpoint"
     lower_order_final: bool = True
+    euler_at_final: bool = False
 
     name: ClassVar[str] = "dpmpp_2m"
     description: ClassVar[str] = "DPM-Solver++(2M): multistep 2nd order, data prediction"
@@ -110,7 +164,7 @@ class DPMSolverPP2M(Solver):
             raise ValueError(
                 f"dpmpp_2m: solver_type must be one of {SOLVER_TYPES_2M}, got {self.solver_type!r}"
             )
-        _check_bool("dpmpp_2m", "lower_order_final", self.lower_order_final)
+        FinalOrders.of("dpmpp_2m", self.lower_order_final, 15, self.euler_at_final)
 
     @property
     def order(self) -> int:
@@ -121,12 +175,11 @@ class DPMSolverPP2M(Solver):
             x, grid, model, order=2, data=True,
             second="half" if self.solver_type == "midpoint" else "taylor",
             reference=False, lower_order_final=self.lower_order_final, below=15,
+            euler_at_final=self.euler_at_final,
         )  # fmt: skip
 
-    def step(
-        self, x: Tensor, i: int, state: MultistepState, model: Model
-    ) -> tuple[Tensor, MultistepState]:
-        return multistep_step(x, i, state, model)
+    def step(self, x: Tensor, i: int, state: State, model: Model) -> tuple[Tensor, State]:
+        return multistep_step(x, i, state, model)  # type: ignore[arg-type]
 
 
 @register
@@ -155,11 +208,13 @@ class DPMSolverPP3M(Solver):
 
     Warm-up: DDIM, then DPM-Solver++(2M) (midpoint), then 3M. ``lower_order_final`` (diffusers):
     with fewer than 15 steps step i of N uses order ≤ N − i (last first order, the one before
-    second). The step to σ = 0 returns x̂_0. Shapes: x (B, ...); two x̂_0 of history.
+    second); ``euler_at_final``: the last step DDIM at any count (:class:`.base.FinalOrders`).
+    The step to σ = 0 returns x̂_0. Shapes: x (B, ...); two x̂_0 of history.
     """
 
     reference: bool = False
     lower_order_final: bool = True
+    euler_at_final: bool = False
 
     name: ClassVar[str] = "dpmpp_3m"
     description: ClassVar[str] = (
@@ -168,7 +223,7 @@ class DPMSolverPP3M(Solver):
 
     def validate(self) -> None:
         _check_bool("dpmpp_3m", "reference", self.reference)
-        _check_bool("dpmpp_3m", "lower_order_final", self.lower_order_final)
+        FinalOrders.of("dpmpp_3m", self.lower_order_final, 15, self.euler_at_final)
 
     @property
     def order(self) -> int:
@@ -178,6 +233,7 @@ class DPMSolverPP3M(Solver):
         return multistep_init(
             x, grid, model, order=3, data=True, second="half", reference=self.reference,
             lower_order_final=self.lower_order_final, below=15,
+            euler_at_final=self.euler_at_final,
         )  # fmt: skip
 
     def step(self, x: Tensor, i: int, state: State, model: Model) -> tuple[Tensor, MultistepState]:

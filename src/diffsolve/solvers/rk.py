@@ -90,17 +90,18 @@ class RK(Solver):
 
     Options:
         tableau: one of ``TABLEAUX`` (``rk4`` by default).
-        variable: ``"lambda"`` (default) or ``"sigma"``.
+        variable: ``"sigma"`` (default; at 5–25 NFE on gmm64/SD it is 3–40× more accurate than
+            ``"lambda"``, whose explicit stages overshoot at the wide early steps) or ``"lambda"``.
 
     Step (y = x/α, Δ the step in the chosen variable): k_i = f(y + Δ·Σ_j a_ij·k_j, v + c_i·Δ),
     y' = y + Δ·Σ_i b_i·k_i (Butcher 2016, §23). Order = the tableau's.
     """
 
     tableau: str = "rk4"
-    variable: str = "lambda"
+    variable: str = "sigma"
     name: ClassVar[str] = "rk"
-    description: ClassVar[str] = "explicit Runge–Kutta (Butcher tableaux) on the PF-ODE in λ or σ"
-    default_schedule: ClassVar[str] = "logsnr"
+    description: ClassVar[str] = "explicit Runge–Kutta (Butcher tableaux) on the PF-ODE in σ/α or λ"
+    default_schedule: ClassVar[str] = "karras"
 
     def validate(self) -> None:
         if self.tableau not in TABLEAUX:
@@ -197,4 +198,4 @@ class RK(Solver):
         return state.out_alpha[i] * y, state
 
 
-alias("rk4", "rk", "classical 4th-order Runge–Kutta in λ", tableau="rk4")
+alias("rk4", "rk", "classical 4th-order Runge–Kutta in σ/α", tableau="rk4")

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..denoiser import EvalPoint, Prediction
 from ._expint import zphi
-from .base import Grid, Model, Solver, State, get_solver, host, register
+from .base import FinalOrders, Grid, Model, Solver, State, get_solver, host, register
 
 __all__ = ["UniPC"]
 
@@ -145,7 +145,9 @@ class UniPC(Solver):
     p_i = min(order, i + 1) (warm-up), further capped by n − i when ``lower_order_final`` (for
     any n: the installed diffusers has no step threshold for UniPC). The corrector applied at the
     start of step i uses p_{i−1}; ``disable_corrector`` lists predictor steps k whose result is
-    not corrected (diffusers' semantics, e.g. ``(0,)``).
+    not corrected (diffusers' semantics, e.g. ``(0,)``). ``euler_at_final``: the last predictor
+    step is UniP-1 (DDIM from the corrected x) at any step count, as diffusers' DPM-Solver option
+    (:class:`~diffsolve.solvers.base.FinalOrders`); UniC still corrects the x it starts from.
 
     ``predictor``: the name (or object) of another one-evaluation-per-step solver whose step
     replaces UniP, with UniC on top (diffusers' ``solver_p``). It runs on its own sub-state kept
@@ -162,6 +164,7 @@ class UniPC(Solver):
     disable_corrector: tuple[int, ...] = ()
     lower_order_final: bool = True
     predictor: str | Solver | None = None
+    euler_at_final: bool = False
 
     name: ClassVar[str] = "unipc"
     description: ClassVar[str] = "UniPC (UniP-p + UniC), data prediction, B(h) bh1/bh2, order 1-3"
@@ -178,6 +181,9 @@ class UniPC(Solver):
             raise ValueError(f"unipc: variant must be one of {VARIANTS}, got {self.variant!r}")
         if not all(isinstance(k, int) and k >= 0 for k in self.disable_corrector):
             raise ValueError("unipc: disable_corrector must hold non-negative step indices")
+        FinalOrders.of("unipc", self.lower_order_final, math.inf, self.euler_at_final)
+        if self.predictor is not None and self.euler_at_final:
+            raise ValueError("unipc: with a predictor, set euler_at_final on the predictor")
         if self.predictor is not None:
             inner = self._inner()
             if isinstance(inner, UniPC):
@@ -197,9 +203,10 @@ class UniPC(Solver):
         ``start = 1`` when the first point has λ = −∞ (α = 0, flow matching's t = 1): that
         point is infinitely far in λ, so it never serves as a history node.
         """
+        rule = FinalOrders.of("unipc", self.lower_order_final, math.inf, self.euler_at_final)
         out = []
         for i in range(steps):
-            p = min(self.order, steps - i) if self.lower_order_final else self.order
+            p = min(self.order, rule.cap(i, steps))
             out.append(max(1, min(p, i + 1 - start)))
         return out
 
