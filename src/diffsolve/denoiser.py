@@ -168,7 +168,24 @@ class Denoiser:
         )
 
 
-class CFG:
+class DenoiserWrapper:
+    """Base of wrappers that take and give the Denoiser interface (``point``, ``__call__``,
+    ``process``, ``sample_shape``, ``nfe``): guidance, thresholding, ..."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.process = model.process
+        self.sample_shape = getattr(model, "sample_shape", None)
+
+    def point(self, t: float | Tensor, like: Tensor) -> EvalPoint:
+        return self.model.point(t, like)
+
+    @property
+    def nfe(self) -> int:
+        return self.model.nfe
+
+
+class CFG(DenoiserWrapper):
     """Classifier-free guidance (Ho & Salimans 2022) as a Denoiser wrapper.
 
     x̂ = x̂_u + w·(x̂_c − x̂_u), applied to both x̂_0 and ε̂ (the two are affine in the network
@@ -183,18 +200,9 @@ class CFG:
     """
 
     def __init__(self, model: Denoiser, scale: float, uncond: Mapping[str, Any]):
-        self.model = model
+        super().__init__(model)
         self.scale = float(scale)
         self.uncond = dict(uncond)
-        self.process = model.process
-        self.sample_shape = model.sample_shape
-
-    def point(self, t: float | Tensor, like: Tensor) -> EvalPoint:
-        return self.model.point(t, like)
-
-    @property
-    def nfe(self) -> int:
-        return self.model.nfe
 
     def __call__(self, x: Tensor, t: float | Tensor | EvalPoint, **cond: Any) -> Prediction:
         point = t if isinstance(t, EvalPoint) else self.point(t, x)

@@ -84,19 +84,9 @@ def exact_x0_at(gmm: GaussianMixture, process: GaussianProcess, x: Tensor, t: fl
 # Dormand & Prince (1980), "A family of embedded Runge-Kutta formulae", J. Comput. Appl. Math. 6,
 # Table 2 (RK5(4)7M): the 5th-order solution propagates, the embedded 4th-order one estimates the
 # error; first-same-as-last.
-_DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
-_DP_A = (
-    (),
-    (1 / 5,),
-    (3 / 40, 9 / 40),
-    (44 / 45, -56 / 15, 32 / 9),
-    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
-)
-_DP_B5 = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
-_DP_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
-_DP_E = tuple(b5 - b4 for b5, b4 in zip(_DP_B5, _DP_B4))
+from ..solvers.adaptive import DP_A as _DP_A  # noqa: E402  (the one copy of the tableau)
+from ..solvers.adaptive import DP_C as _DP_C  # noqa: E402
+from ..solvers.adaptive import DP_ERR as _DP_E  # noqa: E402
 
 
 def dopri5(

@@ -21,25 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..denoiser import EvalPoint, Prediction
+from ..denoiser import DenoiserWrapper, EvalPoint, Prediction
 
 __all__ = ["DynamicThreshold", "StaticThreshold"]
 
 
-class _Threshold:
+class _Threshold(DenoiserWrapper):
     """The Denoiser interface around ``model``, with ``_clip(x̂_0)`` applied to every call."""
-
-    def __init__(self, model: Any):
-        self.model = model
-        self.process = model.process
-        self.sample_shape = getattr(model, "sample_shape", None)
-
-    def point(self, t: float | Tensor, like: Tensor) -> EvalPoint:
-        return self.model.point(t, like)
-
-    @property
-    def nfe(self) -> int:
-        return self.model.nfe
 
     def __call__(self, x: Tensor, t: float | Tensor | EvalPoint, **cond: Any) -> Prediction:
         point = t if isinstance(t, EvalPoint) else self.point(t, x)

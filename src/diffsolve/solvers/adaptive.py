@@ -29,8 +29,10 @@ from .base import Grid, Model, Solver, State, host, register
 
 __all__ = ["RK45"]
 
-_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
-_A = (
+# Dormand & Prince (1980), J. Comput. Appl. Math. 6, Table 2 (RK5(4)7M); shared with the
+# benchmark's own reference integrator (diffsolve.bench.reference.dopri5)
+DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+DP_A = (
     (),
     (1 / 5,),
     (3 / 40, 9 / 40),
@@ -39,9 +41,9 @@ _A = (
     (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
     (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
 )
-_B5 = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
-_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
-_ERR = tuple(b5 - b4 for b5, b4 in zip(_B5, _B4))
+DP_B5 = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
+DP_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
+DP_ERR = tuple(b5 - b4 for b5, b4 in zip(DP_B5, DP_B4))
 
 
 @dataclass(frozen=True)
@@ -146,15 +148,15 @@ class RK45(Solver):
             ks = [k1]
             for j in range(1, 7):
                 yj = y
-                for a, k in zip(_A[j], ks):
+                for a, k in zip(DP_A[j], ks):
                     if a != 0.0:
                         yj = yj + (dv * a) * k
-                v_stage = v1 if (last and _C[j] == 1.0) else v + _C[j] * dv
+                v_stage = v1 if (last and DP_C[j] == 1.0) else v + DP_C[j] * dv
                 kj, x0j = field(yj, v_stage)
                 ks.append(kj)
             y_new = yj  # row 7 of A is b5: the last stage point is the 5th-order solution
-            err = ks[0] * (dv * _ERR[0])
-            for e, k in zip(_ERR[1:], ks[1:]):
+            err = ks[0] * (dv * DP_ERR[0])
+            for e, k in zip(DP_ERR[1:], ks[1:]):
                 if e != 0.0:
                     err = err + (dv * e) * k
             scale = self.atol + self.rtol * torch.maximum(y.abs(), y_new.abs())
