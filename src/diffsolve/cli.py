@@ -194,18 +194,13 @@ def list_(
         shown = "" if s["order"] is None else str(s["order"])
         t.add_row(str(s["name"]), shown, kind, str(s["default_schedule"]), str(s["description"]))
     console.print(t)
-    t = Table(title="schedules", title_justify="left")
-    t.add_column("name")
-    t.add_column("description")
-    for k, v in sched.items():
-        t.add_row(k, v)
-    console.print(t)
-    t = Table(title="processes (diffsolve bench --process)", title_justify="left")
-    t.add_column("name")
-    t.add_column("description")
-    for k, v in procs.items():
-        t.add_row(k, v)
-    console.print(t)
+    for title, mapping in (("schedules", sched), ("processes (diffsolve bench --process)", procs)):
+        t = Table(title=title, title_justify="left")
+        t.add_column("name")
+        t.add_column("description")
+        for k, v in mapping.items():
+            t.add_row(k, v)
+        console.print(t)
     t = Table(title="analytic models (diffsolve bench --model)", title_justify="left")
     for c in ("name", "dim", "components", "description"):
         t.add_column(c)
