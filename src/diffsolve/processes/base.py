@@ -76,6 +76,27 @@ class GaussianProcess:
         """dσ/dt; by autograd unless a subclass gives it in closed form."""
         return self._autograd(self.sigma, t)
 
+    def drift_coef(self, t: float | Tensor) -> Tensor:
+        """f_t = dlog α/dt, the linear drift of the forward SDE dx = f_t·x dt + g_t dw."""
+        return self.d_alpha(t) / self.alpha(t)
+
+    def diffusion_sq(self, t: float | Tensor) -> Tensor:
+        """g_t² of the forward SDE with these marginals: dσ²/dt − 2 f_t σ_t² = −2σ_t²·dλ/dt.
+
+        The reverse-time SDEs sharing the marginals are
+        dx = [f_t x − ½(g_t² + γ_t²)·∇log p_t] dt + γ_t dw̄ for any γ_t ≥ 0 (γ = 0: the
+        probability-flow ODE; γ = g: the reverse SDE of Song et al. 2021, eq. 6).
+        """
+        s = self.sigma(t)
+        return 2.0 * s * self.d_sigma(t) - 2.0 * self.drift_coef(t) * s * s
+
+    def gamma_sq(self, t: float | Tensor) -> Tensor:
+        """γ_t², the default reverse-time diffusion of this process's SDE samplers (g_t² here).
+
+        Stochastic interpolants override it with their user diffusion coefficient 2ε(t).
+        """
+        return self.diffusion_sq(t)
+
     def t_of_lambda(self, lam: float | Tensor) -> Tensor:
         """Inverse of λ_t by float64 bisection (subclasses override with closed forms)."""
         lam = as_time(lam)
