@@ -18,7 +18,7 @@ def test_list_shows_solvers_schedules_processes_models():
     for word in ("euler", "logsnr", "karras", "gmm64", "gmm3072", "sd", "flow"):
         assert word in res.output
     data = json.loads(runner.invoke(app, ["list", "--json"]).output)
-    assert {s["name"] for s in data["solvers"]} == set(ds.solvers())
+    assert {s["name"] for s in data["solvers"]} == {"auto", *ds.solvers()}
     assert set(data["schedules"]) == set(ds.schedules())
     assert data["models"]["gmm64"]["dim"] == 64
 
@@ -30,7 +30,8 @@ def test_bench_quick_writes_json_and_png(tmp_path):
     data = json.loads((out / "bench.json").read_text())
     assert data["meta"]["batch"] == 16 and data["meta"]["nfes"] == [4, 6, 10, 15]
     labels = {r["label"] for r in data["rows"]}
-    assert "euler" in labels and not any(ds.get_solver(lb).stochastic for lb in labels)
+    assert "euler" in labels and "auto" in labels
+    assert not any(ds.get_solver(lb).stochastic for lb in labels - {"auto"})
     assert len(data["rows"]) == 4 * len(labels)
     euler = {r["nfe"]: r["err_standard"] for r in data["rows"] if r["label"] == "euler"}
     assert euler[15] < euler[4] < 1

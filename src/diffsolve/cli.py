@@ -109,6 +109,12 @@ def bench(
     result.meta["wall_seconds"] = time.perf_counter() - started
     json_path = report.write_json(result, out)
     png_path = report.plot(result.rows, Path(out) / "bench.png", result.meta) if plot else None
+    md_path = Path(out) / "bench.md"
+    md_path.write_text(
+        report.markdown_table(result.rows, result.meta)
+        + "\n"
+        + report.markdown_table(result.rows, result.meta, metric="err_continued")
+    )
     if as_json:
         sys.stdout.write(json_path.read_text() + "\n")
         return
@@ -136,7 +142,7 @@ def bench(
     for r in failed[:10]:
         console.print(f"[red]{r['label']} nfe={r['nfe']}:[/red] {r['error']}")
     console.print(
-        f"wrote {json_path}"
+        f"wrote {json_path}, {md_path}"
         + (f" and {png_path}" if png_path else "")
         + f" in {result.meta['wall_seconds']:.1f} s"
     )
@@ -154,7 +160,17 @@ def list_(
     from .schedules import schedules
     from .solvers.base import get_solver, solvers
 
-    solver_rows: list[dict[str, Any]] = []
+    solver_rows: list[dict[str, Any]] = [
+        {
+            "name": "auto",
+            "description": "the recommended solver, schedule and end rule for the NFE budget, "
+            "process and guidance (ds.sample(..., solver='auto'))",
+            "order": None,
+            "stochastic": False,
+            "adaptive": False,
+            "default_schedule": "auto",
+        }
+    ]
     for name, desc in solvers().items():
         obj = get_solver(name)
         try:

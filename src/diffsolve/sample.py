@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .auto import is_guided, recommend
 from .denoiser import EvalPoint, Prediction
 from .processes.base import GaussianProcess
 from .schedules import Schedule, get_schedule, validate_times
@@ -118,7 +119,7 @@ def sample(
     steps: int | None = None,
     times: Tensor | None = None,
     schedule: str | Schedule | None = None,
-    final: str = "standard",
+    final: str | None = None,
     cond: Mapping[str, Any] | None = None,
     callback: Callable[[int, Tensor, State], tuple[Tensor, State] | None] | None = None,
     check_finite: bool | str = True,
@@ -132,11 +133,14 @@ def sample(
     Args:
         model: a :class:`~diffsolve.Denoiser` (or a wrapper such as :class:`~diffsolve.CFG`).
         x: x_T, shape (B, ...), in the process's own scale (``ds.prior``).
-        solver: a registered name (``ds.solvers()``) or a solver object.
+        solver: a registered name (``ds.solvers()``), a solver object, or ``"auto"``: the
+            solver, schedule and end rule recommended for ``nfe``, the process and whether
+            guidance is on (:func:`diffsolve.auto.recommend`; an explicit ``schedule`` or
+            ``final`` still wins).
         nfe: budget of network calls, met exactly. Alternatives: ``steps`` (solver steps on the
             schedule) or ``times`` (explicit decreasing process times, all evaluated).
         schedule: name (``ds.schedules()``) or object; default: the solver's own default.
-        final: ``"standard"`` — the last step returns x̂_0 at the last evaluated time (as
+        final: ``"standard"`` (default) — the last step returns x̂_0 at the last evaluated time (as
             k-diffusion, EDM and diffusers' ``final_sigmas_type="zero"`` do); ``"extrapolate"`` —
             continue the ODE to σ = 0 by extrapolating the last x̂_0's in σ/α to 0 (no extra
             NFE); ``"tmin"`` — stop at the last grid time with σ > 0.
@@ -159,8 +163,21 @@ def sample(
         The sample (shape and dtype of x), and the info if ``return_info``.
     """
     cond = dict(cond or {})
-    solver_obj = get_solver(solver, **options)
     process: GaussianProcess = model.process
+    if isinstance(solver, str) and solver == "auto":
+        if nfe is None:
+            raise ValueError("solver='auto' picks the solver from the budget: give nfe=")
+        if options:
+            raise ValueError(
+                f"solver='auto' takes no solver options (got {sorted(options)}); name a solver "
+                "to set options"
+            )
+        rec = recommend(process, nfe, guided=is_guided(model))
+        solver = rec.solver
+        schedule = schedule if schedule is not None else rec.schedule
+        final = final if final is not None else rec.final
+    final = final if final is not None else "standard"
+    solver_obj = get_solver(solver, **options)
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise ValueError("x must be a floating-point tensor of shape (B, ...)")
     if x.ndim < 1 or x.shape[0] < 1:
@@ -197,6 +214,10 @@ def sample(
     start = time.perf_counter()
     ev = _Evaluator(model, cond, check_finite, keep=6 if final == "extrapolate" else 0)
     xc = x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x
+    offset = getattr(process, "offset", None)  # a path in y = x − μ (MeanReverting)
+    mu = offset(cond).to(device=xc.device, dtype=xc.dtype) if offset is not None else None
+    if mu is not None:
+        xc = xc - mu
     if noise is None and solver_obj.stochastic:
         from .noise import NoiseSource
 
@@ -212,7 +233,7 @@ def sample(
     if final == "extrapolate":
         xc = _continue_to_zero(ev.recent, min(max(solver_obj.order, 2), 3), xc)
     ev.raise_if_nonfinite()
-    out = xc.to(x.dtype)
+    out = (xc if mu is None else xc + mu).to(x.dtype)
     if not return_info:
         return out
     info = SampleInfo(

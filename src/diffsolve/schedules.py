@@ -11,6 +11,7 @@ Conventions are those of the papers and peers, so grids compare like with like:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -74,13 +75,16 @@ class Uniform(Schedule):
 class LogSNR(Schedule):
     """Uniform in the half-log-SNR λ (DPM-Solver's ``logSNR``; Lu et al. 2022)."""
 
+    sigma_min: float | None = None
+    sigma_max: float | None = None
     name: ClassVar[str] = "logsnr"
     description: ClassVar[str] = "uniform in λ = log(α/σ) (DPM-Solver's logSNR)"
 
     def times(self, process: GaussianProcess, n: int) -> Tensor:
-        lo, hi = process.lambda_(process.t_max_finite), process.lambda_(process.t_min)
+        r_lo, r_hi = _noise_range(process, self.sigma_min, self.sigma_max)
+        lo, hi = -math.log(r_hi), -math.log(r_lo)
         t = process.t_of_lambda(lo + _ramp(n) * (hi - lo))
-        return _pin_ends(t, process)
+        return _pin_ends(t, process, self.sigma_min, self.sigma_max)
 
 
 @dataclass(frozen=True)
@@ -96,14 +100,16 @@ class Karras(Schedule):
     """EDM's ρ-schedule in σ/α (Karras et al. 2022, eq. 5); ρ → ∞ tends to uniform λ."""
 
     rho: float = 7.0
+    sigma_min: float | None = None
+    sigma_max: float | None = None
     name: ClassVar[str] = "karras"
     description: ClassVar[str] = "EDM power schedule in σ/α, ρ = 7 (k-diffusion get_sigmas_karras)"
 
     def times(self, process: GaussianProcess, n: int) -> Tensor:
-        r_min = float(process.rho(process.t_min)) ** (1 / self.rho)
-        r_max = float(process.rho(process.t_max_finite)) ** (1 / self.rho)
+        lo, hi = _noise_range(process, self.sigma_min, self.sigma_max)
+        r_min, r_max = lo ** (1 / self.rho), hi ** (1 / self.rho)
         rho = (r_max + _ramp(n) * (r_min - r_max)) ** self.rho
-        return _pin_ends(process.t_of_rho(rho), process)
+        return _pin_ends(process.t_of_rho(rho), process, self.sigma_min, self.sigma_max)
 
 
 @dataclass(frozen=True)
@@ -120,11 +126,38 @@ class Quadratic(Schedule):
         return (a + _ramp(n) * (b - a)) ** k
 
 
-def _pin_ends(t: Tensor, process: GaussianProcess) -> Tensor:
-    # inverse maps round by ~1 ulp; pin the ends exactly inside [t_min, t_max]
+def _noise_range(
+    process: GaussianProcess, sigma_min: float | None, sigma_max: float | None
+) -> tuple[float, float]:
+    """The noise levels σ/α a schedule spans: the process's range, narrowed to
+    [sigma_min, sigma_max] where given (k-diffusion's sigma_min/sigma_max, in σ/α units)."""
+    lo = float(process.rho(process.t_min))
+    hi = float(process.rho(process.t_max_finite))
+    if sigma_min is not None:
+        lo = max(lo, float(sigma_min))
+    if sigma_max is not None:
+        hi = min(hi, float(sigma_max))
+    if not 0.0 < lo < hi:
+        raise ValueError(
+            f"empty noise range: sigma_min={sigma_min}, sigma_max={sigma_max} inside the "
+            f"process's σ/α range [{float(process.rho(process.t_min)):.4g}, "
+            f"{float(process.rho(process.t_max_finite)):.4g}]"
+        )
+    return lo, hi
+
+
+def _pin_ends(
+    t: Tensor,
+    process: GaussianProcess,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+) -> Tensor:
+    # inverse maps round by ~1 ulp; pin the ends exactly inside [t_min, t_max] where the schedule
+    # spans the whole process (a narrowed end keeps its inverse-map time)
     t = t.clamp(process.t_min, process.t_max)
-    t[0] = process.t_max_finite
-    if t.numel() > 1:
+    if sigma_max is None or sigma_max >= float(process.rho(process.t_max_finite)):
+        t[0] = process.t_max_finite
+    if t.numel() > 1 and (sigma_min is None or sigma_min <= float(process.rho(process.t_min))):
         t[-1] = process.t_min
     return t
 

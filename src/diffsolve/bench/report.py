@@ -117,6 +117,47 @@ def results_table(
     return table
 
 
+def markdown_table(
+    rows: Sequence[dict[str, Any]], meta: dict[str, Any] | None = None, metric: str = "err_standard"
+) -> str:
+    """The results table as GitHub markdown (rows = configurations, columns = NFE); the best
+    diffsolve entry and the best peer entry per NFE are bold, and a budget a configuration could
+    not meet exactly shows its actual NFE in brackets. ``metric``: ``err_standard`` or
+    ``err_continued``."""
+    nfes = sorted({r["nfe"] for r in rows})
+    best = _best(rows, metric)
+    what = "standard endpoint" if metric == "err_standard" else "continued to σ = 0"
+    lines = []
+    if meta:
+        lines.append(
+            f"Relative RMSE to the exact PF-ODE solution ({what}); {meta.get('model')} on "
+            f"{meta.get('process')}, batch {meta.get('batch')}, seed {meta.get('seed')}. "
+            "**Bold**: best of each side per NFE."
+        )
+        lines.append("")
+    lines.append("| side | solver | schedule | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
+    lines.append("|---|---|---|" + "---:|" * len(nfes))
+    for label, rs in _series(rows).items():
+        kind = rs[0]["kind"]
+        by_nfe = {r["nfe"]: r for r in rs}
+        cells = []
+        for n in nfes:
+            r = by_nfe.get(n)
+            if r is None:
+                cells.append("")
+                continue
+            if r.get("error"):
+                cells.append("fail")
+                continue
+            c = _fmt(r.get(metric))
+            if r.get("nfe_used") not in (None, n):
+                c += f" [{r['nfe_used']}]"
+            cells.append(f"**{c}**" if best.get((kind, n)) == label else c)
+        side = "diffsolve" if kind == "diffsolve" else rs[0].get("library", "peer")
+        lines.append(f"| {side} | {label} | {rs[0]['schedule']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def summary_table(rows: Sequence[dict[str, Any]], targets: Sequence[float] = TARGETS) -> Any:
     """A rich Table of the NFE each configuration needs to reach the target errors."""
     from rich.table import Table

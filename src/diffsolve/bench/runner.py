@@ -79,8 +79,8 @@ def get_process(name: str | GaussianProcess) -> GaussianProcess:
 
 
 def default_solvers() -> list[str]:
-    """Every registered deterministic solver that takes an NFE budget (not ``stochastic``, not
-    ``adaptive``), aliases that duplicate another name dropped."""
+    """``auto``, then every registered deterministic solver that takes an NFE budget (not
+    ``stochastic``, not ``adaptive``), aliases that duplicate another name dropped."""
     out: list[str] = []
     seen: list[Any] = []
     # canonical names (a class's own) before aliases, so "euler" is kept rather than "ddim"
@@ -91,7 +91,7 @@ def default_solvers() -> list[str]:
             continue
         seen.append(obj)
         out.append(name)
-    return out
+    return ["auto", *out]
 
 
 def _key(t: float) -> float:
@@ -145,11 +145,18 @@ class ExactReference:
         return exact_x0_at(self.gmm, self.process, self.at(t_start, t_last), float(t_last))
 
     def errors(self, x: Tensor, t_start: float, t_last: float) -> dict[str, float]:
-        """Both errors of a clean sample x from a run over [t_start … t_last, σ = 0]."""
-        std = self.standard(t_start, t_last)
+        """Both errors of a clean sample x from a run over [t_start … t_last, σ = 0].
+
+        The reference is always the trajectory of x_T from the process's own start: x_T is a
+        sample of the prior there, so a run that starts lower (diffusers' "leading" spacing,
+        a narrowed ``sigma_max``) carries its start error in both numbers.
+        """
+        del t_start  # reported in the row; the exact answer does not depend on it
+        anchor = float(self.process.t_max_finite)
+        std = self.standard(anchor, t_last)
         per = per_sample_rel_err(x, std)
         return {
-            "err_continued": rel_rmse(x, self.continued(t_start)),
+            "err_continued": rel_rmse(x, self.continued(anchor)),
             "err_standard": rel_rmse(x, std),
             "err_standard_median": float(per.median()),
             "err_standard_max": float(per.max()),
@@ -224,6 +231,7 @@ def run_benchmark(
     prediction: str | None = None,
     check: bool = False,
     progress: Callable[[str], None] | None = None,
+    peer_labels: Sequence[str] | None = None,
 ) -> BenchResult:
     """Run the exact benchmark.
 
@@ -240,6 +248,7 @@ def run_benchmark(
             on the first 8 samples and store the relative differences in
             ``meta["reference_check"]``.
         progress: called with a short message before each configuration.
+        peer_labels: run only the peer configurations with these labels (default: all).
 
     Returns:
         :class:`BenchResult`; each row has ``kind`` (``diffsolve`` | ``peer``), ``label``,
@@ -255,7 +264,8 @@ def run_benchmark(
     den = gmm.denoiser(proc, pred)
     names = list(solver_names) if solver_names is not None else default_solvers()
     for name in names:
-        get_solver(name)  # unknown names fail here, before any work
+        if name != "auto":
+            get_solver(name)  # unknown names fail here, before any work
     gen = torch.Generator().manual_seed(seed)
     x_T = proc.prior((batch, *gmm.shape), generator=gen, dtype=torch.float64)
     ref = ExactReference(gmm, proc, x_T)
@@ -266,7 +276,10 @@ def run_benchmark(
     for name in names:
         sched_list: list[str | None] = list(schedules) if schedules else [None]
         for sched in sched_list:
-            sched_name = sched if sched is not None else get_solver(name).default_schedule
+            if name == "auto":
+                sched_name = sched if sched is not None else "auto"
+            else:
+                sched_name = sched if sched is not None else get_solver(name).default_schedule
             label = name if sched is None else f"{name} ({sched})"
             for n in nfes:
                 say(f"{label} nfe={n}")
@@ -289,7 +302,7 @@ def run_benchmark(
 
     peer_note = None
     if peers:
-        peer_note = _run_peers(rows, ref, den, x_T, proc, nfes, say)
+        peer_note = _run_peers(rows, ref, den, x_T, proc, nfes, say, peer_labels)
 
     meta: dict[str, Any] = {
         "model": gmm.name,
@@ -322,6 +335,7 @@ def _run_peers(
     proc: GaussianProcess,
     nfes: Sequence[int],
     say: Callable[[str], None],
+    labels: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     try:
         from ..interop import peers as peer_mod
@@ -329,6 +343,11 @@ def _run_peers(
         return {"available": {}, "note": f"peers unavailable: {e}"}
     have = peer_mod.available()
     configs = peer_mod.peer_configs(proc)
+    if labels is not None:
+        unknown = sorted(set(labels) - {c.label for c in configs})
+        if unknown:
+            raise ValueError(f"unknown peer label(s) {unknown}")
+        configs = [c for c in configs if c.label in set(labels)]
     for cfg in configs:
         for n in nfes:
             say(f"{cfg.label} nfe={n}")

@@ -270,6 +270,11 @@ def get_solver(solver: str | Solver, **options: Any) -> Solver:
         else:
             cls, fixed = _REGISTRY[solver], {}
         base = {}
+    elif solver == "auto":
+        raise ValueError(
+            "'auto' is resolved by ds.sample from the NFE budget; use "
+            "diffsolve.auto.recommend(process, nfe) for the solver object"
+        )
     else:
         raise ValueError(f"unknown solver {solver!r}; valid: {', '.join(solvers())}")
     valid = set(cls.options())
