@@ -6,7 +6,20 @@
 
 from .denoiser import CFG, PREDICTIONS, Denoiser, EvalPoint, Prediction
 from .guidance import DynamicThreshold, StaticThreshold
-from .processes import EDM, VE, FlowMatching, GaussianProcess, VPCosine, VPDiscrete, VPLinear
+from .processes import (
+    EDM,
+    VE,
+    FlowMatching,
+    FlowPath,
+    GaussianPath,
+    GaussianProcess,
+    StochasticInterpolant,
+    SubVP,
+    VPCosine,
+    VPDiscrete,
+    VPLinear,
+)
+from .retime import Retimed
 from .sample import NonFiniteError, SampleInfo, sample
 from .schedules import (
     Exponential,
@@ -50,6 +63,8 @@ __all__ = [
     "EvalPoint",
     "Exponential",
     "FlowMatching",
+    "FlowPath",
+    "GaussianPath",
     "GaussianProcess",
     "Grid",
     "Karras",
@@ -59,11 +74,14 @@ __all__ = [
     "NonFiniteError",
     "Prediction",
     "Quadratic",
+    "Retimed",
     "SampleInfo",
     "Schedule",
     "Solver",
     "State",
     "StaticThreshold",
+    "StochasticInterpolant",
+    "SubVP",
     "Trailing",
     "Uniform",
     "VPCosine",

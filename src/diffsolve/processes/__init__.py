@@ -2,7 +2,11 @@
 
 from .base import GaussianProcess
 from .flow import FlowMatching
+from .interpolant import StochasticInterpolant
+from .path import FlowPath, GaussianPath
+from .subvp import SubVP
 from .ve import EDM, VE
 from .vp import VPCosine, VPDiscrete, VPLinear
 
 __all__ = ["EDM", "VE", "FlowMatching", "GaussianProcess", "VPCosine", "VPDiscrete", "VPLinear"]
+__all__ += ["FlowPath", "GaussianPath", "StochasticInterpolant", "SubVP"]
