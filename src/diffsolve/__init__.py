@@ -6,6 +6,7 @@
 
 from .denoiser import CFG, PREDICTIONS, Denoiser, EvalPoint, Prediction
 from .guidance import DynamicThreshold, StaticThreshold
+from .interop.kdiffusion import denoiser_from_kdiffusion, to_kdiffusion_sampler
 from .processes import (
     EDM,
     VE,
@@ -87,9 +88,20 @@ __all__ = [
     "VPCosine",
     "VPDiscrete",
     "VPLinear",
+    "denoiser_from_kdiffusion",
     "get_solver",
     "prior",
     "sample",
     "schedules",
     "solvers",
+    "to_kdiffusion_sampler",
 ]
+
+
+def __getattr__(name: str):
+    # the diffusers scheduler imports diffusers: loaded on first use, never by `import diffsolve`
+    if name == "DiffsolveScheduler":
+        from .interop.diffusers_scheduler import DiffsolveScheduler
+
+        return DiffsolveScheduler
+    raise AttributeError(f"module 'diffsolve' has no attribute {name!r}")

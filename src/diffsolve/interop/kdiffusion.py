@@ -5,6 +5,11 @@ k-diffusion works in the EDM convention: the state is x̃ = x/α and the noise l
 x = α·x_0 + σ·ε this is exact: x̃ = x_0 + ρ·ε, so a diffsolve Denoiser evaluated at the process
 time t with σ_t/α_t = ρ, on x = α_t·x̃, gives the same x̂_0.
 
+The other direction: :func:`denoiser_from_kdiffusion` wraps a k-diffusion model
+``model(x, sigma) -> x̂_0`` as a diffsolve Denoiser on the EDM process (α = 1, σ = t, the network
+receiving σ), and :func:`to_kdiffusion_sampler` exports any diffsolve solver with k-diffusion's
+sampler signature, so code written for k-diffusion can call it unchanged.
+
 ``load_sampling()`` loads k-diffusion's ``sampling.py`` alone. The package's ``__init__`` imports
 its training stack (torchvision, CLIP, wandb, ...), none of which the samplers use; the only
 sibling module ``sampling.py`` touches is ``utils``, and of it only ``append_dims`` (in
@@ -22,9 +27,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, EvalPoint, Prediction
+from ..processes.ve import EDM
+from ..solvers.base import get_solver
 
-__all__ = ["KDiffusionDenoiser", "load_sampling", "sigmas_for"]
+__all__ = [
+    "KDiffusionDenoiser",
+    "denoiser_from_kdiffusion",
+    "load_sampling",
+    "sigmas_for",
+    "to_kdiffusion_sampler",
+]
 
 _PKG = "_diffsolve_k_diffusion"  # private name: never shadows a real ``k_diffusion`` import
 _MISSING = (
@@ -143,3 +156,151 @@ def sigmas_for(process: Any, spacing: str, n: int, rho: float = 7.0) -> Tensor:
     sig[0] = min(float(sig[0]), s_max)
     sig[n - 1] = max(float(sig[n - 1]), s_min)
     return sig
+
+
+# -- k-diffusion models and samplers, seen from diffsolve ------------------------------------------
+def denoiser_from_kdiffusion(
+    model: Any,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    *,
+    sample_shape: tuple[int, ...] | None = None,
+) -> Denoiser:
+    """A k-diffusion model ``model(x, sigma, **extra_args) -> x̂_0`` as a diffsolve Denoiser.
+
+    k-diffusion's models (``k_diffusion.external``'s wrappers, EDM's preconditioned networks)
+    live in the EDM convention: x = x_0 + σ·ε, the network receives σ (shape (B,)) and returns
+    x̂_0. That is :class:`~diffsolve.EDM` (α = 1, σ = t) with ``prediction="x0"``, so this is
+    ``Denoiser(model, EDM(sigma_min, sigma_max), "x0")``; conditioning given to
+    ``ds.sample(cond=...)`` reaches the model as keyword arguments, like ``extra_args``.
+
+    ``sigma_min``/``sigma_max`` default to the model's own attributes (k-diffusion's discrete
+    wrappers have them), else EDM's 0.002 and 80.
+    """
+
+    def attr(name: str, default: float) -> float:
+        value = getattr(model, name, None)
+        return default if value is None else float(value)
+
+    lo = attr("sigma_min", 0.002) if sigma_min is None else float(sigma_min)
+    hi = attr("sigma_max", 80.0) if sigma_max is None else float(sigma_max)
+    return Denoiser(model, EDM(lo, hi), "x0", sample_shape=sample_shape)
+
+
+class _StepWatch:
+    """Passes calls through to the Denoiser and keeps the first call of the current step
+    (what k-diffusion's callback reports: the step's x, σ̂ and x̂_0)."""
+
+    def __init__(self, model: Denoiser):
+        self.model, self.process = model, model.process
+        self.first: tuple[Tensor, EvalPoint, Tensor] | None = None
+
+    def point(self, t: float | Tensor, like: Tensor) -> EvalPoint:
+        return self.model.point(t, like)
+
+    def __call__(self, x: Tensor, t: EvalPoint, **cond: Any) -> Prediction:
+        pred = self.model(x, t, **cond)
+        if self.first is None:
+            self.first = (x, t, pred.x0)
+        return pred
+
+
+class _NoiseSampler:
+    """k-diffusion's ``noise_sampler(sigma, sigma_next)`` as a diffsolve noise source: step i
+    draws ``noise_sampler(σ_i, σ_{i+1})`` (σ_{i+1} = 0 for the step to the clean end)."""
+
+    def __init__(self, fn: Any, sigmas: Tensor | None = None):
+        self.fn, self.sigmas = fn, sigmas
+
+    def bind(self, grid: Any) -> _NoiseSampler:
+        return _NoiseSampler(self.fn, grid.sigma)
+
+    def randn_like(self, x: Tensor, step: int) -> Tensor:
+        assert self.sigmas is not None, "bind(grid) first"
+        z = self.fn(self.sigmas[step], self.sigmas[step + 1])
+        return z.to(device=x.device, dtype=x.dtype)
+
+
+def to_kdiffusion_sampler(solver: Any, **options: Any) -> Any:
+    """A diffsolve solver with k-diffusion's sampler signature.
+
+    ``sampler = to_kdiffusion_sampler("unipc", order=3)`` returns
+    ``sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, **kwargs)``, a
+    drop-in for ``k_diffusion.sampling.sample_*``:
+
+    - ``model(x, sigma, **extra_args) -> x̂_0`` is a k-diffusion denoiser (EDM convention,
+      :func:`denoiser_from_kdiffusion`); ``x`` is x at ``sigmas[0]`` in that scale, shape (B, ...).
+    - ``sigmas``: k-diffusion's decreasing σ list. Ending at 0, the run lands on the clean end
+      (``final="standard"``: the last step returns x̂_0 at the last positive σ, as k-diffusion's
+      samplers do); otherwise it stops at ``sigmas[-1]`` (``final="tmin"``). The solver steps are
+      exactly these σ's (``ds.sample(times=...)`` on the EDM process, t = σ); multi-stage
+      solvers place their stages between them as they do anywhere.
+    - ``callback`` receives k-diffusion's dict ``{x, i, sigma, sigma_hat, denoised}`` once per
+      step, after the step (k-diffusion calls it mid-step; the contents are the same: the
+      step's first evaluation point x, σ_i, the σ̂ it was evaluated at and its x̂_0).
+    - ``disable`` (the progress bar) is accepted and ignored: there is none.
+    - ``kwargs``: solver options overriding ``options``; ``noise_sampler`` (k-diffusion's
+      ``noise_sampler(sigma, sigma_next)``) or ``generator`` feed a stochastic solver's noise.
+
+    Returns x at the end, in x's dtype.
+    """
+    from ..sample import sample
+
+    base = get_solver(solver, **options)  # validate the options now, not at the first call
+
+    def sampler(
+        model: Any,
+        x: Tensor,
+        sigmas: Any,
+        extra_args: dict[str, Any] | None = None,
+        callback: Any = None,
+        disable: Any = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        noise_sampler = kwargs.pop("noise_sampler", None)
+        generator = kwargs.pop("generator", None)
+        run_solver = get_solver(base, **kwargs) if kwargs else base
+        sig = torch.as_tensor(sigmas).detach().to("cpu", torch.float64).reshape(-1)
+        if sig.numel() < 2:
+            raise ValueError("sigmas needs at least two entries (k-diffusion: one step per pair)")
+        clean = float(sig[-1]) == 0.0
+        pos = sig[:-1] if clean else sig
+        if not bool((pos > 0).all()) or not bool((pos[1:] < pos[:-1]).all()):
+            raise ValueError("sigmas must decrease strictly, positive except for a final 0")
+        lo, hi = float(pos[-1]), float(pos[0])
+        extra = dict(extra_args or {})
+        # a plain callable: x reaches the model as given, as in k-diffusion (no dtype cast)
+        denoiser = Denoiser(
+            lambda x_, s_: model(x_, s_, **extra), EDM(lo if lo < hi else hi / 2, hi), "x0"
+        )
+        watch = _StepWatch(denoiser)
+        noise: Any = None
+        if noise_sampler is not None:
+            noise = _NoiseSampler(noise_sampler)
+        elif generator is not None:
+            from ..noise import NoiseSource
+
+            noise = NoiseSource(generator)
+
+        def report(i: int, _x: Tensor, _state: Any) -> None:
+            first, watch.first = watch.first, None
+            if callback is None or first is None:
+                return
+            xe, point, x0 = first
+            s_i = sigmas[i]
+            hat = s_i if point.rho == float(sig[i]) else torch.as_tensor(point.rho)
+            callback({"x": xe, "i": i, "sigma": s_i, "sigma_hat": hat, "denoised": x0})
+
+        return sample(  # type: ignore[return-value]
+            watch,
+            x,
+            run_solver,
+            times=pos,
+            final="standard" if clean else "tmin",
+            noise=noise,
+            callback=report,
+        )
+
+    sampler.__name__ = f"sample_{base.name}"
+    sampler.__doc__ = f"diffsolve {base.name!r} with k-diffusion's sampler signature ({base})."
+    return sampler

@@ -1,0 +1,592 @@
+"""``DiffsolveScheduler``: any diffsolve solver behind diffusers' scheduler protocol.
+
+    pipe.scheduler = DiffsolveScheduler.from_config(pipe.scheduler.config, solver="unipc", order=3)
+    image = pipe(num_inference_steps=10).images      # 10 network calls, UniPC-3 on a logSNR grid
+
+**The protocol, one network call per entry.** A pipeline calls ``set_timesteps(n)`` and then, for
+every entry τ of ``scheduler.timesteps``, evaluates the network once at (``sample``, τ) and hands
+the output to ``step``. Here ``n`` is the NFE budget (met exactly, as ``ds.sample(nfe=n)`` meets
+it) and ``timesteps`` lists the model time of *every* network call of the run, in order: two per
+step for Heun or DPM-Solver++(2S), four for RK4. ``order`` is therefore 1 (one timestep per call;
+pipelines use it to count progress-bar updates), whatever the solver's accuracy order
+(``solver_order``).
+
+**How a solver is driven.** diffsolve solvers call ``model(x, point)`` inside ``step``; a
+pipeline wants the opposite, to call the network itself and hand the scheduler its output. The
+scheduler keeps the run's solver state and re-runs the current solver step against a *tape* of
+the evaluations it has been handed so far: the tape answers the first calls from the recorded
+outputs and stops the step (an internal exception) at the first call it cannot answer. That call's
+input x becomes ``prev_sample``, the point the pipeline evaluates next. When a step completes,
+its result and new state are committed and the next step starts the same way. Solver steps are
+pure functions of (x, state) given the network outputs, so replaying is exact; noise draws are
+taped too (a re-run gets the draws of the first run), so stochastic solvers replay exactly. Replay
+costs a few tensor operations per call (a step of k calls is run k times), nothing on the network.
+
+**Conventions.** The latents are in the process's own scale (VP: x_t = α_t·x_0 + σ_t·ε, as
+diffusers' DDPM/DDIM/DPM-Solver schedulers hold them), so ``init_noise_sigma`` is the prior's
+standard deviation (1 for VP and flow matching) and ``scale_model_input`` is the identity. The
+network receives the model time of the process: the (fractional) ``alphas_cumprod`` index for VP
+tables (diffsolve's ``VPDiscrete.model_time``), N·t for flow matching (N = ``num_train_timesteps``,
+as diffusers' FlowMatch schedulers feed σ·N). The network output is read as ``prediction_type``
+(``epsilon``, ``sample``, ``v_prediction``; flow configs: ``flow_prediction``).
+
+**State.** Everything a run needs lives in one private run object built by ``set_timesteps``; a
+new ``set_timesteps`` starts afresh, so consecutive pipeline runs are independent. A stochastic
+solver draws from the ``generator`` given to its first ``step`` call (what DDPM/DDIM pipelines
+pass), a list of CPU generators giving one stream per sample.
+
+**Limits.** Adaptive solvers (``rk45``, ``dpm_adaptive``) choose their steps from the values
+they see, so their evaluation times cannot be listed in advance: rejected. Starting mid-schedule
+(img2img with strength < 1, ``set_begin_index(k > 0)``) is rejected: a solver starts at t_max. A
+solver whose first network call is not at x_T itself cannot be driven (the pipeline has already
+evaluated x_T): the first ``step`` raises. The original scheduler's ``clip_sample`` /
+``thresholding`` settings are not applied (use diffsolve's thresholding Denoiser wrappers with
+``ds.sample``). Edits a pipeline makes to the latents between calls (inpainting blends) are
+honoured where the next call starts a solver step, and ignored at a solver's intermediate stages.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..denoiser import Denoiser, EvalPoint, Prediction
+from ..noise import NoiseSource, bind
+from ..processes.base import GaussianProcess
+from ..processes.flow import FlowMatching
+from ..processes.vp import VPDiscrete
+from ..sample import FINALS, _continue_to_zero
+from ..schedules import Leading, Linspace, Trailing, get_schedule, validate_times
+from ..solvers.base import Grid, Solver, get_solver
+from .diffusers import process_from_scheduler_config, require_diffusers
+
+require_diffusers()
+
+from diffusers.configuration_utils import ConfigMixin, register_to_config  # noqa: E402
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: E402
+from diffusers.utils import BaseOutput  # noqa: E402
+
+__all__ = ["DiffsolveScheduler", "DiffsolveSchedulerOutput"]
+
+# diffusers' prediction_type → the Denoiser's prediction
+_PREDICTIONS = {
+    "epsilon": "eps",
+    "sample": "x0",
+    "v_prediction": "v",
+    "flow_prediction": "velocity",
+}
+# diffusers' timestep_spacing → diffsolve's schedule of the same indices
+_SPACINGS = {"leading": Leading, "trailing": Trailing, "linspace": Linspace}
+# schedulers whose σ-parameterisation (EDM preconditioning, VE) has no VP/flow reading here
+_UNSUPPORTED = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "ScoreSdeVeScheduler")
+
+
+@dataclass
+class DiffsolveSchedulerOutput(BaseOutput):
+    """``prev_sample``: where the pipeline evaluates the network next (the final sample after
+    the last call); ``pred_original_sample``: x̂_0 of the output just handed in."""
+
+    prev_sample: Tensor
+    pred_original_sample: Tensor | None = None
+
+
+class _NeedEval(BaseException):
+    """Raised by the tape at the first network call it cannot answer (control flow: a
+    BaseException, so no ``except Exception`` inside a solver can swallow it)."""
+
+    def __init__(self, x: Tensor, point: EvalPoint):
+        self.x, self.point = x, point
+
+
+class _Tape:
+    """The model as a replayed solver step sees it: recorded outputs, in call order."""
+
+    def __init__(self, denoiser: Denoiser):
+        self.denoiser = denoiser
+        self.preds: list[Prediction] = []
+        self.k = 0
+
+    def point(self, t: float | Tensor, like: Tensor) -> EvalPoint:
+        return self.denoiser.point(t, like)
+
+    def __call__(self, x: Tensor, t: EvalPoint, **cond: Any) -> Prediction:
+        if self.k == len(self.preds):
+            raise _NeedEval(x, t)
+        self.k += 1
+        return self.preds[self.k - 1]
+
+
+class _NoiseLog:
+    """Results of the noise calls of the current solver step, in call order."""
+
+    def __init__(self) -> None:
+        self.results: list[Any] = []
+        self.k = 0
+
+
+class _NoiseTape:
+    """A noise source whose calls a replayed step answers from the log: every method of the
+    wrapped source (``randn_like``, Brownian increments, ...) is recorded the first time."""
+
+    def __init__(self, inner: Any, log: _NoiseLog):
+        self._inner, self._log = inner, log
+
+    def bind(self, grid: Grid) -> _NoiseTape:
+        return _NoiseTape(bind(self._inner, grid), self._log)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        def taped(*args: Any, **kwargs: Any) -> Any:
+            log = self._log
+            if log.k == len(log.results):
+                log.results.append(attr(*args, **kwargs))
+            log.k += 1
+            return log.results[log.k - 1]
+
+        return taped
+
+
+class _Dry:
+    """The model of the planning run: records each call's point, answers x̂_0 = ε̂ = 0."""
+
+    def __init__(self, denoiser: Denoiser):
+        self.denoiser = denoiser
+        self.points: list[EvalPoint] = []
+
+    def point(self, t: float | Tensor, like: Tensor) -> EvalPoint:
+        return self.denoiser.point(t, like)
+
+    def __call__(self, x: Tensor, t: EvalPoint, **cond: Any) -> Prediction:
+        self.points.append(t)
+        return Prediction(torch.zeros_like(x), torch.zeros_like(x))
+
+
+def _plan_points(solver: Solver, grid: Grid, denoiser: Denoiser) -> list[EvalPoint]:
+    """Every network call of a run on ``grid``, in order (a run on a one-element sample)."""
+    dry = _Dry(denoiser)
+    x = torch.zeros(1, 1, dtype=torch.float64)
+    noise = NoiseSource(torch.Generator().manual_seed(0)) if solver.stochastic else None
+    state = solver.init(x, grid, dry, noise)
+    for i in range(grid.steps):
+        x, state = solver.step(x, i, state, dry)
+    return dry.points
+
+
+def _noise_source(generator: Any) -> NoiseSource:
+    if isinstance(generator, (list, tuple)):
+        if len(generator) == 1:
+            return NoiseSource(generator[0])
+        src = NoiseSource()
+        src.generators = tuple(generator)  # one stream per sample (CPU generators)
+        return src
+    return NoiseSource(generator)
+
+
+class _Run:
+    """One sampling run: the solver's (x, state) at the start of step ``i``, the tapes of that
+    step, and the evaluation the pipeline is making now (``pending``)."""
+
+    def __init__(self, solver: Solver, grid: Grid, denoiser: Denoiser, final: str):
+        self.solver, self.grid, self.denoiser, self.final = solver, grid, denoiser, final
+        self.tape = _Tape(denoiser)
+        self.noise_log = _NoiseLog()
+        self.i = 0
+        self.calls = 0
+        self.x: Tensor = torch.zeros(0)  # set by start()
+        self.started = False
+        self.state: Any = None
+        self.pending: tuple[Tensor, EvalPoint] | None = None
+        self.returned: Tensor | None = None
+        self.recent: deque[tuple[float, Tensor]] = deque(maxlen=6)
+        self.done = False
+
+    def start(self, sample: Tensor, generator: Any) -> None:
+        xc = sample.to(torch.float32) if sample.dtype in (torch.float16, torch.bfloat16) else sample
+        noise = (
+            _NoiseTape(_noise_source(generator), self.noise_log) if self.solver.stochastic else None
+        )
+        self.x, self.started = xc, True
+        self.state = self.solver.init(xc, self.grid, self.tape, noise)
+        self._advance()
+        # a solver may pass x through a round trip (RK: α·(x/α)), so compare up to round-off;
+        # the run's one host sync
+        first = None if self.pending is None else self.pending[0]
+        if first is None or not (
+            first is xc or bool((first - xc).abs().max() <= 1e-5 * xc.abs().max())
+        ):
+            raise NotImplementedError(
+                f"solver {self.solver.name!r} makes its first network call away from x_T "
+                "(e.g. noise added before it), which a pipeline cannot evaluate: the pipeline "
+                "has already called the network at x_T"
+            )
+
+    def _advance(self) -> None:
+        """Run solver steps until one needs an evaluation that is not on the tape."""
+        while self.i < self.grid.steps:
+            self.tape.k = 0
+            self.noise_log.k = 0
+            try:
+                x, state = self.solver.step(self.x, self.i, self.state, self.tape)
+            except _NeedEval as need:
+                self.pending = (need.x, need.point)
+                return
+            self.x, self.state, self.i = x, state, self.i + 1
+            self.tape.preds.clear()
+            self.noise_log.results.clear()
+        self.pending = None
+        self.done = True
+
+    def feed(self, out: Tensor, sample: Tensor) -> tuple[Tensor, Prediction]:
+        """Hand in the network output at the pending point; returns where to evaluate next (or
+        the final sample) and the prediction just made."""
+        assert self.pending is not None
+        x_eval, point = self.pending
+        if sample is not self.returned and self.returned is not None:
+            # the pipeline edited the latents: honoured where this call starts a solver step
+            if not self.tape.preds and x_eval is self.x:
+                self.x = x_eval = sample.to(self.x.dtype)
+        pred = self.denoiser.convert(x_eval, out, point)
+        self.tape.preds.append(pred)
+        self.calls += 1
+        if self.final == "extrapolate":
+            self.recent.append((point.rho, pred.x0))
+        self._advance()
+        if self.pending is not None:
+            return self.pending[0], pred
+        x = self.x
+        if self.final == "extrapolate":
+            x = _continue_to_zero(self.recent, min(max(self.solver.order, 2), 3), x)
+        return x, pred
+
+
+def _net_placeholder(*args: Any, **kwargs: Any) -> Tensor:
+    raise RuntimeError("DiffsolveScheduler never calls the network: the pipeline does")
+
+
+class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
+    """A diffsolve solver as a diffusers scheduler (see the module docstring).
+
+    Build it from a pipeline's scheduler config; keyword arguments that are not config keys are
+    the solver's options (validated against the solver's declared options)::
+
+        DiffsolveScheduler.from_config(pipe.scheduler.config, solver="dpmpp_3m", schedule="karras")
+
+    Args:
+        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+        rescale_betas_zero_snr: the VP table, read exactly as diffusers reads it
+            (:func:`~diffsolve.interop.diffusers.process_from_scheduler_config`; a zero-SNR
+            table is rejected).
+        prediction_type: ``epsilon``, ``sample``, ``v_prediction`` (or ``flow_prediction``).
+        timestep_spacing, steps_offset: used when ``schedule="timestep_spacing"`` (diffusers'
+            ``leading``/``trailing``/``linspace`` indices of the original config).
+        use_flow_sigmas, flow_shift: a flow-matching model (rectified flow, α = 1 − t, σ = t,
+            timestep shift ``flow_shift``); ``from_config`` sets both from a FlowMatch config.
+        solver: a registered solver name (``ds.solvers()``) or a solver object (stored as its
+            name and fields).
+        solver_options: the solver's options as a dict (JSON-serialisable).
+        schedule: a diffsolve schedule name (``ds.schedules()``); None: the solver's default.
+        final: ``standard``, ``extrapolate`` or ``tmin``, as in ``ds.sample``.
+    """
+
+    order = 1  # timesteps hold one entry per network call
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Sequence[float] | None = None,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        solver: str | Solver = "dpmpp_2m",
+        solver_options: dict[str, Any] | None = None,
+        schedule: str | None = None,
+        final: str = "standard",
+    ):
+        if isinstance(solver, Solver):
+            options = {f.name: getattr(solver, f.name) for f in fields(solver)}
+            solver_options = {**options, **(solver_options or {})}
+            solver = solver.name
+            self.register_to_config(solver=solver, solver_options=solver_options)
+        self.solver = get_solver(solver, **(solver_options or {}))
+        if self.solver.adaptive:
+            raise ValueError(
+                f"solver {self.solver.name!r} chooses its own steps from the values it sees, so "
+                "its network calls cannot be listed as timesteps in advance; use a fixed-grid "
+                "solver (e.g. 'dpmpp_3m', 'unipc') or ds.sample"
+            )
+        if prediction_type not in _PREDICTIONS:
+            raise ValueError(
+                f"unsupported prediction_type {prediction_type!r}; valid: {', '.join(_PREDICTIONS)}"
+            )
+        if final not in FINALS:
+            raise ValueError(f"unknown final {final!r}; valid: {', '.join(FINALS)}")
+        self.process: GaussianProcess = process_from_scheduler_config(dict(self.config))
+        self._schedule = self._make_schedule(schedule, timestep_spacing, steps_offset)
+        self._flow = isinstance(self.process, FlowMatching)
+        if self._flow != (prediction_type == "flow_prediction"):
+            raise ValueError(
+                "flow-matching configs need prediction_type='flow_prediction' and VP configs one "
+                f"of epsilon/sample/v_prediction, got {prediction_type!r}"
+            )
+        n = int(num_train_timesteps)
+        time_map: Callable[[Tensor], Tensor] = (
+            (lambda t: t * n) if self._flow else self.process.model_time
+        )
+        self._denoiser = Denoiser(
+            _net_placeholder, self.process, _PREDICTIONS[prediction_type], time_map=time_map
+        )
+        self.init_noise_sigma = float(self.process.prior_std())
+        self.timesteps = torch.zeros(0, dtype=torch.float32)
+        self.num_inference_steps: int | None = None
+        self._run: _Run | None = None
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_config(
+        cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any
+    ) -> Any:
+        """diffusers' ``from_config``; keyword arguments that are not config keys are solver
+        options (``from_config(cfg, solver="unipc", order=3)``). A config saved by this class
+        keeps its ``solver_options`` unless ``solver=`` names another solver."""
+        cfg = dict(config or {})
+        keys = set(cls._get_init_keys(cls)) - {"self"}
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k not in keys}
+        options.pop("dtype", None)
+        # a scheduler's own config holds ``_class_name`` only once saved: tell kinds by keys too
+        name = cfg.get("_class_name", "")
+        if name in _UNSUPPORTED or "sigma_data" in cfg:
+            raise ValueError(
+                f"{name or 'this scheduler'} uses a σ-parameterisation (EDM preconditioning / "
+                "VE) that DiffsolveScheduler does not map; use a VP or flow-matching pipeline"
+            )
+        if (isinstance(name, str) and name.startswith("FlowMatch")) or (
+            "shift" in cfg and "beta_schedule" not in cfg
+        ):
+            cfg.setdefault("use_flow_sigmas", True)
+            cfg.setdefault("flow_shift", cfg.get("shift", 1.0))
+            cfg.setdefault("prediction_type", "flow_prediction")
+        if cfg.get("use_flow_sigmas") and "prediction_type" not in kwargs:
+            cfg["prediction_type"] = "flow_prediction"
+        solver = kwargs.get("solver", cfg.get("solver"))
+        saved = cfg.get("solver_options") or {}
+        changed = isinstance(solver, Solver) or (solver is not None and solver != cfg.get("solver"))
+        if changed:
+            saved = {}
+        if changed or options or "solver_options" in kwargs:
+            kwargs["solver_options"] = {**saved, **kwargs.get("solver_options", {}), **options}
+        return super().from_config(cfg, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def _make_schedule(self, schedule: str | None, spacing: str, offset: int) -> Any:
+        if schedule is None:
+            return get_schedule(self.solver.default_schedule)
+        if schedule == "timestep_spacing":
+            if spacing not in _SPACINGS:
+                raise ValueError(
+                    f"timestep_spacing {spacing!r} has no diffsolve schedule; valid: "
+                    f"{', '.join(_SPACINGS)}"
+                )
+            return _SPACINGS[spacing](steps_offset=int(offset))
+        if schedule in _SPACINGS:
+            return _SPACINGS[schedule](steps_offset=int(offset))
+        return get_schedule(schedule)
+
+    # -- the protocol ----------------------------------------------------------------------
+    @property
+    def solver_order(self) -> int:
+        """The solver's accuracy order (``order`` is diffusers' calls-per-timestep count, 1)."""
+        return self.solver.order
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        """ᾱ of the VP table (float32, as diffusers holds it)."""
+        if not isinstance(self.process, VPDiscrete):
+            raise AttributeError("alphas_cumprod exists for VP tables only")
+        return self.process.alphas_cumprod.to(torch.float32)
+
+    @property
+    def step_index(self) -> int | None:
+        """Network calls handed to ``step`` so far in this run (None before the first)."""
+        return None if self._run is None or not self._run.started else self._run.calls
+
+    @property
+    def begin_index(self) -> int:
+        return 0
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Only 0: a solver run starts at t_max (img2img with strength < 1 is unsupported)."""
+        if begin_index != 0:
+            raise NotImplementedError(
+                "DiffsolveScheduler starts every run at t_max; starting mid-schedule "
+                "(img2img strength < 1) is not supported"
+            )
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        *,
+        nfe: int | None = None,
+        timesteps: Sequence[float] | Tensor | None = None,
+        sigmas: Sequence[float] | Tensor | None = None,
+        mu: float | None = None,
+    ) -> None:
+        """Plan a run and reset all run state.
+
+        ``num_inference_steps`` is the NFE budget, met exactly (``nfe=`` says the same
+        explicitly): the grid is the one ``ds.sample(nfe=...)`` builds for this solver and
+        schedule. Alternatively the solver's step points can be given as diffusers does
+        (``retrieve_timesteps``): ``timesteps`` as model times (VP: ``alphas_cumprod``
+        indices; flow: N·σ) or ``sigmas`` (VP: diffusers' σ = sqrt((1 − ᾱ)/ᾱ); flow: σ = t,
+        then shifted as diffusers' FlowMatch schedulers shift them); the solver then steps
+        through exactly those points (``ds.sample(times=...)``) and the NFE follows from them.
+        ``mu``: Flux-style dynamic shifting (the flow shift e^μ for this run) when the config
+        has ``use_dynamic_shifting``; otherwise the static shift applies, as in diffusers.
+
+        Afterwards ``timesteps`` lists the model time of every network call, in order, and
+        ``num_inference_steps`` their number.
+        """
+        denoiser = self._denoiser
+        if mu is not None and self._flow and self.config.get("use_dynamic_shifting"):
+            n = int(self.config["num_train_timesteps"])
+            flow = FlowMatching(shift=math.exp(mu), t_min=1.0 / n)
+            denoiser = Denoiser(
+                _net_placeholder, flow, denoiser.prediction, time_map=lambda t: t * n
+            )
+        process = denoiser.process
+        clean_end = self.config["final"] != "tmin"
+        if timesteps is not None or sigmas is not None:
+            if timesteps is not None and sigmas is not None:
+                raise ValueError("give timesteps or sigmas, not both")
+            grid_t = self._custom_times(process, timesteps, sigmas)
+            if not clean_end and grid_t.numel() < 2:
+                raise ValueError("final='tmin' needs at least two points")
+            budget = None
+        else:
+            if nfe is not None and num_inference_steps is not None and nfe != num_inference_steps:
+                raise ValueError("give num_inference_steps or nfe, not two different budgets")
+            budget = nfe if nfe is not None else num_inference_steps
+            if budget is None or int(budget) != budget or budget < 1:
+                raise ValueError(f"the NFE budget must be a positive integer, got {budget!r}")
+            budget = int(budget)
+            grid_t = self.solver.plan_times(process, self._schedule, budget, clean_end)
+        grid = Grid.build(process, grid_t, clean_end, nfe=budget)
+        points = _plan_points(self.solver, grid, denoiser)
+        model_times = [float(p.t_in[0]) for p in points]
+        self.timesteps = torch.tensor(model_times, dtype=torch.float32, device=device)
+        self.num_inference_steps = len(model_times)
+        self._run = _Run(self.solver, grid, denoiser, self.config["final"])
+
+    def _custom_times(self, process: GaussianProcess, timesteps: Any, sigmas: Any) -> Tensor:
+        """Process times of diffusers-style custom ``timesteps`` or ``sigmas`` (see above)."""
+        given = timesteps if timesteps is not None else sigmas
+        v = torch.as_tensor(given).detach().to("cpu", torch.float64).reshape(-1)
+        if timesteps is not None:
+            t = self._time_of_model(v)
+        elif isinstance(process, FlowMatching):
+            t = process.shift_time(v[v > 0])
+        else:
+            t = process.t_of_rho(v[v > 0])
+        return validate_times(process, t.clamp(process.t_min, process.t_max))
+
+    def _time_of_model(self, tau: Tensor) -> Tensor:
+        """Process time of model times τ (the inverse of the network's time map)."""
+        n = int(self.config["num_train_timesteps"])
+        if self._flow:
+            return tau / n
+        return self.process.time_of_index(tau)  # type: ignore[attr-defined]
+
+    def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
+        """The identity: latents are in the process's own scale, as the network expects."""
+        return sample
+
+    def step(
+        self,
+        model_output: Tensor,
+        timestep: float | Tensor,
+        sample: Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> DiffsolveSchedulerOutput | tuple[Tensor, Tensor]:
+        """Hand in the network output at ``sample`` (the last ``prev_sample``) and ``timestep``.
+
+        Returns ``prev_sample``: the point of the next network call, or the final sample after
+        the last call. ``generator`` (first call) seeds a stochastic solver's noise. Arguments
+        of other schedulers that stock pipelines pass (DDIM's ``eta``,
+        ``use_clipped_model_output``) are accepted; a non-zero ``eta`` raises (set the solver
+        and its options in the config, e.g. ``solver="ddpm", eta=...``).
+        """
+        if kwargs.get("eta"):
+            raise ValueError(
+                "DiffsolveScheduler ignores the pipeline's eta; choose a stochastic solver in "
+                "the config instead (e.g. from_config(cfg, solver='ddpm', eta=1.0))"
+            )
+        run = self._run
+        if run is None:
+            raise RuntimeError("call set_timesteps before step")
+        if run.done:
+            raise RuntimeError(
+                f"this run made all its {run.calls} network calls; call set_timesteps again"
+            )
+        if not run.started:
+            run.start(sample, generator)
+        self._check_timestep(timestep, run.calls)
+        x, pred = run.feed(model_output, sample)
+        prev = x.to(sample.dtype)
+        run.returned = prev
+        x0 = pred.x0.to(sample.dtype)
+        if not return_dict:
+            return prev, x0
+        return DiffsolveSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def _check_timestep(self, timestep: Any, k: int) -> None:
+        # compared only where it costs no device sync; a pipeline iterates ``timesteps`` anyway
+        if isinstance(timestep, Tensor):
+            if timestep.device.type != "cpu" or timestep.numel() != 1:
+                return
+            timestep = float(timestep)
+        expected = float(self.timesteps[k]) if self.timesteps.device.type == "cpu" else None
+        if expected is not None and abs(float(timestep) - expected) > 1e-4 * max(1.0, expected):
+            raise ValueError(
+                f"step got timestep {float(timestep):.6g} but network call {k} of this run is at "
+                f"{expected:.6g}: call step once per entry of scheduler.timesteps, in order "
+                "(starting mid-schedule, e.g. img2img strength < 1, is not supported)"
+            )
+
+    # -- training-side helpers -------------------------------------------------------------
+    def _coefficients(self, timesteps: Any, like: Tensor) -> tuple[Tensor, Tensor]:
+        tau = torch.as_tensor(timesteps).detach().to("cpu", torch.float64).reshape(-1)
+        t = self._time_of_model(tau)
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        alpha = self.process.alpha(t).to(like.device, like.dtype).reshape(shape)
+        sigma = self.process.sigma(t).to(like.device, like.dtype).reshape(shape)
+        return alpha, sigma
+
+    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Any) -> Tensor:
+        """x_τ = α_τ·x_0 + σ_τ·ε at model times τ (shape (B,) or a scalar)."""
+        alpha, sigma = self._coefficients(timesteps, original_samples)
+        return alpha * original_samples + sigma * noise
+
+    def get_velocity(self, sample: Tensor, noise: Tensor, timesteps: Any) -> Tensor:
+        """v = α_τ·ε − σ_τ·x_0 (the v-prediction target)."""
+        alpha, sigma = self._coefficients(timesteps, sample)
+        return alpha * noise - sigma * sample
+
+    def __len__(self) -> int:
+        return int(self.config["num_train_timesteps"])
