@@ -7,6 +7,7 @@
 from .denoiser import CFG, PREDICTIONS, Denoiser, EvalPoint, Prediction
 from .guidance import DynamicThreshold, StaticThreshold
 from .interop.kdiffusion import denoiser_from_kdiffusion, to_kdiffusion_sampler
+from .likelihood import LikelihoodInfo, bits_per_dim, dequantization_shift, log_likelihood
 from .processes import (
     EDM,
     VE,
@@ -36,6 +37,7 @@ from .schedules import (
 )
 from .solvers import Grid, Solver, State, get_solver, solvers
 from .solvers._all import *  # noqa: F403  (solver classes: ds.UniPC, ds.DPMSolverPP2M, ...)
+from .solvers.dlg import dlg_chain, dlg_sample
 
 __version__ = "0.1.0"
 
@@ -70,6 +72,7 @@ __all__ = [
     "Grid",
     "Karras",
     "Leading",
+    "LikelihoodInfo",
     "Linspace",
     "LogSNR",
     "NonFiniteError",
@@ -88,8 +91,13 @@ __all__ = [
     "VPCosine",
     "VPDiscrete",
     "VPLinear",
+    "bits_per_dim",
     "denoiser_from_kdiffusion",
+    "dequantization_shift",
+    "dlg_chain",
+    "dlg_sample",
     "get_solver",
+    "log_likelihood",
     "prior",
     "sample",
     "schedules",

@@ -52,7 +52,10 @@ def _nfes(text: str | None, default: tuple[int, ...]) -> list[int]:
 
 @app.command()
 def bench(
-    model: str = typer.Option("gmm64", help="analytic model: gmm2d, gmm64 or gmm3072"),
+    model: str = typer.Option(
+        None,
+        help="analytic model: gmm2d, gmm64 or gmm3072 [default: gmm64; gmm2d with --stochastic]",
+    ),
     process: str = typer.Option("sd", help="process (see `diffsolve list`)"),
     nfe: str = typer.Option(
         None, help="comma-separated NFE budgets [default: 4,5,6,8,10,12,15,20,25]"
@@ -78,6 +81,11 @@ def bench(
     check: bool = typer.Option(
         None, "--check/--no-check", help="cross-check the reference [default: on unless --quick]"
     ),
+    stochastic: bool = typer.Option(
+        False,
+        help="the SDE samplers: sliced W2, MMD and mean log-likelihood against the exact mixture, "
+        "next to ODE solvers (and the peers' SDE samplers with --peers)",
+    ),
 ) -> None:
     """Every solver × NFE against the exact PF-ODE solution of an analytic model."""
     from .bench import report
@@ -85,6 +93,22 @@ def bench(
     from .solvers.base import solvers as ds_solvers
 
     console = _console(stderr=as_json)
+    if stochastic:
+        _bench_stochastic(
+            console,
+            model or "gmm2d",
+            process,
+            nfe,
+            solvers,
+            batch,
+            seed,
+            out,
+            quick,
+            peers,
+            as_json,
+        )
+        return
+    model = model or "gmm64"
     nfes = _nfes(nfe, QUICK_NFES if quick else DEFAULT_NFES)
     n_batch = batch if batch is not None else (QUICK_BATCH if quick else DEFAULT_BATCH)
     do_check = (not quick) if check is None else check
@@ -146,6 +170,54 @@ def bench(
         + (f" and {png_path}" if png_path else "")
         + f" in {result.meta['wall_seconds']:.1f} s"
     )
+
+
+def _bench_stochastic(
+    console: Any,
+    model: str,
+    process: str,
+    nfe: str | None,
+    solvers: str | None,
+    batch: int | None,
+    seed: int,
+    out: str,
+    quick: bool,
+    peers: bool,
+    as_json: bool,
+) -> None:
+    from .bench import report
+    from .bench.stochastic import run_stochastic_benchmark
+
+    nfes = _nfes(nfe, (10, 20) if quick else (10, 20, 50))
+    n = batch if batch is not None else (512 if quick else 2048)
+    started = time.perf_counter()
+    try:
+        with console.status("running the stochastic benchmark…") as status:
+            result = run_stochastic_benchmark(
+                model,
+                process,
+                solver_names=_split(solvers),
+                nfes=nfes,
+                n=n,
+                seed=seed,
+                peers=peers,
+                progress=lambda msg: status.update(f"running {msg}"),
+            )
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    result.meta["wall_seconds"] = time.perf_counter() - started
+    json_path = report.write_json(result, out, name="bench-stochastic.json")
+    md_path = Path(out) / "bench-stochastic.md"
+    md_path.write_text(report.stochastic_markdown(result.rows, result.meta))
+    if as_json:
+        sys.stdout.write(json_path.read_text() + "\n")
+        return
+    for metric in ("sw2", "loglik"):
+        console.print(report.stochastic_table(result.rows, result.meta, metric))
+    for r in [r for r in result.rows if r.get("error")][:10]:
+        console.print(f"[red]{r['label']} nfe={r['nfe']}:[/red] {r['error']}")
+    console.print(f"wrote {json_path}, {md_path} in {result.meta['wall_seconds']:.1f} s")
 
 
 @app.command("list")
@@ -223,6 +295,12 @@ def list_(
     for k, m in models.items():
         t.add_row(k, str(m["dim"]), str(m["components"]), str(m["description"]))
     console.print(t)
+
+
+# `diffsolve sample` lives in its own module (shipped networks, issue 5)
+from .cli_sample import sample as _sample_command  # noqa: E402
+
+app.command("sample")(_sample_command)
 
 
 def _console(stderr: bool = False):

@@ -158,6 +158,85 @@ def markdown_table(
     return "\n".join(lines) + "\n"
 
 
+_SDE_METRICS = {
+    "sw2": "sliced W2 to exact mixture samples (lower is better)",
+    "mmd": "MMD to exact mixture samples (lower is better)",
+    "loglik": "mean log-likelihood under the true density (nats; closest to 'exact' is best)",
+}
+
+
+def _sde_best(rows: Sequence[dict[str, Any]], metric: str) -> dict[int, str]:
+    # per NFE, the best non-reference row: smallest distance, or log-likelihood closest to exact
+    exact = {r["nfe"]: r.get("loglik") for r in rows if r["kind"] == "exact"}
+    best: dict[int, tuple[float, str]] = {}
+    for r in rows:
+        v = r.get(metric)
+        if r["kind"] == "exact" or v is None or not math.isfinite(v):
+            continue
+        score = abs(v - exact.get(r["nfe"], 0.0)) if metric == "loglik" else v
+        if r["nfe"] not in best or score < best[r["nfe"]][0]:
+            best[r["nfe"]] = (score, r["label"])
+    return {k: v[1] for k, v in best.items()}
+
+
+def stochastic_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any], metric: str) -> Any:
+    """A rich Table of one stochastic-benchmark metric: rows = configurations (kind shown),
+    columns = NFE; the best per NFE is starred."""
+    from rich.table import Table
+
+    nfes = sorted({r["nfe"] for r in rows})
+    title = (
+        f"{_SDE_METRICS[metric]}\n{meta.get('model')} on {meta.get('process')}, n = {meta.get('n')}"
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("kind")
+    table.add_column("sampler", no_wrap=True)
+    for n in nfes:
+        table.add_column(f"NFE {n}", justify="right")
+    best = _sde_best(rows, metric)
+    for label, rs in _series(rows).items():
+        by_nfe = {r["nfe"]: r for r in rs}
+        cells = []
+        for n in nfes:
+            r = by_nfe.get(n)
+            if r is None or r.get("error"):
+                cells.append("" if r is None else "[red]fail[/red]")
+                continue
+            c = f"{r[metric]:.3g}"
+            if r.get("nfe_used") not in (None, n):
+                c += f" [{r['nfe_used']}]"
+            cells.append(f"[bold green]{c}*[/bold green]" if best.get(n) == label else c)
+        table.add_row(rs[0]["kind"], label, *cells)
+    return table
+
+
+def stochastic_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The stochastic benchmark as GitHub markdown: one table per metric, best per NFE bold."""
+    nfes = sorted({r["nfe"] for r in rows})
+    out = []
+    for metric, what in _SDE_METRICS.items():
+        best = _sde_best(rows, metric)
+        out.append(f"{what}; {meta.get('model')} on {meta.get('process')}, n = {meta.get('n')}.")
+        out.append("")
+        out.append("| kind | sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
+        out.append("|---|---|" + "---:|" * len(nfes))
+        for label, rs in _series(rows).items():
+            by_nfe = {r["nfe"]: r for r in rs}
+            cells = []
+            for n in nfes:
+                r = by_nfe.get(n)
+                if r is None or r.get("error"):
+                    cells.append("" if r is None else "fail")
+                    continue
+                c = f"{r[metric]:.3g}"
+                if r.get("nfe_used") not in (None, n):
+                    c += f" [{r['nfe_used']}]"
+                cells.append(f"**{c}**" if best.get(n) == label else c)
+            out.append(f"| {rs[0]['kind']} | {label} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def summary_table(rows: Sequence[dict[str, Any]], targets: Sequence[float] = TARGETS) -> Any:
     """A rich Table of the NFE each configuration needs to reach the target errors."""
     from rich.table import Table
@@ -224,11 +303,13 @@ def ratio_table(rows: Sequence[dict[str, Any]]) -> Any | None:
 
 
 def write_json(result: Any, out_dir: str | Path, name: str = "bench.json") -> Path:
-    """Write ``{"meta", "rows", "summary"}`` to ``out_dir/name`` (created); returns the path."""
+    """Write ``{"meta", "rows", "summary"}`` to ``out_dir/name`` (created; the NFE-to-target
+    summary only for the ODE benchmark, whose rows carry errors); returns the path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = result.to_json()
-    data["summary"] = summarize(data["rows"])
+    if all("err_standard" in r for r in data["rows"]):
+        data["summary"] = summarize(data["rows"])
     path = out / name
     path.write_text(json.dumps(data, indent=1, allow_nan=False))
     return path
