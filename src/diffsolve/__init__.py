@@ -4,17 +4,31 @@
 >>> proc = ds.VPDiscrete.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012)
 """
 
+from . import nets
 from .denoiser import CFG, PREDICTIONS, Denoiser, EvalPoint, Prediction
-from .guidance import DynamicThreshold, StaticThreshold
+from .guidance import (
+    ClassifierGuidance,
+    DynamicThreshold,
+    Inpaint,
+    SkipTuning,
+    StaticThreshold,
+    TimeShift,
+    gmm_conditional,
+    skip_tuning,
+)
 from .interop.kdiffusion import denoiser_from_kdiffusion, to_kdiffusion_sampler
 from .likelihood import LikelihoodInfo, bits_per_dim, dequantization_shift, log_likelihood
+from .nets import WeightsError
+from .noise import BrownianTree, NoiseSource
 from .processes import (
     EDM,
+    PFGMPP,
     VE,
     FlowMatching,
     FlowPath,
     GaussianPath,
     GaussianProcess,
+    MeanReverting,
     StochasticInterpolant,
     SubVP,
     VPCosine,
@@ -59,8 +73,11 @@ def prior(
 __all__ = [
     "CFG",
     "EDM",
+    "PFGMPP",
     "PREDICTIONS",
     "VE",
+    "BrownianTree",
+    "ClassifierGuidance",
     "Denoiser",
     "DynamicThreshold",
     "EvalPoint",
@@ -70,37 +87,46 @@ __all__ = [
     "GaussianPath",
     "GaussianProcess",
     "Grid",
+    "Inpaint",
     "Karras",
     "Leading",
     "LikelihoodInfo",
     "Linspace",
     "LogSNR",
+    "MeanReverting",
+    "NoiseSource",
     "NonFiniteError",
     "Prediction",
     "Quadratic",
     "Retimed",
     "SampleInfo",
     "Schedule",
+    "SkipTuning",
     "Solver",
     "State",
     "StaticThreshold",
     "StochasticInterpolant",
     "SubVP",
+    "TimeShift",
     "Trailing",
     "Uniform",
     "VPCosine",
     "VPDiscrete",
     "VPLinear",
+    "WeightsError",
     "bits_per_dim",
     "denoiser_from_kdiffusion",
     "dequantization_shift",
     "dlg_chain",
     "dlg_sample",
     "get_solver",
+    "gmm_conditional",
     "log_likelihood",
+    "nets",
     "prior",
     "sample",
     "schedules",
+    "skip_tuning",
     "solvers",
     "to_kdiffusion_sampler",
 ]

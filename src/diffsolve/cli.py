@@ -109,6 +109,11 @@ def bench(
         )
         return
     model = model or "gmm64"
+    if model.startswith("digits"):
+        _bench_network(
+            console, model, nfe, solvers, schedule, batch, seed, out, quick, peers, as_json
+        )
+        return
     nfes = _nfes(nfe, QUICK_NFES if quick else DEFAULT_NFES)
     n_batch = batch if batch is not None else (QUICK_BATCH if quick else DEFAULT_BATCH)
     do_check = (not quick) if check is None else check
@@ -172,6 +177,59 @@ def bench(
     )
 
 
+def _bench_network(
+    console: Any,
+    model: str,
+    nfe: str | None,
+    solvers: str | None,
+    schedule: str | None,
+    batch: int | None,
+    seed: int,
+    out: str,
+    quick: bool,
+    peers: bool,
+    as_json: bool,
+) -> None:
+    from .bench import report
+    from .bench.networks import NETWORK_NFES, run_network_benchmark
+
+    nfes = _nfes(nfe, (5, 10) if quick else NETWORK_NFES)
+    started = time.perf_counter()
+    try:
+        with console.status("running the network benchmark…") as status:
+            result = run_network_benchmark(
+                model,
+                solver_names=_split(solvers),
+                nfes=nfes,
+                schedules=_split(schedule),
+                n=batch if batch is not None else (64 if quick else 256),
+                seed=seed,
+                peers=peers,
+                progress=lambda msg: status.update(f"running {msg}"),
+            )
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    result.meta["wall_seconds"] = time.perf_counter() - started
+    json_path = report.write_json(result, out, name=f"bench-{model}.json")
+    md_path = Path(out) / f"bench-{model}.md"
+    md_path.write_text(
+        report.markdown_table(result.rows, result.meta)
+        + "\n"
+        + report.markdown_table(result.rows, result.meta, metric="fd")
+    )
+    if as_json:
+        sys.stdout.write(json_path.read_text() + "\n")
+        return
+    console.print(report.results_table(result.rows, result.meta))
+    console.print(report.metric_table(result.rows, result.meta, "fd"))
+    ref = result.meta["reference"]
+    console.print(
+        f"reference: rk45 at rtol {ref['rtol']:g} ({ref['nfe']} NFE), FD-digits {ref['fd']:.2f}"
+    )
+    console.print(f"wrote {json_path}, {md_path} in {result.meta['wall_seconds']:.1f} s")
+
+
 def _bench_stochastic(
     console: Any,
     model: str,
@@ -214,7 +272,7 @@ def _bench_stochastic(
         sys.stdout.write(json_path.read_text() + "\n")
         return
     for metric in ("sw2", "loglik"):
-        console.print(report.stochastic_table(result.rows, result.meta, metric))
+        console.print(report.metric_table(result.rows, result.meta, metric))
     for r in [r for r in result.rows if r.get("error")][:10]:
         console.print(f"[red]{r['label']} nfe={r['nfe']}:[/red] {r['error']}")
     console.print(f"wrote {json_path}, {md_path} in {result.meta['wall_seconds']:.1f} s")

@@ -129,9 +129,18 @@ class Denoiser:
         x_in = x if self.net_dtype is None else x.to(self.net_dtype)
         t_in = point.t_in
         if t_in.shape[0] != x.shape[0]:
-            t_in = t_in[:1].expand(x.shape[0])
+            # a doubled batch (CFG) repeats per-sample times (TimeShift) block-wise
+            n = x.shape[0] // t_in.shape[0]
+            ok = n * t_in.shape[0] == x.shape[0]
+            t_in = t_in.repeat(n) if ok else t_in[:1].expand(x.shape[0])
         self.nfe += 1
-        return self.net(x_in, t_in, **cond)
+        offset = getattr(self.process, "offset", None)
+        if offset is None:
+            return self.net(x_in, t_in, **cond)
+        # a path in y = x − μ (MeanReverting): the solver's x is y, the network sees y + μ
+        mu = offset(cond).to(device=x_in.device, dtype=x_in.dtype)
+        out = self.net(x_in + mu, t_in, **cond)
+        return self.process.to_path(out, x, mu, point.alpha, point.sigma, self.prediction)
 
     def convert(self, x: Tensor, out: Tensor, point: EvalPoint) -> Prediction:
         """Convert a raw network output into (x̂_0, ε̂) in the solver's compute dtype."""

@@ -90,7 +90,9 @@ class GaussianMixture:
         """An exact Denoiser on ``process`` whose "network" outputs ``prediction``.
 
         The network receives process time (``time_map`` is the identity) and reports its output
-        in the sample's dtype; x̂_0 itself is computed in float64.
+        in the sample's dtype; x̂_0 itself is computed in float64. On a path in x − μ
+        (:class:`~diffsolve.processes.MeanReverting`) the network reads μ from ``cond`` and
+        is exact for data x_0 ~ this mixture with μ independent of x_0 (y_0 = x_0 − μ).
         """
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
@@ -114,12 +116,19 @@ class _ExactNet:
     def __init__(self, gmm: GaussianMixture, process: GaussianProcess, prediction: str):
         self.gmm, self.process, self.prediction = gmm, process, prediction
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         tt = float(t.reshape(-1)[0])
         p = self.process
         a, s = float(p.alpha(tt)), float(p.sigma(tt))
         x64 = x.to(torch.float64)
-        x0 = self.gmm.x0_mean(x64, a, s)
+        offset = getattr(p, "offset", None)
+        mu = offset(cond).to(torch.float64) if offset is not None else None
+        if mu is not None:
+            # a path in y = x − μ (MeanReverting) with y_0 = x_0 − μ: y + α·μ = α·x_0 + σ·ε
+            x64 = x64 - mu
+            x0 = self.gmm.x0_mean(x64 + a * mu, a, s) - mu
+        else:
+            x0 = self.gmm.x0_mean(x64, a, s)
         eps = (x64 - a * x0) / s
         kind = self.prediction
         if kind == "x0":
@@ -132,6 +141,8 @@ class _ExactNet:
             out = -eps / s
         else:
             out = float(p.d_alpha(tt)) * x0 + float(p.d_sigma(tt)) * eps
+        if mu is not None:
+            out = p.from_path(out, x64, mu, a, s, kind)  # type: ignore[attr-defined]
         return out.to(x.dtype)
 
 

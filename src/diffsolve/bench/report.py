@@ -122,17 +122,22 @@ def markdown_table(
 ) -> str:
     """The results table as GitHub markdown (rows = configurations, columns = NFE); the best
     diffsolve entry and the best peer entry per NFE are bold, and a budget a configuration could
-    not meet exactly shows its actual NFE in brackets. ``metric``: ``err_standard`` or
-    ``err_continued``."""
+    not meet exactly shows its actual NFE in brackets. ``metric``: ``err_standard``,
+    ``err_continued`` or ``fd`` (the network benchmark)."""
     nfes = sorted({r["nfe"] for r in rows})
     best = _best(rows, metric)
-    what = "standard endpoint" if metric == "err_standard" else "continued to σ = 0"
+    what = {
+        "err_standard": "Relative RMSE to the exact PF-ODE solution (standard endpoint)",
+        "err_continued": "Relative RMSE to the exact PF-ODE solution (continued to σ = 0)",
+        "fd": "FD-digits against the real digits",
+    }[metric]
+    if meta and meta.get("reference", {}).get("method") == "rk45" and metric == "err_standard":
+        what = "Relative RMSE to the network's converged ODE solution (rk45)"
     lines = []
     if meta:
         lines.append(
-            f"Relative RMSE to the exact PF-ODE solution ({what}); {meta.get('model')} on "
-            f"{meta.get('process')}, batch {meta.get('batch')}, seed {meta.get('seed')}. "
-            "**Bold**: best of each side per NFE."
+            f"{what}; {meta.get('model')} on {meta.get('process')}, batch {meta.get('batch')}, "
+            f"seed {meta.get('seed')}. **Bold**: best of each side per NFE."
         )
         lines.append("")
     lines.append("| side | solver | schedule | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
@@ -149,7 +154,7 @@ def markdown_table(
             if r.get("error"):
                 cells.append("fail")
                 continue
-            c = _fmt(r.get(metric))
+            c = f"{r[metric]:.1f}" if metric == "fd" else _fmt(r.get(metric))
             if r.get("nfe_used") not in (None, n):
                 c += f" [{r['nfe_used']}]"
             cells.append(f"**{c}**" if best.get((kind, n)) == label else c)
@@ -163,6 +168,7 @@ _SDE_METRICS = {
     "mmd": "MMD to exact mixture samples (lower is better)",
     "loglik": "mean log-likelihood under the true density (nats; closest to 'exact' is best)",
 }
+_METRICS = {**_SDE_METRICS, "fd": "FD-digits against the 1797 real digits (lower is better)"}
 
 
 def _sde_best(rows: Sequence[dict[str, Any]], metric: str) -> dict[int, str]:
@@ -179,15 +185,14 @@ def _sde_best(rows: Sequence[dict[str, Any]], metric: str) -> dict[int, str]:
     return {k: v[1] for k, v in best.items()}
 
 
-def stochastic_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any], metric: str) -> Any:
-    """A rich Table of one stochastic-benchmark metric: rows = configurations (kind shown),
-    columns = NFE; the best per NFE is starred."""
+def metric_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any], metric: str) -> Any:
+    """A rich Table of one metric (``sw2``, ``mmd``, ``loglik``, ``fd``): rows = configurations
+    (kind shown), columns = NFE; the best per NFE is starred."""
     from rich.table import Table
 
     nfes = sorted({r["nfe"] for r in rows})
-    title = (
-        f"{_SDE_METRICS[metric]}\n{meta.get('model')} on {meta.get('process')}, n = {meta.get('n')}"
-    )
+    n_samples = meta.get("n", meta.get("batch"))
+    title = f"{_METRICS[metric]}\n{meta.get('model')} on {meta.get('process')}, n = {n_samples}"
     table = Table(title=title, title_justify="left")
     table.add_column("kind")
     table.add_column("sampler", no_wrap=True)

@@ -1,5 +1,20 @@
 """Guidance as Denoiser wrappers: each takes a model and returns the same interface."""
 
+from .classifier import ClassifierGuidance
+from .inpaint import Inpaint, gmm_conditional
+from .skip_tuning import SkipTuning, linear_rho, skip_count, skip_tuning
 from .thresholding import DynamicThreshold, StaticThreshold
+from .time_shift import TimeShift
 
-__all__ = ["DynamicThreshold", "StaticThreshold"]
+__all__ = [
+    "ClassifierGuidance",
+    "DynamicThreshold",
+    "Inpaint",
+    "SkipTuning",
+    "StaticThreshold",
+    "TimeShift",
+    "gmm_conditional",
+    "linear_rho",
+    "skip_count",
+    "skip_tuning",
+]

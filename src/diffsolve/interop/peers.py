@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -67,8 +68,11 @@ __all__ = [
     "PeerResult",
     "available",
     "make_scheduler",
+    "make_stochastic_scheduler",
     "peer_configs",
     "run_peer",
+    "run_stochastic_peer",
+    "stochastic_peer_configs",
 ]
 
 
@@ -343,4 +347,148 @@ def run_peer(config: PeerConfig, model: Denoiser, x_T: Tensor, nfe: int) -> Peer
         extra = _KD_ARGS.get(config.algorithm, {})
         x = sampler(kd_model, x_T / float(process.alpha(grid[0])), sigmas, disable=True, **extra)
         return PeerResult(x.to(torch.float64), kd_model.calls, grid)
+    raise ValueError(f"unknown peer library {config.library!r}; valid: 'diffusers', 'k-diffusion'")
+
+
+# -- stochastic peers (samplers of the reverse SDE) ------------------------------------------------
+# name -> (scheduler class, fixed config, NFE rule, our solver). Every peer here draws its own
+# noise from a seeded RNG (``run_stochastic_peer(seed=)``), so only distributions can be compared
+# with ours; tests/test_dpmpp_sde.py injects identical noise into each and gets ≤ 1e-6.
+_SDE_DIFFUSERS: dict[str, tuple[str, dict[str, Any], str, tuple[str, dict]]] = {
+    # DPM-Solver++ SDE (k-diffusion's sample_dpmpp_sde, r = ½): 2n − 1 calls for n timesteps
+    "DPMSolverSDE": ("DPMSolverSDEScheduler", {}, _TWO, ("dpmpp_sde", {})),
+    "DPMSolverMultistep-SDE-2M": (
+        "DPMSolverMultistepScheduler",
+        {"solver_order": 2, "algorithm_type": "sde-dpmsolver++", "solver_type": "midpoint"},
+        _ONE,
+        ("dpmpp_2m_sde", {}),
+    ),
+}
+
+# k-diffusion sampler -> (NFE rule, our solver); all at their defaults (η = 1, s_noise = 1)
+_SDE_KDIFFUSION: dict[str, tuple[str, tuple[str, dict]]] = {
+    "sample_euler_ancestral": (_ONE, ("ddpm", {})),  # ancestral Euler in ρ at η = 1 is DDPM
+    "sample_dpmpp_sde": (_TWO, ("dpmpp_sde", {})),
+    "sample_dpmpp_2m_sde": (_ONE, ("dpmpp_2m_sde", {})),
+    # k-diffusion's 3M SDE: half the second derivative (our reference=True), no lower-order final
+    "sample_dpmpp_3m_sde": (
+        _ONE,
+        ("dpmpp_3m_sde", {"reference": True, "lower_order_final": False}),
+    ),
+}
+
+_SDE_SHORT = {
+    "DPMSolverSDE": "DPM++SDE",
+    "DPMSolverMultistep-SDE-2M": "DPM++2M-SDE",
+    "sample_euler_ancestral": "euler_a",
+    "sample_dpmpp_sde": "dpmpp_sde",
+    "sample_dpmpp_2m_sde": "dpmpp_2m_sde",
+    "sample_dpmpp_3m_sde": "dpmpp_3m_sde",
+}
+
+
+def stochastic_peer_configs(process: GaussianProcess) -> list[PeerConfig]:
+    """The stochastic (reverse-SDE) peers for ``process``, restricted to the installed libraries.
+
+    VPDiscrete: diffusers ``DPMSolverSDEScheduler`` (DPM++ SDE; default spacing and karras) and
+    ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")`` (2M SDE; default and
+    karras). Any Gaussian path: k-diffusion ``sample_euler_ancestral``, ``sample_dpmpp_sde``,
+    ``sample_dpmpp_2m_sde``, ``sample_dpmpp_3m_sde`` on karras and exponential σ. Each entry's
+    ``ours`` is the diffsolve solver implementing the same algorithm (``run_stochastic_peer``).
+    """
+    have = available()
+    out: list[PeerConfig] = []
+    if have["diffusers"] and isinstance(process, VPDiscrete):
+        for algorithm, (_, _, _, ours) in _SDE_DIFFUSERS.items():
+            for spacing in ("default", "karras"):
+                label = f"diffusers {_SDE_SHORT[algorithm]} {spacing}"
+                out.append(PeerConfig("diffusers", algorithm, spacing, label, _ours(ours)))
+    if have["k-diffusion"]:
+        for spacing in ("karras", "exponential"):
+            for algorithm, (_, ours) in _SDE_KDIFFUSION.items():
+                label = f"k-diff {_SDE_SHORT[algorithm]} {spacing}"
+                out.append(PeerConfig("k-diffusion", algorithm, spacing, label, _ours(ours)))
+    return out
+
+
+def make_stochastic_scheduler(config: PeerConfig, process: GaussianProcess, seed: int = 0) -> Any:
+    """The diffusers scheduler of a stochastic diffusers PeerConfig (DPMSolverSDE's Brownian
+    tree seeded with ``seed``)."""
+    from .diffusers import require_diffusers
+
+    diffusers = require_diffusers()
+    if config.algorithm not in _SDE_DIFFUSERS:
+        raise ValueError(f"unknown stochastic diffusers peer {config.algorithm!r}")
+    if config.spacing not in _SPACING:
+        raise ValueError(f"unknown spacing {config.spacing!r}; valid: {', '.join(_SPACING)}")
+    cls_name, fixed, _, _ = _SDE_DIFFUSERS[config.algorithm]
+    cls = getattr(diffusers, cls_name)
+    cfg = {**_process_config(process, cls_name), **fixed, **_SPACING[config.spacing]}
+    if cls_name == "DPMSolverSDEScheduler":
+        cfg["noise_sampler_seed"] = seed
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    return cls(**{k: v for k, v in cfg.items() if k in accepted})
+
+
+def run_stochastic_peer(
+    config: PeerConfig, model: Denoiser, x_T: Tensor, nfe: int, *, seed: int = 0
+) -> PeerResult:
+    """Run one stochastic peer with its own noise, seeded with ``seed``, within ``nfe`` calls.
+
+    Noise as each library's users get it: diffusers ``DPMSolverMultistepScheduler`` draws from a
+    ``torch.Generator`` seeded with ``seed``; ``DPMSolverSDEScheduler`` and k-diffusion's
+    ``sample_dpmpp_*`` use their torchsde Brownian tree in ρ = σ/α (``noise_sampler_seed`` /
+    ``BrownianTreeNoiseSampler(seed=seed)``, one tree for the batch); ``sample_euler_ancestral``
+    draws ``randn`` from a seeded generator. Peer quirks are kept, as users get them:
+    DPMSolverSDE evaluates its midpoints at timesteps from its log-σ interpolation of the table
+    and, with linspace/trailing spacing (karras uses linspace), scales x_T by σ_max instead of
+    sqrt(σ_max² + 1). The result's ``grid`` holds the step grid only
+    (DPMSolverSDE's midpoint evaluations are left out), so ``ds.sample(model, x_T,
+    solver=config.ours[0], times=grid, **config.ours[1])`` is the same algorithm on the same grid.
+    """
+    x_T = x_T.to(torch.float64)
+    process = model.process
+    if config.library == "diffusers":
+        from .diffusers import run_diffusers
+
+        if config.algorithm not in _SDE_DIFFUSERS:
+            raise ValueError(f"unknown stochastic diffusers peer {config.algorithm!r}")
+        rule = _SDE_DIFFUSERS[config.algorithm][2]
+        scheduler = make_stochastic_scheduler(config, process, seed)
+        gen = None if rule == _TWO else torch.Generator().manual_seed(seed)
+        with warnings.catch_warnings():  # DPMSolverSDE's torchsde tree: see below
+            warnings.filterwarnings("ignore", message="Should have t", category=UserWarning)
+            run = run_diffusers(scheduler, model, x_T, _steps_for(rule, nfe), generator=gen)
+        times = run.times[0::2] if rule == _TWO else run.times  # DPMSolverSDE: midpoints odd
+        return PeerResult(run.x.to(torch.float64), run.nfe, _unique_desc(times))
+    if config.library == "k-diffusion":
+        from .kdiffusion import KDiffusionDenoiser, load_sampling, sigmas_for
+
+        if config.algorithm not in _SDE_KDIFFUSION:
+            raise ValueError(f"unknown stochastic k-diffusion sampler {config.algorithm!r}")
+        sampling = load_sampling()
+        sampler: Callable[..., Tensor] = getattr(sampling, config.algorithm)
+        sigmas = sigmas_for(
+            process, config.spacing, _steps_for(_SDE_KDIFFUSION[config.algorithm][0], nfe)
+        )
+        grid = process.t_of_rho(sigmas[:-1])
+        x = x_T / float(process.alpha(grid[0]))
+        if config.algorithm == "sample_euler_ancestral":
+            gen = torch.Generator().manual_seed(seed)
+
+            def noise_sampler(sigma: Any, sigma_next: Any) -> Tensor:
+                return torch.randn(x.shape, generator=gen, dtype=x.dtype)
+
+        else:
+            positive = sigmas[sigmas > 0]
+            noise_sampler = sampling.BrownianTreeNoiseSampler(
+                x, positive.min(), positive.max(), seed=seed
+            )
+        kd_model = KDiffusionDenoiser(model)
+        with warnings.catch_warnings():
+            # torchsde keeps the tree's ends in float32 and warns when a float64 σ at an end
+            # falls a rounding error outside them (it clamps, as it should)
+            warnings.filterwarnings("ignore", message="Should have t", category=UserWarning)
+            out = sampler(kd_model, x, sigmas, disable=True, noise_sampler=noise_sampler)
+        return PeerResult(out.to(torch.float64), kd_model.calls, grid)
     raise ValueError(f"unknown peer library {config.library!r}; valid: 'diffusers', 'k-diffusion'")
