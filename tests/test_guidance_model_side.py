@@ -2,9 +2,10 @@
 
 * Classifier guidance with the exact component posterior p(k | x_t) of a Gaussian mixture is,
   by Bayes, the exact score of component k: at w = 1 the guided unconditional denoiser equals
-  the exact single-component denoiser (to 1e-8, float64), and at any w it equals the closed
-  form ε̂_u + w·(ε̂_k − ε̂_u).
-* Time-Shift: the network time chosen per sample equals a brute-force argmin over the window;
+  the exact single-component denoiser (to 1e-11 in float64; measured 2e-14), and at any w it
+  equals the closed form ε̂_u + w·(ε̂_k − ε̂_u).
+* Time-Shift: a row whose variance is exactly σ² at t + k·δ is evaluated at t + k·δ, and the
+  time chosen per sample equals a brute-force argmin over the window;
   a variance above/below every target moves it to the window's top/bottom; window 0, the cutoff
   and a matched variance leave the model unchanged.
 * Skip-Tuning: ρ = 1 and removed hooks leave outputs bit-identical; ρ ≠ 1 equals an independent
@@ -59,7 +60,7 @@ def test_classifier_guidance_exact_conditional_denoiser(g64, sd):
             rows = labels == k
             ref = _component(g64, k).denoiser(sd)(xt[rows], t)
             worst = max(worst, rel_err(pred.x0[rows], ref.x0), rel_err(pred.eps[rows], ref.eps))
-    assert worst < 1e-8, worst
+    assert worst < 1e-11, worst  # measured 2e-14
 
 
 def test_classifier_guidance_scale_is_the_cfg_closed_form(g64, sd):
@@ -70,8 +71,8 @@ def test_classifier_guidance_scale_is_the_cfg_closed_form(g64, sd):
     u, c = model(x, t), comp(x, t)
     for w in (0.0, 3.0):
         pred = ClassifierGuidance(model, _exact_classifier(g64, sd), w, label=2)(x, t)
-        assert rel_err(pred.eps, u.eps + w * (c.eps - u.eps)) < 1e-8
-        assert rel_err(pred.x0, u.x0 + w * (c.x0 - u.x0)) < 1e-8
+        assert rel_err(pred.eps, u.eps + w * (c.eps - u.eps)) < 1e-11
+        assert rel_err(pred.x0, u.x0 + w * (c.x0 - u.x0)) < 1e-11
 
 
 def test_classifier_guidance_samples_the_conditional(g64, sd):
@@ -81,9 +82,28 @@ def test_classifier_guidance_samples_the_conditional(g64, sd):
         a, info = ds.sample(guided, x_T, "dpmpp_2m", nfe=8, return_info=True)
         b = ds.sample(_component(g64, 4).denoiser(sd), x_T, "dpmpp_2m", nfe=8)
     assert info.nfe == 8
-    assert rel_err(a, b) < 1e-8
+    assert rel_err(a, b) < 1e-11  # measured 1.5e-15
     # and it is not the unconditional sample
     assert rel_err(ds.sample(g64.denoiser(sd), x_T, "dpmpp_2m", nfe=8), b) > 1e-2
+
+
+def test_classifier_guidance_on_the_shipped_networks():
+    # the shipped noise-conditional classifier steers the unconditional digits-vp model:
+    # measured class accuracy 0.03 at w = 0 and 0.94 at w = 3 (100 samples, dpmpp_2m, NFE 10)
+    nets = pytest.importorskip("diffsolve.nets")
+    from diffsolve.bench.digits import class_accuracy
+
+    model = nets.model("digits-vp")
+    clf, _ = nets.noisy_classifier()
+    labels = torch.arange(100) % 10
+    x_T = ds.prior(model.process, (100, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    acc = {}
+    for w in (0.0, 3.0):
+        guided = ClassifierGuidance(model, clf, w, label=labels)
+        with torch.no_grad():
+            x = ds.sample(guided, x_T, "dpmpp_2m", nfe=10, cond={"label": torch.full((100,), -1)})
+        acc[w] = class_accuracy(x, labels)
+    assert acc[0.0] < 0.3 and acc[3.0] > 0.8, acc
 
 
 # -- time shift ----------------------------------------------------------------------------------
@@ -112,17 +132,22 @@ def test_time_shift_picks_the_brute_force_argmin(g64, sd):
     spy, model = _spy_model(g64, sd)
     ts = TimeShift(model, window=20, cutoff=0)
     t = 0.5
-    gen = torch.Generator().manual_seed(7)
-    scale = torch.linspace(0.9, 1.1, 8, dtype=torch.float64)[:, None] * float(sd.sigma(t))
-    x = torch.randn(8, 64, generator=gen, dtype=torch.float64) * scale
+    # rows whose variance is exactly σ² at t + k/1000 (k beyond ±10 clips to the window's ends)
+    k = torch.tensor([-7, -3, 0, 2, 5, 9, 14, -15], dtype=torch.float64)
+    z = torch.randn(8, 64, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    z = (z - z.mean(1, keepdim=True)) / z.std(1, keepdim=True)
+    x = z * sd.sigma(t + k / 1000)[:, None]
     pred = ts(x, t)
     tau = spy.seen[-1]
-    # brute force on the host: candidates t + k/1000, |k| ≤ 10; target 1 − ᾱ_τ = σ_τ²
+    assert torch.allclose(tau, t + k.clamp(-10, 10) / 1000, rtol=0, atol=1e-12)
+    # and a brute force on the host for random variances: candidates t + j/1000, |j| ≤ 10,
+    # target 1 − ᾱ_τ = σ_τ²
+    y = z * (0.97 + 0.06 * torch.rand(8, 1, generator=torch.Generator().manual_seed(8)))
+    y = y.double() * float(sd.sigma(t))
+    ts(y, t)
     cand = t + torch.arange(-10, 11, dtype=torch.float64) / 1000
-    var = x.var(dim=1)
-    expect = cand[(var[:, None] - sd.sigma(cand)[None] ** 2).abs().argmin(1)]
-    assert torch.equal(tau, expect)
-    assert (tau != t).sum() >= 4  # the spread of variances does shift most samples
+    expect = cand[(y.var(1)[:, None] - sd.sigma(cand)[None] ** 2).abs().argmin(1)]
+    assert torch.equal(spy.seen[-1], expect)
     # ε̂ is the network's at τ; x̂0 is rebuilt at the scheduled t
     for i in range(8):
         ref = model(x[i : i + 1], float(tau[i]))
