@@ -82,7 +82,8 @@ def test_recommendation_bands(sd):
     assert recommend(ds.EDM(), 5).schedule.sigma_max is None
     assert recommend(ds.VE(), 6).schedule.sigma_max is None
     guided = recommend(sd, 5, guided=True)
-    assert isinstance(guided.schedule, LogSNR) and guided.final == "standard"
+    assert guided.solver.name == "dpmpp_2m" and guided.final == "standard"
+    assert guided.schedule == recommend(sd, 5).schedule
     with pytest.raises(ValueError, match="positive integer"):
         recommend(sd, 0)
 
