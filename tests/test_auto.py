@@ -132,3 +132,17 @@ def test_auto_rejects_what_it_cannot_honour(sd, g2):
     with pytest.raises(ValueError, match="resolved by ds"):
         ds.get_solver("auto")
     assert m.nfe == 0
+
+
+def test_flow_paths_get_the_flow_grid():
+    from diffsolve.schedules import Uniform
+
+    fm = ds.FlowMatching()
+    for n in (3, 5, 20):
+        rec = recommend(fm, n)
+        assert rec.schedule == Uniform(trailing=True) and rec.final == "extrapolate"
+        assert recommend(fm, n, guided=True).solver.name == "dpmpp_2m"
+    t = Uniform(trailing=True)(fm, 5)
+    # diffusers' FlowMatchEuler grid: linspace(t_max, t_min, n + 1) without its last point
+    want = torch.linspace(1.0, fm.t_min, 6, dtype=torch.float64)[:-1]
+    assert torch.allclose(t, want, rtol=0, atol=1e-15)

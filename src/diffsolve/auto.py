@@ -20,6 +20,12 @@ What the sweep shows, and so what the rule does:
 * NFE 8–12: uniform λ over the whole range, ``final="standard"``.
 * NFE ≥ 13: Karras ρ = 25 over the whole range, and ``final="extrapolate"`` (the last x̂_0's
   continued to σ = 0), which at these budgets is worth a factor 1.5–3 over stopping at t_min.
+* Flow paths (α = 0 at t_max: rectified flow, the flow-matching paths): λ-uniform and Karras
+  grids put several points where the velocity barely changes. The rule is diffusers' flow grid
+  (uniform t, the last evaluation at t_max/n) with UniPC-2 continued to σ = 0. On the shipped
+  digits-flow network (256 samples, against its rk45 solution) at NFE 5 / 10 / 20: relative RMSE
+  0.066 / 0.025 / 0.011, against the best peer (diffusers UniPC bh2-2 on the same grid) 0.073 /
+  0.028 / 0.012 and UniPC-2 on uniform λ 0.167 / 0.064 / 0.017.
 * Guidance on (a :class:`~diffsolve.CFG` with scale ≠ 1 anywhere in the wrapper chain):
   DPM-Solver++(2M) on the same grid with ``final="standard"`` — the guided x̂_0 overshoots, so
   neither high orders and correctors (DPM-Solver++ paper, §5) nor extrapolation of x̂_0 are
@@ -36,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .processes.base import GaussianProcess
-from .schedules import Karras, LogSNR, Schedule
+from .schedules import Karras, LogSNR, Schedule, Uniform
 from .solvers.base import Solver, get_solver
 
 __all__ = ["Recommendation", "is_guided", "recommend"]
@@ -75,6 +81,11 @@ def _variance_preserving(process: GaussianProcess) -> bool:
     )
 
 
+def _flow_like(process: GaussianProcess) -> bool:
+    # α = 0 at the noise end (rectified flow, flow-matching paths): λ-grids waste steps there
+    return float(process.alpha(process.t_max)) == 0.0
+
+
 def _bounds(process: GaussianProcess, sigma_min: float | None, sigma_max: float | None) -> dict:
     # keep a bound only where it narrows the process's own range and leaves a non-empty one
     lo, hi = float(process.rho(process.t_min)), float(process.rho(process.t_max_finite))
@@ -97,6 +108,14 @@ def recommend(process: GaussianProcess, nfe: int, guided: bool = False) -> Recom
     if int(nfe) != nfe or nfe < 1:
         raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
     nfe = int(nfe)
+    if _flow_like(process):
+        return Recommendation(
+            get_solver("dpmpp_2m") if guided else get_solver("unipc", order=2),
+            Uniform(trailing=True),
+            "standard" if guided else "extrapolate",
+            "flow path: uniform t ending at t_max/n (diffusers' flow grid)"
+            + (", DPM-Solver++(2M), guided" if guided else ", UniPC-2, continued to σ = 0"),
+        )
     if guided:
         plain = recommend(process, nfe)
         return Recommendation(

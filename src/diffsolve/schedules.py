@@ -61,13 +61,23 @@ def _ramp(n: int) -> Tensor:
 
 @dataclass(frozen=True)
 class Uniform(Schedule):
-    """Uniform in t (with the process's time shift, e.g. SD3 flow shift)."""
+    """Uniform in t (with the process's time shift, e.g. SD3 flow shift).
 
+    ``trailing=True``: the n points of ``linspace(t_max, t_min, n + 1)`` without its last, so the
+    last evaluation is at about t_max/n and the final step to σ = 0 covers the rest — diffusers'
+    flow-matching grid (``FlowMatchEulerDiscreteScheduler``) and its ``trailing`` spacing.
+    """
+
+    trailing: bool = False
     name: ClassVar[str] = "uniform"
     description: ClassVar[str] = "uniform in t (time-shifted for shifted flow models)"
 
     def times(self, process: GaussianProcess, n: int) -> Tensor:
-        t = process.t_max + _ramp(n) * (process.t_min - process.t_max)
+        if self.trailing:
+            ramp = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)[:-1]
+        else:
+            ramp = _ramp(n)
+        t = process.t_max + ramp * (process.t_min - process.t_max)
         return process.shift_time(t)
 
 
