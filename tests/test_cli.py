@@ -76,3 +76,18 @@ def test_bench_rejects_bad_input(tmp_path):
     assert res.exit_code == 2 and "unknown solver 'nope'" in res.output
     res = runner.invoke(app, ["bench", "--nfe", "4,x", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "comma-separated integers" in res.output
+
+
+def test_bench_on_a_shipped_network(tmp_path):
+    out = tmp_path / "net"
+    args = ["bench", "--model", "digits-vp", "--solvers", "auto,euler", "--nfe", "5,20"]
+    res = runner.invoke(app, [*args, "--batch", "16", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "bench-digits-vp.json").read_text())
+    ref = data["meta"]["reference"]
+    assert ref["method"] == "rk45" and ref["nfe"] > 100
+    err = {(r["label"], r["nfe"]): r["err_standard"] for r in data["rows"]}
+    # against the network's own converged ODE solution, more steps are closer
+    assert err[("euler", 20)] < err[("euler", 5)] and err[("auto", 20)] < err[("auto", 5)]
+    assert all(r["fd"] > 0 for r in data["rows"])
+    assert "FD-digits" in (out / "bench-digits-vp.md").read_text()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,20 @@ def _nfes(text: str | None, default: tuple[int, ...]) -> list[int]:
     if any(n < 1 for n in out):
         raise typer.BadParameter(f"NFE budgets must be positive, got {text!r}")
     return out
+
+
+def _run_with_status(console: Any, what: str, run: Callable[..., Any]) -> Any:
+    """``run(progress=…)`` under a status line; a ValueError is printed and exits with code 2.
+    The result's ``meta["wall_seconds"]`` is set."""
+    started = time.perf_counter()
+    try:
+        with console.status(what) as status:
+            result = run(progress=lambda msg: status.update(f"running {msg}"))
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    result.meta["wall_seconds"] = time.perf_counter() - started
+    return result
 
 
 @app.command()
@@ -117,25 +133,22 @@ def bench(
     nfes = _nfes(nfe, QUICK_NFES if quick else DEFAULT_NFES)
     n_batch = batch if batch is not None else (QUICK_BATCH if quick else DEFAULT_BATCH)
     do_check = (not quick) if check is None else check
-    started = time.perf_counter()
-    try:
-        with console.status("running the benchmark…") as status:
-            result = run_benchmark(
-                model=model,
-                process=process,
-                solver_names=_split(solvers),
-                nfes=nfes,
-                schedules=_split(schedule),
-                batch=n_batch,
-                seed=seed,
-                peers=peers,
-                check=do_check,
-                progress=lambda msg: status.update(f"running {msg}"),
-            )
-    except ValueError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
-    result.meta["wall_seconds"] = time.perf_counter() - started
+    result = _run_with_status(
+        console,
+        "running the benchmark…",
+        partial(
+            run_benchmark,
+            model=model,
+            process=process,
+            solver_names=_split(solvers),
+            nfes=nfes,
+            schedules=_split(schedule),
+            batch=n_batch,
+            seed=seed,
+            peers=peers,
+            check=do_check,
+        ),
+    )
     json_path = report.write_json(result, out)
     png_path = report.plot(result.rows, Path(out) / "bench.png", result.meta) if plot else None
     md_path = Path(out) / "bench.md"
@@ -194,23 +207,20 @@ def _bench_network(
     from .bench.networks import NETWORK_NFES, run_network_benchmark
 
     nfes = _nfes(nfe, (5, 10) if quick else NETWORK_NFES)
-    started = time.perf_counter()
-    try:
-        with console.status("running the network benchmark…") as status:
-            result = run_network_benchmark(
-                model,
-                solver_names=_split(solvers),
-                nfes=nfes,
-                schedules=_split(schedule),
-                n=batch if batch is not None else (64 if quick else 256),
-                seed=seed,
-                peers=peers,
-                progress=lambda msg: status.update(f"running {msg}"),
-            )
-    except ValueError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
-    result.meta["wall_seconds"] = time.perf_counter() - started
+    result = _run_with_status(
+        console,
+        "running the network benchmark…",
+        partial(
+            run_network_benchmark,
+            model,
+            solver_names=_split(solvers),
+            nfes=nfes,
+            schedules=_split(schedule),
+            n=batch if batch is not None else (64 if quick else 256),
+            seed=seed,
+            peers=peers,
+        ),
+    )
     json_path = report.write_json(result, out, name=f"bench-{model}.json")
     md_path = Path(out) / f"bench-{model}.md"
     md_path.write_text(
@@ -248,23 +258,20 @@ def _bench_stochastic(
 
     nfes = _nfes(nfe, (10, 20) if quick else (10, 20, 50))
     n = batch if batch is not None else (512 if quick else 2048)
-    started = time.perf_counter()
-    try:
-        with console.status("running the stochastic benchmark…") as status:
-            result = run_stochastic_benchmark(
-                model,
-                process,
-                solver_names=_split(solvers),
-                nfes=nfes,
-                n=n,
-                seed=seed,
-                peers=peers,
-                progress=lambda msg: status.update(f"running {msg}"),
-            )
-    except ValueError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
-    result.meta["wall_seconds"] = time.perf_counter() - started
+    result = _run_with_status(
+        console,
+        "running the stochastic benchmark…",
+        partial(
+            run_stochastic_benchmark,
+            model,
+            process,
+            solver_names=_split(solvers),
+            nfes=nfes,
+            n=n,
+            seed=seed,
+            peers=peers,
+        ),
+    )
     json_path = report.write_json(result, out, name="bench-stochastic.json")
     md_path = Path(out) / "bench-stochastic.md"
     md_path.write_text(report.stochastic_markdown(result.rows, result.meta))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from ..denoiser import Denoiser
 from ..sample import sample
 from ..solvers.base import get_solver
 from .metrics import per_sample_rel_err, rel_rmse
-from .runner import BenchResult
+from .runner import BenchResult, peer_row
 
 __all__ = ["NETWORK_NFES", "NETWORK_SOLVERS", "run_network_benchmark"]
 
@@ -182,29 +183,12 @@ def _run_network_peers(
     for cfg in peer_mod.peer_configs(process):
         for k in nfes:
             say(f"{cfg.label} nfe={k}")
-            row: dict[str, Any] = {
-                "kind": "peer",
-                "label": cfg.label,
-                "library": cfg.library,
-                "solver": cfg.algorithm,
-                "options": {},
-                "schedule": cfg.spacing,
-                "nfe": int(k),
-            }
-            t0 = time.perf_counter()
-            try:
-                res = peer_mod.run_peer(cfg, model, x_T, int(k))
-            except Exception as e:  # a peer's failure is a row, not a crash of the benchmark
-                rows.append({**row, "nfe_used": None, "seconds": None, "error": repr(e)})
-                continue
-            rows.append(
-                {
-                    **row,
-                    **score(res.x.to(x_T.dtype)),
-                    "nfe_used": int(res.nfe),
-                    "seconds": time.perf_counter() - t0,
-                    "error": None,
-                }
+            row, _ = peer_row(
+                cfg,
+                k,
+                partial(peer_mod.run_peer, cfg, model, x_T, int(k)),
+                lambda res: score(res.x.to(x_T.dtype)),
             )
+            rows.append(row)
     missing = [k for k, v in have.items() if not v]
     return {"available": have, "note": ("missing: " + ", ".join(missing)) if missing else None}

@@ -27,6 +27,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -327,6 +328,44 @@ def run_benchmark(
     return BenchResult(rows, meta)
 
 
+def peer_row(
+    cfg: Any,
+    nfe: int,
+    run: Callable[[], Any],
+    score: Callable[[Any], dict[str, Any]],
+    empty: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], Any]:
+    """One benchmark row for a peer configuration at one NFE, and the peer's result.
+
+    ``run()`` runs the peer (a :class:`~diffsolve.interop.peers.PeerResult`), ``score(result)``
+    gives the row's metrics; a peer's own failure becomes the row's ``error`` (with ``empty``'s
+    metric fields) and the result None, so one broken configuration never stops a benchmark.
+    """
+    row: dict[str, Any] = {
+        "kind": "peer",
+        "label": cfg.label,
+        "library": cfg.library,
+        "solver": cfg.algorithm,
+        "options": {},
+        "schedule": cfg.spacing,
+        "nfe": int(nfe),
+    }
+    t0 = time.perf_counter()
+    try:
+        res = run()
+        metrics = score(res)
+    except Exception as e:  # a peer's own failure is a result, not a crash
+        return {**row, **(empty or {}), "nfe_used": None, "seconds": None, "error": repr(e)}, None
+    seconds = time.perf_counter() - t0
+    return {**row, **metrics, "nfe_used": int(res.nfe), "seconds": seconds, "error": None}, res
+
+
+def _peer_errors(ref: ExactReference, res: Any) -> dict[str, Any]:
+    grid = res.grid.to(torch.float64)
+    t_start, t_last = float(grid[0]), float(grid[-1])
+    return {**ref.errors(res.x, t_start, t_last), "t_start": t_start, "t_last": t_last}
+
+
 def _run_peers(
     rows: list[dict[str, Any]],
     ref: ExactReference,
@@ -351,39 +390,17 @@ def _run_peers(
     for cfg in configs:
         for n in nfes:
             say(f"{cfg.label} nfe={n}")
-            row: dict[str, Any] = {
-                "kind": "peer",
-                "label": cfg.label,
-                "library": cfg.library,
-                "solver": cfg.algorithm,
-                "options": {},
-                "schedule": cfg.spacing,
-                "nfe": int(n),
-                "ours": None,
-                "ratio_standard": None,
-                "ratio_continued": None,
-            }
-            try:
-                t0 = time.perf_counter()
-                res = peer_mod.run_peer(cfg, den, x_T, int(n))
-                seconds = time.perf_counter() - t0
-                grid = res.grid.to(torch.float64)
-                t_start, t_last = float(grid[0]), float(grid[-1])
-                row.update(
-                    ref.errors(res.x, t_start, t_last),
-                    nfe_used=int(res.nfe),
-                    seconds=seconds,
-                    t_start=t_start,
-                    t_last=t_last,
-                    error=None,
-                )
-            except Exception as e:  # a peer's own failure is a result, not a crash
-                row.update(_empty_errors(), nfe_used=None, seconds=None, error=repr(e))
-                rows.append(row)
-                continue
-            if cfg.ours is not None:
+            row, res = peer_row(
+                cfg,
+                n,
+                partial(peer_mod.run_peer, cfg, den, x_T, int(n)),
+                partial(_peer_errors, ref),
+                _empty_errors(),
+            )
+            row.update(ours=None, ratio_standard=None, ratio_continued=None)
+            if res is not None and cfg.ours is not None:
                 name, opts = cfg.ours
-                ours = _run_ours(ref, den, x_T, name, dict(opts), times=grid)
+                ours = _run_ours(ref, den, x_T, name, dict(opts), times=res.grid.to(torch.float64))
                 row["ours"] = {"solver": name, "options": dict(opts), **ours}
                 for k in ("standard", "continued"):
                     a, b = ours[f"err_{k}"], row[f"err_{k}"]

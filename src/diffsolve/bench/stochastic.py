@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from ..sample import sample
 from ..solvers.base import get_solver, solvers
 from .gmm import GaussianMixture, get_gmm
 from .metrics import mean_log_likelihood, mmd_rbf, sliced_w2
-from .runner import BenchResult, get_process, prediction_for
+from .runner import BenchResult, get_process, peer_row, prediction_for
 
 __all__ = ["DEFAULT_SDE_NFES", "ODE_BASELINES", "SDE_EXTRAS", "run_stochastic_benchmark"]
 
@@ -182,29 +183,13 @@ def _run_sde_peers(
     for cfg in peer_mod.stochastic_peer_configs(proc):
         for k in nfes:
             say(f"{cfg.label} nfe={k}")
-            row: dict[str, Any] = {
-                "kind": "peer",
-                "label": cfg.label,
-                "library": cfg.library,
-                "solver": cfg.algorithm,
-                "options": {},
-                "nfe": int(k),
-            }
-            t0 = time.perf_counter()
-            try:
-                res = peer_mod.run_stochastic_peer(cfg, den, x_T, int(k), seed=seed + 1)
-            except Exception as e:  # a peer's failure is a row, not a crash of the benchmark
-                rows.append({**row, "nfe_used": None, "seconds": None, "error": repr(e)})
-                continue
-            rows.append(
-                {
-                    **row,
-                    **_metrics(gmm, res.x, exact),
-                    "nfe_used": int(res.nfe),
-                    "seconds": time.perf_counter() - t0,
-                    "error": None,
-                }
+            row, _ = peer_row(
+                cfg,
+                k,
+                partial(peer_mod.run_stochastic_peer, cfg, den, x_T, int(k), seed=seed + 1),
+                lambda res: _metrics(gmm, res.x, exact),
             )
+            rows.append(row)
     note = (
         None if all(have.values()) else "missing: " + ", ".join(k for k, v in have.items() if not v)
     )
