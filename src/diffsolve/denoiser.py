@@ -134,11 +134,11 @@ class Denoiser:
             ok = n * t_in.shape[0] == x.shape[0]
             t_in = t_in.repeat(n) if ok else t_in[:1].expand(x.shape[0])
         self.nfe += 1
-        offset = getattr(self.process, "offset", None)
-        if offset is None:
+        mu = self.process.offset(cond)
+        if mu is None:
             return self.net(x_in, t_in, **cond)
         # a path in y = x − μ (MeanReverting): the solver's x is y, the network sees y + μ
-        mu = offset(cond).to(device=x_in.device, dtype=x_in.dtype)
+        mu = mu.to(device=x_in.device, dtype=x_in.dtype)
         out = self.net(x_in + mu, t_in, **cond)
         return self.process.to_path(out, x, mu, point.alpha, point.sigma, self.prediction)
 

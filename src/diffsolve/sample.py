@@ -214,9 +214,9 @@ def sample(
     start = time.perf_counter()
     ev = _Evaluator(model, cond, check_finite, keep=6 if final == "extrapolate" else 0)
     xc = x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x
-    offset = getattr(process, "offset", None)  # a path in y = x − μ (MeanReverting)
-    mu = offset(cond).to(device=xc.device, dtype=xc.dtype) if offset is not None else None
+    mu = process.offset(cond)  # a path in y = x − μ (MeanReverting): solvers run on y
     if mu is not None:
+        mu = mu.to(device=xc.device, dtype=xc.dtype)
         xc = xc - mu
     if noise is None and solver_obj.stochastic:
         from .noise import NoiseSource

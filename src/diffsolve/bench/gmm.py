@@ -121,9 +121,9 @@ class _ExactNet:
         p = self.process
         a, s = float(p.alpha(tt)), float(p.sigma(tt))
         x64 = x.to(torch.float64)
-        offset = getattr(p, "offset", None)
-        mu = offset(cond).to(torch.float64) if offset is not None else None
+        mu = p.offset(cond)
         if mu is not None:
+            mu = mu.to(torch.float64)
             # a path in y = x − μ (MeanReverting) with y_0 = x_0 − μ: y + α·μ = α·x_0 + σ·ε
             x64 = x64 - mu
             x0 = self.gmm.x0_mean(x64 + a * mu, a, s) - mu

@@ -7,7 +7,8 @@ sample tensors never pass through here. Time ``t`` increases toward noise.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -89,6 +90,19 @@ class GaussianProcess:
         """
         s = self.sigma(t)
         return 2.0 * s * self.d_sigma(t) - 2.0 * self.drift_coef(t) * s * s
+
+    def offset(self, cond: Mapping[str, Any]) -> Tensor | None:
+        """The centre μ of a path in y = x − μ, read from the sampling conditioning; None (the
+        default) for paths centred at 0. Mean-reverting processes return their μ, and the loop
+        and the Denoiser then run every solver on y unchanged."""
+        return None
+
+    def to_path(
+        self, out: Tensor, y: Tensor, mu: Tensor, alpha: float, sigma: float, prediction: str
+    ) -> Tensor:
+        """A network output made for x = y + μ → the same prediction on the path in y (the
+        identity for paths centred at 0; see :meth:`offset`)."""
+        return out
 
     def gamma_sq(self, t: float | Tensor) -> Tensor:
         """γ_t², the default reverse-time diffusion of this process's SDE samplers (g_t² here).

@@ -113,6 +113,12 @@ class StochasticInterpolant(GaussianProcess):
     def log_alpha(self, t: float | Tensor) -> Tensor:
         return self.path.log_alpha(t)
 
+    def offset(self, cond):
+        return self.path.offset(cond)
+
+    def to_path(self, out, y, mu, alpha, sigma, prediction):
+        return self.path.to_path(out, y, mu, alpha, sigma, prediction)
+
     def log_sigma(self, t: float | Tensor) -> Tensor:
         return self.path.log_sigma(t)
 
