@@ -44,6 +44,15 @@ DIFFUSERS = {
     "Heun": ("HeunDiscreteScheduler", {}),
 }
 SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+# k-diffusion's samplers on its Karras σ's (calls per step: 1, or 2 for Heun-type)
+KDIFFUSION = {
+    "sample_euler": 1,
+    "sample_lms": 1,
+    "sample_dpmpp_2m": 1,
+    "sample_heun": 2,
+    "sample_dpm_2": 2,
+    "sample_dpmpp_2s_ancestral": 2,
+}
 
 
 def _sync(device: torch.device) -> None:
@@ -182,6 +191,34 @@ def bench_diffusers(label, model, x_T, steps, device, warmup, repeats) -> tuple[
     return _time(run, device, warmup, repeats), setup, calls[0]
 
 
+def bench_kdiffusion(name, process, x_T, steps, device, warmup, repeats):
+    """(whole run with get_sigmas_karras, the σ's alone, NFE) in seconds; the model is k-diffusion's
+    own parameterisation of the same near-free network (denoised = x·0)."""
+    from diffsolve.interop.kdiffusion import load_sampling
+
+    sampling = load_sampling()
+    s_min, s_max = float(process.rho(process.t_min)), float(process.rho(process.t_max))
+    calls = [0]
+
+    def model(x: torch.Tensor, sigma: torch.Tensor, **_: Any) -> torch.Tensor:
+        calls[0] += 1
+        return x * 0.0
+
+    def sigmas() -> torch.Tensor:
+        return sampling.get_sigmas_karras(steps, s_min, s_max, device=device)
+
+    fn = getattr(sampling, name)
+    extra = {"eta": 0.0} if name.endswith("ancestral") else {}
+
+    def run() -> torch.Tensor:
+        calls[0] = 0
+        return fn(model, x_T * s_max, sigmas(), disable=True, **extra)
+
+    run()
+    setup = _time(sigmas, device, warmup, repeats)
+    return _time(run, device, warmup, repeats), setup, calls[0]
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -194,6 +231,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     p.add_argument("--cuda-graph", action="store_true", help="also time diffsolve in a CUDA graph")
     p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' schedulers")
+    p.add_argument("--no-kdiffusion", action="store_true", help="skip k-diffusion's samplers")
     p.add_argument("--solvers", default="", help="comma-separated diffsolve solvers (default all)")
     p.add_argument("--json", default="", help="write the rows as JSON to this path")
     args = p.parse_args(argv)
@@ -258,19 +296,35 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     *bench_diffusers(label, model, x_T, n, device, w, r),
                 )
 
+    if not args.no_kdiffusion:
+        try:
+            from diffsolve.interop.kdiffusion import load_sampling
+
+            load_sampling()
+        except ImportError as e:
+            print(f"k-diffusion not available: skipping its samplers ({e})")
+        else:
+            for name in KDIFFUSION:
+                add(
+                    "k-diffusion",
+                    name,
+                    "eager",
+                    *bench_kdiffusion(name, process, x_T, n, device, w, r),
+                )
+
     print(
         f"\nsolver overhead, {args.shape} float32 on {device}, {n} steps, "
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
         f"net alone {1e6 * t_net:.1f} µs/call\n"
     )
     print(
-        f"| {'library':9} | {'solver / scheduler':24} | {'mode':10} | NFE | µs/step | "
+        f"| {'library':11} | {'solver / scheduler':24} | {'mode':10} | NFE | µs/step | "
         "set-up µs/step | loop µs/step |"
     )
-    print(f"|{'-' * 11}|{'-' * 26}|{'-' * 12}|----:|--------:|---------------:|-------------:|")
+    print(f"|{'-' * 13}|{'-' * 26}|{'-' * 12}|----:|--------:|---------------:|-------------:|")
     for row in rows:
         print(
-            f"| {row['library']:9} | {row['name']:24} | {row['mode']:10} | {row['nfe']:3d} | "
+            f"| {row['library']:11} | {row['name']:24} | {row['mode']:10} | {row['nfe']:3d} | "
             f"{row['us_per_step']:7.0f} | {row['setup_us_per_step']:14.0f} | "
             f"{row['loop_us_per_step']:12.0f} |"
         )

@@ -34,6 +34,7 @@ What the sweep shows, and so what the rule does:
   UniPC-2's 8.4 / 5.7 and 98 / 142, and relative RMSE 0.34 / 0.16 against 0.47 / 0.20 (at NFE 20
   UniPC is more accurate, 0.014 vs 0.033, at equal FD). Uniform λ over the whole range, the
   usual guided default, is far worse at NFE 5 on this linear-β process (RMSE 2.4, FD 448).
+  Reproduce: ``python benchmarks/auto_guided.py``.
 """
 
 from __future__ import annotations
