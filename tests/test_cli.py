@@ -19,6 +19,7 @@ def test_list_shows_solvers_schedules_processes_models():
         assert word in res.output
     data = json.loads(runner.invoke(app, ["list", "--json"]).output)
     assert {s["name"] for s in data["solvers"]} == {"auto", *ds.solvers()}
+    assert {"digits-vp", "digits-flow"} <= set(data["networks"])
     assert set(data["schedules"]) == set(ds.schedules())
     assert data["models"]["gmm64"]["dim"] == 64
 

@@ -289,7 +289,7 @@ def _bench_stochastic(
 def list_(
     as_json: bool = typer.Option(False, "--json", help="print as JSON"),
 ) -> None:
-    """Solvers and schedules with descriptions, processes and analytic models."""
+    """Solvers and schedules with descriptions, processes, analytic models, shipped networks."""
     from rich.table import Table
 
     from .bench.gmm import GMMS
@@ -334,7 +334,16 @@ def list_(
         }
     sched = schedules()
     procs = {k: v[1] for k, v in PROCESSES.items()}
-    data = {"solvers": solver_rows, "schedules": sched, "processes": procs, "models": models}
+    from .nets import available as shipped_networks
+
+    networks = shipped_networks()
+    data = {
+        "solvers": solver_rows,
+        "schedules": sched,
+        "processes": procs,
+        "models": models,
+        "networks": networks,
+    }
     if as_json:
         sys.stdout.write(json.dumps(data, indent=1) + "\n")
         return
@@ -359,6 +368,15 @@ def list_(
         t.add_column(c)
     for k, m in models.items():
         t.add_row(k, str(m["dim"]), str(m["components"]), str(m["description"]))
+    console.print(t)
+    t = Table(
+        title="shipped networks (diffsolve sample / bench --model; ds.nets.model)",
+        title_justify="left",
+    )
+    t.add_column("name")
+    t.add_column("description")
+    for k, v in networks.items():
+        t.add_row(k, v)
     console.print(t)
 
 
