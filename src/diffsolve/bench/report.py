@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,33 @@ def results_table(
     return table
 
 
+def _cells(
+    rs: Sequence[dict[str, Any]],
+    nfes: Sequence[int],
+    metric: str,
+    fmt: Callable[[Any], str],
+    best_at: Callable[[int], str | None],
+    mark: Callable[[str], str],
+    fail: str = "fail",
+) -> list[str]:
+    """One table row's cells: ``metric`` per NFE through ``fmt``, ``[n]`` where a budget was not
+    met exactly, ``mark`` on the best (``best_at(nfe)`` is its label), ``fail`` for a run that
+    failed and nothing where there was no run."""
+    by_nfe = {r["nfe"]: r for r in rs}
+    label = rs[0]["label"]
+    cells = []
+    for n in nfes:
+        r = by_nfe.get(n)
+        if r is None or r.get("error"):
+            cells.append("" if r is None else fail)
+            continue
+        c = fmt(r.get(metric))
+        if r.get("nfe_used") not in (None, n):
+            c += f" [{r['nfe_used']}]"
+        cells.append(mark(c) if best_at(n) == label else c)
+    return cells
+
+
 def markdown_table(
     rows: Sequence[dict[str, Any]], meta: dict[str, Any] | None = None, metric: str = "err_standard"
 ) -> str:
@@ -142,22 +169,12 @@ def markdown_table(
         lines.append("")
     lines.append("| side | solver | schedule | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
     lines.append("|---|---|---|" + "---:|" * len(nfes))
+    fmt = (lambda v: f"{v:.1f}") if metric == "fd" else _fmt
     for label, rs in _series(rows).items():
         kind = rs[0]["kind"]
-        by_nfe = {r["nfe"]: r for r in rs}
-        cells = []
-        for n in nfes:
-            r = by_nfe.get(n)
-            if r is None:
-                cells.append("")
-                continue
-            if r.get("error"):
-                cells.append("fail")
-                continue
-            c = f"{r[metric]:.1f}" if metric == "fd" else _fmt(r.get(metric))
-            if r.get("nfe_used") not in (None, n):
-                c += f" [{r['nfe_used']}]"
-            cells.append(f"**{c}**" if best.get((kind, n)) == label else c)
+        cells = _cells(
+            rs, nfes, metric, fmt, lambda n, k=kind: best.get((k, n)), lambda c: f"**{c}**"
+        )
         side = "diffsolve" if kind == "diffsolve" else rs[0].get("library", "peer")
         lines.append(f"| {side} | {label} | {rs[0]['schedule']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -200,17 +217,15 @@ def metric_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any], metric: s
         table.add_column(f"NFE {n}", justify="right")
     best = _sde_best(rows, metric)
     for label, rs in _series(rows).items():
-        by_nfe = {r["nfe"]: r for r in rs}
-        cells = []
-        for n in nfes:
-            r = by_nfe.get(n)
-            if r is None or r.get("error"):
-                cells.append("" if r is None else "[red]fail[/red]")
-                continue
-            c = f"{r[metric]:.3g}"
-            if r.get("nfe_used") not in (None, n):
-                c += f" [{r['nfe_used']}]"
-            cells.append(f"[bold green]{c}*[/bold green]" if best.get(n) == label else c)
+        cells = _cells(
+            rs,
+            nfes,
+            metric,
+            lambda v: f"{v:.3g}",
+            best.get,
+            lambda c: f"[bold green]{c}*[/bold green]",
+            "[red]fail[/red]",
+        )
         table.add_row(rs[0]["kind"], label, *cells)
     return table
 
@@ -226,17 +241,7 @@ def stochastic_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) ->
         out.append("| kind | sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
         out.append("|---|---|" + "---:|" * len(nfes))
         for label, rs in _series(rows).items():
-            by_nfe = {r["nfe"]: r for r in rs}
-            cells = []
-            for n in nfes:
-                r = by_nfe.get(n)
-                if r is None or r.get("error"):
-                    cells.append("" if r is None else "fail")
-                    continue
-                c = f"{r[metric]:.3g}"
-                if r.get("nfe_used") not in (None, n):
-                    c += f" [{r['nfe_used']}]"
-                cells.append(f"**{c}**" if best.get(n) == label else c)
+            cells = _cells(rs, nfes, metric, lambda v: f"{v:.3g}", best.get, lambda c: f"**{c}**")
             out.append(f"| {rs[0]['kind']} | {label} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
