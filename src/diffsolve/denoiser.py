@@ -123,6 +123,25 @@ class Denoiser:
             t_in=t_in,
         )
 
+    def points(self, ts: Tensor, like: Tensor) -> list[EvalPoint]:
+        """:meth:`point` for every time of the 1-D float64 tensor ``ts`` at once: the process
+        maths runs once over the whole grid and the network's time inputs cross to the sample's
+        device in one copy (what the sampling loop prefetches for its grid)."""
+        proc = self.process
+        t64 = as_time(ts).reshape(-1)
+        in_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        t_in = torch.as_tensor(self.time_map(t64), dtype=in_dtype).to(like.device)
+        alpha, sigma = proc.alpha(t64).tolist(), proc.sigma(t64).tolist()
+        if self.prediction == "velocity":
+            d_alpha, d_sigma = proc.d_alpha(t64).tolist(), proc.d_sigma(t64).tolist()
+        else:
+            d_alpha = d_sigma = [0.0] * len(alpha)
+        b = like.shape[0]
+        return [
+            EvalPoint(t, a, s, da, ds, t_in[i].expand(b))
+            for i, (t, a, s, da, ds) in enumerate(zip(t64.tolist(), alpha, sigma, d_alpha, d_sigma))
+        ]
+
     # -- the call ---------------------------------------------------------------------------
     def raw(self, x: Tensor, point: EvalPoint, **cond: Any) -> Tensor:
         """One network call on x (cast to the network's dtype); returns the raw output."""
