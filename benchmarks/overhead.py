@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 import diffsolve as ds
+from diffsolve.sample import _Evaluator
 from diffsolve.schedules import get_schedule
 from diffsolve.solvers.base import Grid
 
@@ -101,7 +102,9 @@ def _setup(name: str, model: ds.Denoiser, x_T: torch.Tensor, steps: int):
     solver = ds.get_solver(name)
     times = get_schedule(solver.default_schedule)(model.process, steps)
     grid = Grid.build(model.process, times, clean_end=True)
-    return solver, grid, solver.init(x_T, grid, model)
+    ev = _Evaluator(model, {}, False, 0)
+    ev.prefetch(grid.t[:-1], x_T)
+    return solver, grid, solver.init(x_T, grid, ev)
 
 
 def bench_diffsolve(name, model, x_T, steps, device, warmup, repeats) -> tuple[float, float, int]:
