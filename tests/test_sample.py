@@ -9,6 +9,7 @@ import torch
 
 import diffsolve as ds
 from diffsolve.bench import exact_x0_at, solve_pf_ode
+from diffsolve.denoiser import DenoiserWrapper
 
 from .conftest import prior64, reference, rel_err, sd_process
 
@@ -200,3 +201,33 @@ def test_solver_objects_and_aliases():
     assert ds.get_solver("ddim") == ds.get_solver("euler")
     s = ds.get_solver(ds.Euler())
     assert isinstance(s, ds.Euler)
+
+
+class _PerPoint(DenoiserWrapper):
+    """Overrides ``point``, so the loop cannot prefetch: every point is built one by one."""
+
+    def point(self, t, like):
+        return self.model.point(t, like)
+
+    def __call__(self, x, t, **cond):
+        return self.model(x, t, **cond)
+
+
+@pytest.mark.parametrize(
+    "process", [ds.VPDiscrete.from_betas("linear"), ds.VPCosine(), ds.EDM(), ds.FlowMatching()]
+)
+def test_prefetched_points_equal_points_built_one_by_one(process, g2):
+    from diffsolve.bench.runner import prediction_for
+
+    m = g2.denoiser(process, prediction_for(process))
+    x = ds.prior(process, (3, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ts = torch.linspace(process.t_max_finite, process.t_min, 7, dtype=torch.float64)
+    for a, b in zip(m.points(ts, x), [m.point(t, x) for t in ts]):
+        assert (a.t, a.alpha, a.sigma, a.d_alpha, a.d_sigma) == pytest.approx(
+            (b.t, b.alpha, b.sigma, b.d_alpha, b.d_sigma), rel=1e-15, abs=1e-300
+        )
+        assert torch.equal(a.t_in, b.t_in)
+    for solver in ("euler", "dpmpp_3m", "heun", "dpmpp_2s"):
+        fast = ds.sample(m, x, solver, nfe=9, schedule="logsnr")
+        slow = ds.sample(_PerPoint(m), x, solver, nfe=9, schedule="logsnr")
+        assert rel_err(fast, slow) < 1e-13, solver

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .auto import is_guided, recommend
-from .denoiser import Denoiser, EvalPoint, Prediction
+from .denoiser import Denoiser, DenoiserWrapper, EvalPoint, Prediction
 from .processes.base import GaussianProcess
 from .schedules import Schedule, get_schedule, validate_times
 from .solvers._expint import extrapolate_to_zero
@@ -58,10 +58,14 @@ class _Evaluator:
 
     def prefetch(self, ts: Tensor, like: Tensor) -> None:
         """Build the grid's evaluation points in one vectorised call where the model is a plain
-        :class:`~diffsolve.Denoiser` (wrappers may map times, so they keep their own ``point``);
-        off-grid points (intermediate stages) are still built one by one."""
-        if type(self.model) is Denoiser and ts.numel():
-            self._points = {p.t: p for p in self.model.points(ts, like)}
+        :class:`~diffsolve.Denoiser`, or wrappers that take its points as they are (wrappers that
+        map times keep their own ``point``); off-grid points (intermediate stages) are still
+        built one by one."""
+        inner = self.model
+        while isinstance(inner, DenoiserWrapper) and type(inner).point is DenoiserWrapper.point:
+            inner = inner.model  # CFG, thresholding, ...: the wrapped model's points unchanged
+        if type(inner) is Denoiser and ts.numel():
+            self._points = {p.t: p for p in inner.points(ts, like)}
 
     def point(self, t: float | Tensor, like: Tensor) -> EvalPoint:
         hit = self._points.get(float(t))
