@@ -65,7 +65,8 @@ class Uniform(Schedule):
 
     ``trailing=True``: the n points of ``linspace(t_max, t_min, n + 1)`` without its last, so the
     last evaluation is at about t_max/n and the final step to σ = 0 covers the rest — diffusers'
-    flow-matching grid (``FlowMatchEulerDiscreteScheduler``) and its ``trailing`` spacing.
+    flow-matching grid (``FlowMatchEulerDiscreteScheduler``) and its ``trailing`` spacing; the
+    first point is ``t_max_finite`` (1 − t_min on flow paths, where λ = −∞ at t = 1).
     """
 
     trailing: bool = False
@@ -73,12 +74,15 @@ class Uniform(Schedule):
     description: ClassVar[str] = "uniform in t (time-shifted for shifted flow models)"
 
     def times(self, process: GaussianProcess, n: int) -> Tensor:
-        if self.trailing:
-            ramp = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)[:-1]
-        else:
-            ramp = _ramp(n)
-        t = process.t_max + ramp * (process.t_min - process.t_max)
-        return process.shift_time(t)
+        if not self.trailing:
+            t = process.t_max + _ramp(n) * (process.t_min - process.t_max)
+            return process.shift_time(t)
+        ramp = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)[:-1]
+        t = process.shift_time(process.t_max + ramp * (process.t_min - process.t_max))
+        # start where λ is finite (flow paths: 1 − t_min, diffusers' 1 − 1/1000), so that
+        # exponential integrators' first step and its successors' step ratios are finite
+        t[0] = min(float(t[0]), process.t_max_finite)
+        return t
 
 
 @dataclass(frozen=True)
