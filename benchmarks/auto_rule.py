@@ -1,11 +1,12 @@
 """Check ``solver="auto"`` against the lower envelope of every peer configuration.
 
-For gmm2d, gmm64 and gmm3072 on the SD scaled-linear process, runs ``auto`` and every diffusers /
-k-diffusion configuration of ``diffsolve bench --peers`` at each NFE, and prints, per model and
-NFE, auto's error (continued to σ = 0, against the trajectory of x_T from t_max), the best peer
-configuration and the ratio auto / best peer. Writes the rows to ``--out`` as JSON.
+For gmm2d, gmm64 and gmm3072 on the SD scaled-linear process (``--process`` for another), runs
+``auto`` and every diffusers / k-diffusion configuration of ``diffsolve bench --peers`` at each
+NFE, and prints, per model and NFE, auto's error (continued to σ = 0, against the trajectory of
+x_T from t_max), the best peer configuration and the ratio auto / best peer. Writes the rows to
+``--out`` as JSON.
 
-    python benchmarks/auto_rule.py [--nfe 4,5,6,8,10,12,15,20,25] [--out auto_rule.json]
+    python benchmarks/auto_rule.py [--nfe 4,5,6,8,10,12,15,20,25] [--process sd] [--out F.json]
 
 About 10 minutes on 2 CPU cores (the peers dominate).
 """
@@ -26,6 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nfe", default="4,5,6,8,10,12,15,20,25")
     ap.add_argument("--models", default="gmm2d,gmm64,gmm3072")
+    ap.add_argument("--process", default="sd", help="sd, ddpm, vp-linear, vp-cosine, ve, edm, flow")
     ap.add_argument("--out", default="auto_rule.json")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -36,7 +38,7 @@ def main() -> None:
     print(head + "  best peer config")
     for model in args.models.split(","):
         res = run_benchmark(
-            model, "sd", solver_names=["auto"], nfes=nfes, batch=BATCH[model], peers=True
+            model, args.process, solver_names=["auto"], nfes=nfes, batch=BATCH[model], peers=True
         )
         out[model] = res.to_json()
         for n in nfes:
