@@ -24,7 +24,7 @@ What the sweep shows, and so what the rule does:
   grids put several points where the velocity barely changes. The rule is diffusers' flow grid
   (uniform t, the last evaluation at t_max/n) with UniPC-2 continued to σ = 0. On the shipped
   digits-flow network (256 samples, against its rk45 solution) at NFE 5 / 10 / 20: relative RMSE
-  0.071 / 0.026 / 0.011, against the best peer (diffusers UniPC bh2-2 on the same grid) 0.073 /
+  0.065 / 0.025 / 0.011, against the best peer (diffusers UniPC bh2-2 on the same grid) 0.073 /
   0.028 / 0.012 and UniPC-2 on uniform λ 0.167 / 0.064 / 0.017.
 * Guidance on (a :class:`~diffsolve.CFG` with scale ≠ 1 anywhere in the wrapper chain):
   DPM-Solver++(2M) on the same grid with ``final="standard"`` — the guided x̂_0 overshoots, so
