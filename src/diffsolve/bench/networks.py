@@ -22,7 +22,7 @@ from ..denoiser import Denoiser
 from ..sample import sample
 from ..solvers.base import get_solver
 from .metrics import per_sample_rel_err, rel_rmse
-from .runner import BenchResult, peer_row
+from .runner import BenchResult, peer_row, scored_row
 
 __all__ = ["NETWORK_NFES", "NETWORK_SOLVERS", "run_network_benchmark"]
 
@@ -128,21 +128,9 @@ def run_network_benchmark(
                 how: dict[str, Any] = {"nfe": int(k)}
                 if sched is not None:
                     how["schedule"] = sched
-                t0 = time.perf_counter()
-                try:
-                    x, si = sample(model, x_T, s, return_info=True, **how)
-                except (ValueError, RuntimeError, FloatingPointError) as e:
-                    rows.append({**row, "nfe_used": None, "seconds": None, "error": str(e)})
-                    continue
-                rows.append(
-                    {
-                        **row,
-                        **score(x),
-                        "nfe_used": si.nfe,
-                        "seconds": time.perf_counter() - t0,
-                        "error": None,
-                    }
-                )
+                run = partial(sample, model, x_T, s, return_info=True, **how)
+                done, _ = scored_row(row, run, lambda res: score(res[0]), lambda res: res[1].nfe)
+                rows.append(done)
 
     note = None
     if peers:

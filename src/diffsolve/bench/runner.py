@@ -350,14 +350,33 @@ def peer_row(
         "schedule": cfg.spacing,
         "nfe": int(nfe),
     }
+    # a peer's own failure, whatever it raises, is a result, not a crash
+    return scored_row(row, run, score, lambda res: res.nfe, empty, Exception)
+
+
+def scored_row(
+    row: dict[str, Any],
+    run: Callable[[], Any],
+    score: Callable[[Any], dict[str, Any]],
+    nfe_of: Callable[[Any], int],
+    empty: dict[str, Any] | None = None,
+    failures: type[BaseException] | tuple[type[BaseException], ...] = (
+        ValueError,
+        RuntimeError,
+        FloatingPointError,
+    ),
+) -> tuple[dict[str, Any], Any]:
+    """``row`` completed by one timed run: ``run()``'s result scored by ``score`` with
+    ``nfe_used`` (``nfe_of(result)``), ``seconds`` and ``error``; a ``failures`` exception becomes
+    the row's ``error`` (with ``empty``'s metric fields) and the result None."""
     t0 = time.perf_counter()
     try:
         res = run()
         metrics = score(res)
-    except Exception as e:  # a peer's own failure is a result, not a crash
+    except failures as e:
         return {**row, **(empty or {}), "nfe_used": None, "seconds": None, "error": repr(e)}, None
     seconds = time.perf_counter() - t0
-    return {**row, **metrics, "nfe_used": int(res.nfe), "seconds": seconds, "error": None}, res
+    return {**row, **metrics, "nfe_used": int(nfe_of(res)), "seconds": seconds, "error": None}, res
 
 
 def _peer_errors(ref: ExactReference, res: Any) -> dict[str, Any]:

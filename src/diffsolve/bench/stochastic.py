@@ -23,7 +23,7 @@ from ..sample import sample
 from ..solvers.base import get_solver, solvers
 from .gmm import GaussianMixture, get_gmm
 from .metrics import mean_log_likelihood, mmd_rbf, sliced_w2
-from .runner import BenchResult, get_process, peer_row, prediction_for
+from .runner import BenchResult, get_process, peer_row, prediction_for, scored_row
 
 __all__ = ["DEFAULT_SDE_NFES", "ODE_BASELINES", "SDE_EXTRAS", "run_stochastic_benchmark"]
 
@@ -127,22 +127,12 @@ def run_stochastic_benchmark(
                 "options": opts,
                 "nfe": int(k),
             }
-            t0 = time.perf_counter()
-            try:
-                noise = NoiseSource(torch.Generator().manual_seed(seed + 1))
-                x, info = sample(den, x_T, name, nfe=int(k), noise=noise, return_info=True, **opts)
-            except (ValueError, RuntimeError, FloatingPointError) as e:
-                rows.append({**row, "nfe_used": None, "seconds": None, "error": str(e)})
-                continue
-            rows.append(
-                {
-                    **row,
-                    **_metrics(gmm, x, exact),
-                    "nfe_used": info.nfe,
-                    "seconds": time.perf_counter() - t0,
-                    "error": None,
-                }
+            noise = NoiseSource(torch.Generator().manual_seed(seed + 1))
+            run = partial(sample, den, x_T, name, nfe=int(k), noise=noise, return_info=True, **opts)
+            done, _ = scored_row(
+                row, run, lambda res: _metrics(gmm, res[0], exact), lambda res: res[1].nfe
             )
+            rows.append(done)
 
     note = None
     if peers:
