@@ -22,7 +22,7 @@ from ..denoiser import Denoiser
 from ..sample import sample
 from ..solvers.base import get_solver
 from .metrics import per_sample_rel_err, rel_rmse
-from .runner import BenchResult, peer_row, scored_row
+from .runner import BenchResult, peer_rows, scored_row
 
 __all__ = ["NETWORK_NFES", "NETWORK_SOLVERS", "run_network_benchmark"]
 
@@ -134,7 +134,14 @@ def run_network_benchmark(
 
     note = None
     if peers:
-        note = _run_network_peers(rows, model, x_T, process, nfes, score, say)
+        note = peer_rows(
+            rows,
+            nfes,
+            say,
+            lambda peers_mod: peers_mod.peer_configs(process),
+            lambda peers_mod, cfg, k: peers_mod.run_peer(cfg, model, x_T, k),
+            lambda res: score(res.x.to(x_T.dtype)),
+        )
     meta = {
         "model": name,
         "dim": 64,
@@ -152,31 +159,3 @@ def run_network_benchmark(
         "torch": torch.__version__,
     }
     return BenchResult(rows, meta)
-
-
-def _run_network_peers(
-    rows: list[dict[str, Any]],
-    model: Denoiser,
-    x_T: Tensor,
-    process: Any,
-    nfes: Sequence[int],
-    score: Callable[[Tensor], dict[str, Any]],
-    say: Callable[[str], None],
-) -> dict[str, Any]:
-    try:
-        from ..interop import peers as peer_mod
-    except ImportError as e:  # the interop layer itself is optional
-        return {"available": {}, "note": f"peers unavailable: {e}"}
-    have = peer_mod.available()
-    for cfg in peer_mod.peer_configs(process):
-        for k in nfes:
-            say(f"{cfg.label} nfe={k}")
-            row, _ = peer_row(
-                cfg,
-                k,
-                partial(peer_mod.run_peer, cfg, model, x_T, int(k)),
-                lambda res: score(res.x.to(x_T.dtype)),
-            )
-            rows.append(row)
-    missing = [k for k, v in have.items() if not v]
-    return {"available": have, "note": ("missing: " + ", ".join(missing)) if missing else None}

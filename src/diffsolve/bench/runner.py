@@ -354,6 +354,34 @@ def peer_row(
     return scored_row(row, run, score, lambda res: res.nfe, empty, Exception)
 
 
+def peer_rows(
+    rows: list[dict[str, Any]],
+    nfes: Sequence[int],
+    say: Callable[[str], None],
+    configs_of: Callable[[Any], Sequence[Any]],
+    run: Callable[[Any, Any, int], Any],
+    score: Callable[[Any], dict[str, Any]],
+) -> dict[str, Any]:
+    """Append one :func:`peer_row` per (peer configuration, NFE) to ``rows``.
+
+    ``configs_of(peers)`` lists the configurations from :mod:`diffsolve.interop.peers` and
+    ``run(peers, cfg, nfe)`` runs one; returns the benchmark's ``meta["peers"]`` note (which
+    libraries were available). Without the interop layer nothing runs and the note says why.
+    """
+    try:
+        from ..interop import peers as peer_mod
+    except ImportError as e:  # the interop layer itself is optional
+        return {"available": {}, "note": f"peers unavailable: {e}"}
+    have = peer_mod.available()
+    for cfg in configs_of(peer_mod):
+        for k in nfes:
+            say(f"{cfg.label} nfe={k}")
+            row, _ = peer_row(cfg, k, partial(run, peer_mod, cfg, int(k)), score)
+            rows.append(row)
+    missing = [k for k, v in have.items() if not v]
+    return {"available": have, "note": ("missing: " + ", ".join(missing)) if missing else None}
+
+
 def scored_row(
     row: dict[str, Any],
     run: Callable[[], Any],

@@ -23,7 +23,7 @@ from ..sample import sample
 from ..solvers.base import get_solver, solvers
 from .gmm import GaussianMixture, get_gmm
 from .metrics import mean_log_likelihood, mmd_rbf, sliced_w2
-from .runner import BenchResult, get_process, peer_row, prediction_for, scored_row
+from .runner import BenchResult, get_process, peer_rows, prediction_for, scored_row
 
 __all__ = ["DEFAULT_SDE_NFES", "ODE_BASELINES", "SDE_EXTRAS", "run_stochastic_benchmark"]
 
@@ -136,7 +136,16 @@ def run_stochastic_benchmark(
 
     note = None
     if peers:
-        note = _run_sde_peers(rows, gmm, den, x_T, exact, proc, nfes, seed, say)
+        note = peer_rows(
+            rows,
+            nfes,
+            say,
+            lambda peers_mod: peers_mod.stochastic_peer_configs(proc),
+            lambda peers_mod, cfg, k: peers_mod.run_stochastic_peer(
+                cfg, den, x_T, k, seed=seed + 1
+            ),
+            lambda res: _metrics(gmm, res.x, exact),
+        )
     meta = {
         "model": gmm.name,
         "dim": gmm.dim,
@@ -152,35 +161,3 @@ def run_stochastic_benchmark(
         "torch": torch.__version__,
     }
     return BenchResult(rows, meta)
-
-
-def _run_sde_peers(
-    rows: list[dict[str, Any]],
-    gmm: GaussianMixture,
-    den: Any,
-    x_T: torch.Tensor,
-    exact: torch.Tensor,
-    proc: Any,
-    nfes: Sequence[int],
-    seed: int,
-    say: Callable[[str], None],
-) -> dict[str, Any]:
-    try:
-        from ..interop import peers as peer_mod
-    except ImportError as e:  # the interop layer itself is optional
-        return {"available": {}, "note": f"peers unavailable: {e}"}
-    have = peer_mod.available()
-    for cfg in peer_mod.stochastic_peer_configs(proc):
-        for k in nfes:
-            say(f"{cfg.label} nfe={k}")
-            row, _ = peer_row(
-                cfg,
-                k,
-                partial(peer_mod.run_stochastic_peer, cfg, den, x_T, int(k), seed=seed + 1),
-                lambda res: _metrics(gmm, res.x, exact),
-            )
-            rows.append(row)
-    note = (
-        None if all(have.values()) else "missing: " + ", ".join(k for k, v in have.items() if not v)
-    )
-    return {"available": have, "note": note}
