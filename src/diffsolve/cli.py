@@ -151,12 +151,7 @@ def bench(
     )
     json_path = report.write_json(result, out)
     png_path = report.plot(result.rows, Path(out) / "bench.png", result.meta) if plot else None
-    md_path = Path(out) / "bench.md"
-    md_path.write_text(
-        report.markdown_table(result.rows, result.meta)
-        + "\n"
-        + report.markdown_table(result.rows, result.meta, metric="err_continued")
-    )
+    md_path = report.write_markdown(result, out, "bench.md", ("err_standard", "err_continued"))
     if as_json:
         sys.stdout.write(json_path.read_text() + "\n")
         return
@@ -222,12 +217,7 @@ def _bench_network(
         ),
     )
     json_path = report.write_json(result, out, name=f"bench-{model}.json")
-    md_path = Path(out) / f"bench-{model}.md"
-    md_path.write_text(
-        report.markdown_table(result.rows, result.meta)
-        + "\n"
-        + report.markdown_table(result.rows, result.meta, metric="fd")
-    )
+    md_path = report.write_markdown(result, out, f"bench-{model}.md", ("err_standard", "fd"))
     if as_json:
         sys.stdout.write(json_path.read_text() + "\n")
         return

@@ -312,6 +312,17 @@ def ratio_table(rows: Sequence[dict[str, Any]]) -> Any | None:
     return table
 
 
+def write_markdown(
+    result: Any, out_dir: str | Path, name: str, metrics: Sequence[str] = ("err_standard",)
+) -> Path:
+    """Write one :func:`markdown_table` per metric to ``out_dir/name``; returns the path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text("\n".join(markdown_table(result.rows, result.meta, m) for m in metrics))
+    return path
+
+
 def write_json(result: Any, out_dir: str | Path, name: str = "bench.json") -> Path:
     """Write ``{"meta", "rows", "summary"}`` to ``out_dir/name`` (created; the NFE-to-target
     summary only for the ODE benchmark, whose rows carry errors); returns the path."""
