@@ -388,3 +388,21 @@ def test_misuse_gives_clear_errors(unet):
     edm = diffusers.EDMEulerScheduler()
     with pytest.raises(ValueError, match="EDM"):
         DiffsolveScheduler.from_config(edm.config)
+
+
+def test_auto_in_a_pipeline_equals_ds_sample_auto(unet):
+    """``solver="auto"`` resolves per run from the budget, as ``ds.sample(solver="auto")`` does
+    (NFE 5 and 20 use different grids and end rules); the config keeps "auto"."""
+    pipe = make_pipe(unet)
+    pipe.scheduler = DiffsolveScheduler.from_config(pipe.scheduler.config, solver="auto")
+    assert pipe.scheduler.config["solver"] == "auto"
+    for nfe in (5, 20):
+        _, x_pipe = run_pipe(pipe, nfe, seed=4)
+        ours, info = run_ours(unet, pipe.scheduler, "auto", nfe, seed=4)
+        assert info.nfe == len(pipe.scheduler.timesteps) == nfe
+        assert rel_err(x_pipe, ours) <= TOL, nfe
+    guided = DiffsolveScheduler.from_config(pipe.scheduler.config, solver="auto", guided=True)
+    guided.set_timesteps(10)
+    assert guided.solver.name == "dpmpp_2m"
+    with pytest.raises(ValueError, match="no solver options"):
+        DiffsolveScheduler.from_config(pipe.scheduler.config, solver="auto", order=3)

@@ -56,6 +56,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..auto import recommend
 from ..denoiser import Denoiser, EvalPoint, Prediction
 from ..noise import NoiseSource, bind
 from ..processes.base import GaussianProcess
@@ -290,11 +291,14 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             ``leading``/``trailing``/``linspace`` indices of the original config).
         use_flow_sigmas, flow_shift: a flow-matching model (rectified flow, α = 1 − t, σ = t,
             timestep shift ``flow_shift``); ``from_config`` sets both from a FlowMatch config.
-        solver: a registered solver name (``ds.solvers()``) or a solver object (stored as its
-            name and fields).
+        solver: a registered solver name (``ds.solvers()``), a solver object (stored as its
+            name and fields), or ``"auto"``: the solver, schedule and end rule ``ds.sample``
+            recommends for each run's NFE budget (an explicit ``schedule``/``final`` wins).
         solver_options: the solver's options as a dict (JSON-serialisable).
         schedule: a diffsolve schedule name (``ds.schedules()``); None: the solver's default.
-        final: ``standard``, ``extrapolate`` or ``tmin``, as in ``ds.sample``.
+        guided: the pipeline runs classifier-free guidance (``solver="auto"`` then uses its
+            guided rule; other solvers ignore it).
+        final: ``standard`` (default), ``extrapolate`` or ``tmin``, as in ``ds.sample``.
     """
 
     order = 1  # timesteps hold one entry per network call
@@ -316,14 +320,23 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         solver: str | Solver = "dpmpp_2m",
         solver_options: dict[str, Any] | None = None,
         schedule: str | None = None,
-        final: str = "standard",
+        final: str | None = None,
+        guided: bool = False,
     ):
-        if isinstance(solver, Solver):
-            options = {f.name: getattr(solver, f.name) for f in fields(solver)}
-            solver_options = {**options, **(solver_options or {})}
-            solver = solver.name
-            self.register_to_config(solver=solver, solver_options=solver_options)
-        self.solver = get_solver(solver, **(solver_options or {}))
+        # "auto" resolves per run from the NFE budget (set_timesteps); until then, its solver
+        self._auto = isinstance(solver, str) and solver == "auto"
+        if self._auto:
+            if solver_options:
+                raise ValueError("solver='auto' takes no solver options; name a solver instead")
+            proc = process_from_scheduler_config(dict(self.config))
+            self.solver = recommend(proc, 10, guided).solver
+        else:
+            if isinstance(solver, Solver):
+                options = {f.name: getattr(solver, f.name) for f in fields(solver)}
+                solver_options = {**options, **(solver_options or {})}
+                solver = solver.name
+                self.register_to_config(solver=solver, solver_options=solver_options)
+            self.solver = get_solver(solver, **(solver_options or {}))
         if self.solver.adaptive:
             raise ValueError(
                 f"solver {self.solver.name!r} chooses its own steps from the values it sees, so "
@@ -334,7 +347,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             raise ValueError(
                 f"unsupported prediction_type {prediction_type!r}; valid: {', '.join(_PREDICTIONS)}"
             )
-        if final not in FINALS:
+        if final is not None and final not in FINALS:
             raise ValueError(f"unknown final {final!r}; valid: {', '.join(FINALS)}")
         self.process: GaussianProcess = process_from_scheduler_config(dict(self.config))
         self._schedule = self._make_schedule(schedule, timestep_spacing, steps_offset)
@@ -469,7 +482,16 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
                 _net_placeholder, flow, denoiser.prediction, time_map=lambda t: t * n
             )
         process = denoiser.process
-        clean_end = self.config["final"] != "tmin"
+        solver, schedule, final = self.solver, self._schedule, self.config["final"]
+        if self._auto and timesteps is None and sigmas is None:
+            budget = nfe if nfe is not None else num_inference_steps
+            if budget is not None and int(budget) == budget and budget >= 1:
+                rec = recommend(process, int(budget), bool(self.config["guided"]))
+                solver = rec.solver
+                schedule = schedule if self.config["schedule"] is not None else rec.schedule
+                final = final if final is not None else rec.final
+        final = final if final is not None else "standard"
+        clean_end = final != "tmin"
         if timesteps is not None or sigmas is not None:
             if timesteps is not None and sigmas is not None:
                 raise ValueError("give timesteps or sigmas, not both")
@@ -484,13 +506,14 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             if budget is None or int(budget) != budget or budget < 1:
                 raise ValueError(f"the NFE budget must be a positive integer, got {budget!r}")
             budget = int(budget)
-            grid_t = self.solver.plan_times(process, self._schedule, budget, clean_end)
+            grid_t = solver.plan_times(process, schedule, budget, clean_end)
         grid = Grid.build(process, grid_t, clean_end, nfe=budget)
-        points = _plan_points(self.solver, grid, denoiser)
+        points = _plan_points(solver, grid, denoiser)
         model_times = [float(p.t_in[0]) for p in points]
         self.timesteps = torch.tensor(model_times, dtype=torch.float32, device=device)
         self.num_inference_steps = len(model_times)
-        self._run = _Run(self.solver, grid, denoiser, self.config["final"])
+        self.solver = solver
+        self._run = _Run(solver, grid, denoiser, final)
 
     def _custom_times(self, process: GaussianProcess, timesteps: Any, sigmas: Any) -> Tensor:
         """Process times of diffusers-style custom ``timesteps`` or ``sigmas`` (see above)."""
