@@ -3,7 +3,7 @@
 Reproduces the README's "best of each side" table: on gmm2d, gmm64 (batch 64) and gmm3072
 (batch 16) with the SD scaled-linear process, every diffsolve solver below on the schedules
 karras, logsnr, uniform and quadratic, and every diffusers / k-diffusion configuration of
-``diffsolve.interop.peers`` that starts at t_max (diffusers' "default" leading spacing starts at
+``diffsolve.bench.peers`` that starts at t_max (diffusers' "default" leading spacing starts at
 t = 0.902 and integrates a shorter trajectory, so it is left out of the comparison). The error is
 the relative RMSE to the exact PF-ODE solution continued to σ = 0, the fair measure across grids
 that end at different σ. Takes about 10 minutes on 2 CPU cores.

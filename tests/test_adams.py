@@ -63,8 +63,9 @@ def test_step_order_with_exact_history(g64, solver_name, opts, order):
         grid = ds.Grid.build(p, t, clean_end=False)
         xs = [reference(g64, p, x_T, float(t[j])) for j in range(i - order + 1, i + 2)]
         state = solver.init(xs[-2], grid, m)
-        hist = tuple(m(xs[k], state.points[i - (order - 1) + k]).eps for k in range(order - 1))
-        state = state.replace(eps=tuple(reversed(hist)))
+        # the engine's history: the evaluations before step i, newest first
+        hist = tuple(m(xs[k], state.points[i - (order - 1) + k][0]) for k in range(order - 1))
+        state = state.replace(history=tuple(reversed(hist)))
         x_next, _ = solver.step(xs[-2], i, state, m)
         errs.append(rel_err(x_next, xs[-1]))
         hs.append(float(p.rho(t[i]) - p.rho(t[i + 1])))

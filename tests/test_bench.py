@@ -199,7 +199,7 @@ def test_runner_on_other_processes(process, nfes):
         assert 1.7 < e_lo / e_hi < 2.4, (k, e_lo / e_hi)  # first order on every path
 
 
-# -- peers through a fake of diffsolve.interop.peers ---------------------------------------------
+# -- peers through a fake of diffsolve.bench.peers -----------------------------------------------
 @dataclass(frozen=True)
 class _Config:
     library: str
@@ -218,7 +218,7 @@ class _Result:
 
 def _fake_peers() -> types.ModuleType:
     """A peer that is our Euler on a Karras grid, and one without an equivalent here."""
-    mod = types.ModuleType("diffsolve.interop.peers")
+    mod = types.ModuleType("diffsolve.bench.peers")
 
     def run_peer(config, model, x_T, nfe):
         if config.algorithm == "broken":
@@ -238,11 +238,11 @@ def _fake_peers() -> types.ModuleType:
 
 
 def test_runner_peers_with_a_fake(monkeypatch):
-    import diffsolve.interop as interop
+    import diffsolve.bench as bench
 
     fake = _fake_peers()
-    monkeypatch.setitem(sys.modules, "diffsolve.interop.peers", fake)
-    monkeypatch.setattr(interop, "peers", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "diffsolve.bench.peers", fake)
+    monkeypatch.setattr(bench, "peers", fake, raising=False)
     res = run_benchmark(
         "gmm64", "sd", ["euler"], nfes=[5, 10], schedules=["karras"], batch=8, peers=True
     )
@@ -271,7 +271,7 @@ def test_runner_peers_with_a_fake(monkeypatch):
 
 def _have_peers() -> bool:
     try:
-        from diffsolve.interop.peers import available
+        from diffsolve.bench.peers import available
     except ImportError:
         return False
     return all(available().values())

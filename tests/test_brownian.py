@@ -13,10 +13,15 @@ import pytest
 import torch
 
 import diffsolve as ds
-from diffsolve.noise import BrownianTree, NoiseSource, _mix, _mix_int, _signed, bind
+from diffsolve.noise import BrownianTree, NoiseSource, _mix, _mix_int, _signed
 from diffsolve.solvers.base import Grid
 
 from .conftest import prior64, rel_err, sd_process
+
+
+def _step(bound, x, i):
+    """The normalised increment of grid step i (what a solver's step noise is)."""
+    return bound.randn_between(x, i, bound.t[i], bound.t[i + 1])
 
 
 def _grid(n: int, clean: bool = True, lo: float = 0.01) -> Grid:
@@ -40,14 +45,14 @@ def test_fine_increments_sum_to_the_coarse_one():
     increment; measured max error 4e-16 (float64)."""
     x = torch.zeros(5, 3, dtype=torch.float64)
     tree = BrownianTree.from_seeds([1, 2, 3, 4, 5])
-    coarse, fine = bind(tree, _grid(6)), bind(tree, _grid(21))
+    coarse, fine = tree.bind(_grid(6)), tree.bind(_grid(21))
     tc, tf = coarse.grid.t.tolist(), fine.grid.t.tolist()
     # coarse step 0 spans [t_1, t_0]; the fine grid has t_0 and t_1 among its points (1, 0.802)
     for i in range(coarse.grid.steps - 1):
         lo = tf.index(tc[i])
         hi = tf.index(tc[i + 1])
-        total = sum(fine.randn_like(x, j) * math.sqrt(tf[j] - tf[j + 1]) for j in range(lo, hi))
-        want = coarse.randn_like(x, i) * math.sqrt(tc[i] - tc[i + 1])
+        total = sum(_step(fine, x, j) * math.sqrt(tf[j] - tf[j + 1]) for j in range(lo, hi))
+        want = _step(coarse, x, i) * math.sqrt(tc[i] - tc[i + 1])
         assert float((total - want).abs().max()) < 1e-6
         # and through the sub-step API at arbitrary times
         mid = 0.5 * (tc[i] + tc[i + 1]) + 1e-3
@@ -56,7 +61,7 @@ def test_fine_increments_sum_to_the_coarse_one():
     # the final step to the clean end (t = 0 marker) is the increment to τ = 0
     last = coarse.grid.steps - 1
     assert torch.allclose(
-        coarse.randn_like(x, last) * math.sqrt(tc[last]), coarse.W(x, tc[last]), atol=1e-12
+        _step(coarse, x, last) * math.sqrt(tc[last]), coarse.W(x, tc[last]), atol=1e-12
     )
 
 
@@ -66,19 +71,19 @@ def test_law_of_the_path():
     and 0.004 (correlation); tolerances are 5 of them."""
     n = 60_000
     x = torch.zeros(n, 1, dtype=torch.float64)
-    b = bind(BrownianTree(11), _grid(9))
+    b = BrownianTree(11).bind(_grid(9))
     s, t = 0.3, 0.71
     ws, wt = b.W(x, s), b.W(x, t)
     assert abs(float(ws.var()) / s - 1) < 0.03
     assert abs(float(wt.var()) / t - 1) < 0.03
     assert abs(float((ws * wt).mean()) / s - 1) < 0.03
-    z = torch.cat([b.randn_like(x, i) for i in range(b.grid.steps)], dim=1)  # (n, steps)
+    z = torch.cat([_step(b, x, i) for i in range(b.grid.steps)], dim=1)  # (n, steps)
     assert float(z.mean(0).abs().max()) < 5 / math.sqrt(n)
     assert float((z.var(0) - 1).abs().max()) < 0.03
     c = torch.corrcoef(z.T) - torch.eye(z.shape[1], dtype=z.dtype)
     assert float(c.abs().max()) < 5 / math.sqrt(n)
     # a step 1000× wider than a leaf still has the right variance
-    small = b.randn_between(x, 0.5 + 1e-3, 0.5)
+    small = b.randn_between(x, 0, 0.5 + 1e-3, 0.5)
     assert abs(float(small.var()) - 1) < 0.03
     # Gaussian tails (P(|z| > 3) = 0.0027)
     assert abs(float((z.abs() > 3).double().mean()) - 0.0027) < 0.001
@@ -88,27 +93,26 @@ def test_per_sample_seeds_and_batch_split():
     x = torch.zeros(4, 2, 3)
     seeds = [7, 8, 9, 10]
     g = _grid(5)
-    whole = bind(BrownianTree.from_seeds(seeds), g)
+    whole = BrownianTree.from_seeds(seeds).bind(g)
     parts = [
-        bind(BrownianTree.from_seeds(seeds[:1]), g),
-        bind(BrownianTree.from_seeds(seeds[1:]), g),
+        BrownianTree.from_seeds(seeds[:1]).bind(g),
+        BrownianTree.from_seeds(seeds[1:]).bind(g),
     ]
     for i in range(g.steps):
-        z = whole.randn_like(x, i)
-        assert torch.equal(
-            z, torch.cat([parts[0].randn_like(x[:1], i), parts[1].randn_like(x[1:], i)])
-        )
+        z = _step(whole, x, i)
+        assert torch.equal(z, torch.cat([_step(parts[0], x[:1], i), _step(parts[1], x[1:], i)]))
     # same seed ⇒ same path for a sample, different seeds differ
-    twin = bind(BrownianTree.from_seeds([9, 9]), g).randn_like(x[:2], 0)
-    assert torch.equal(twin[0], twin[1]) and torch.equal(twin[0], whole.randn_like(x, 0)[2])
-    assert not torch.equal(whole.randn_like(x, 0)[0], whole.randn_like(x, 0)[1])
+    twin = _step(BrownianTree.from_seeds([9, 9]).bind(g), x[:2], 0)
+    assert torch.equal(twin[0], twin[1]) and torch.equal(twin[0], _step(whole, x, 0)[2])
+    assert not torch.equal(_step(whole, x, 0)[0], _step(whole, x, 0)[1])
     # the draws do not depend on the sample's dtype beyond rounding
-    z64 = whole.randn_like(x.double(), 1)
-    assert float((whole.randn_like(x, 1).double() - z64).abs().max()) < 1e-5
-    # randn_extra: independent of the path and of each other, keyed by the seeds
-    e = [whole.randn_extra(x.double(), 1, k) for k in range(2)]
+    z64 = _step(whole, x.double(), 1)
+    assert float((_step(whole, x, 1).double() - z64).abs().max()) < 1e-5
+    # randn: independent of the path and of each other, keyed by the seeds (NoiseSource's)
+    e = [whole.randn(x.double(), 1, k) for k in range(2)]
     assert not torch.equal(e[0], e[1]) and not torch.equal(e[0], z64)
-    assert torch.equal(e[0][2:], parts[1].randn_extra(x[1:].double(), 1, 0)[1:])
+    assert torch.equal(e[0][2:], parts[1].randn(x[1:].double(), 1, 0)[1:])
+    assert torch.equal(e[1], NoiseSource.from_seeds(seeds).randn(x.double(), 1, 1))
 
 
 def test_sampling_with_a_tree_is_batch_independent_and_reproducible(g64):
@@ -121,7 +125,7 @@ def test_sampling_with_a_tree_is_batch_independent_and_reproducible(g64):
         ds.sample(m, x_T[sl], "ddpm", steps=6, noise=BrownianTree.from_seeds(seeds[sl]))
         for sl in (slice(0, 1), slice(1, 4))
     ]
-    assert rel_err(torch.cat(parts), whole) < 1e-14
+    assert rel_err(torch.cat(parts), whole) < 1e-12  # gmm64's batched matmul, not the noise
     again = ds.sample(m, x_T, "ddpm", steps=6, noise=BrownianTree.from_seeds(seeds))
     assert torch.equal(again, whole)
     stream = ds.sample(m, x_T, "ddpm", steps=6, noise=NoiseSource.from_seeds(seeds))
@@ -132,35 +136,36 @@ def test_rho_variable_and_interval():
     """In σ/α (k-diffusion's σ) the tree spans [0, ρ(t_max)]; the clean end is ρ = 0."""
     x = torch.zeros(3, 2, dtype=torch.float64)
     g = _grid(5)
-    b = bind(BrownianTree(0, time="rho"), g)
+    b = BrownianTree(0, time="rho").bind(g)
     p = g.process
     assert b.a == 0.0 and b.b == pytest.approx(float(p.sigma(1.0) / p.alpha(1.0)), rel=1e-12)
     rho = (g.sigma / g.alpha).tolist()
     for i in range(g.steps):
         want = (b.W(x, float(g.t[i])) - b.W(x, float(g.t[i + 1]))) / math.sqrt(rho[i] - rho[i + 1])
-        assert torch.allclose(b.randn_like(x, i), want, atol=1e-9)
+        assert torch.allclose(_step(b, x, i), want, atol=1e-9)
     # a fixed interval makes the path independent of the process's range
     fixed = BrownianTree(0, time="t", interval=(0.0, 2.0))
-    assert bind(fixed, g).b == 2.0
+    assert fixed.bind(g).b == 2.0
     with pytest.raises(ValueError, match="outside its interval"):
-        bind(BrownianTree(0), g).W(x, 1.5)
+        BrownianTree(0).bind(g).W(x, 1.5)
 
 
 def test_from_noise_and_errors():
     g = _grid(4)
     src = NoiseSource.from_seeds([3, 4])
     tree = BrownianTree.from_noise(src)
-    assert tree.seeds is not None and len(tree.seeds) == 2
-    assert BrownianTree.from_noise(NoiseSource.from_seeds([3, 4])).seeds == tree.seeds
+    assert tree.seeds == (3, 4)  # the source's keys
     assert BrownianTree.from_noise(tree) is tree
-    single = BrownianTree.from_noise(NoiseSource(torch.Generator().manual_seed(1)))
-    assert single.seeds is None
+    single = BrownianTree.from_noise(NoiseSource(5, offset=2))
+    assert single.seeds is None and (single.seed, single.offset) == (5, 2)
+    x = torch.zeros(2, 3)
+    assert torch.equal(single.randn(x, 1, 2), NoiseSource(5, offset=2).randn(x, 1, 2))
     with pytest.raises(TypeError, match="bind"):
-        tree.randn_like(torch.zeros(2, 1), 0)
+        tree.randn_between(torch.zeros(2, 1), 0, 0.5, 0.2)
     with pytest.raises(ValueError, match="per-sample seeds"):
-        bind(tree, g).randn_like(torch.zeros(3, 1), 0)
+        _step(tree.bind(g), torch.zeros(3, 1), 0)
     with pytest.raises(ValueError, match="empty interval"):
-        bind(tree, g).randn_between(torch.zeros(2, 1), 0.5, 0.5)
+        tree.bind(g).randn_between(torch.zeros(2, 1), 0, 0.5, 0.5)
     with pytest.raises(ValueError, match="unknown time"):
         BrownianTree(time="lambda")
     with pytest.raises(ValueError, match="tol"):

@@ -36,9 +36,7 @@ def test_one_step_is_ddim_eq12(g64, eta):
     out = ds.sample(
         m, x, "ddpm", times=times, final="tmin", eta=eta, noise=NoiseSource.from_seeds(seeds)
     )
-    z = torch.stack(
-        [torch.randn(64, generator=torch.Generator().manual_seed(s), dtype=x.dtype) for s in seeds]
-    )
+    z = NoiseSource.from_seeds(seeds).randn(x, 0)  # step 0's noise (stage 0)
     a_t, a_prev = p.alphas_cumprod[700], p.alphas_cumprod[400]
     pred = m(x, times[0])
     sig = eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
@@ -96,7 +94,9 @@ def test_seeds_make_samples_independent_of_the_batch_split(g64):
         ds.sample(m, x_T[sl], "ddpm", steps=5, noise=NoiseSource.from_seeds(seeds[sl]))
         for sl in (slice(0, 2), slice(2, 6))
     ]
-    assert rel_err(torch.cat(parts), whole) < 1e-14
+    # the noise is bit-identical (tests/test_noise.py); gmm64's denoiser is not: its torch.bmm
+    # over the batch rounds differently for other batch sizes (~1e-15 per call)
+    assert rel_err(torch.cat(parts), whole) < 1e-12
     other = ds.sample(
         m, x_T, "ddpm", steps=5, noise=NoiseSource.from_seeds([s + 100 for s in seeds])
     )

@@ -52,6 +52,88 @@ def test_conversions_are_exact_on_a_known_pair():
             assert torch.allclose(got.eps, eps, atol=1e-10), (proc, pred)
 
 
+def _eager(kind, x, out, pt):
+    """The conversion table as ``Denoiser.convert`` computed it eagerly (before issue 9)."""
+    a, s = pt.alpha, pt.sigma
+    if kind == "eps":
+        return (x - s * out) / a, out
+    if kind == "x0":
+        return out, (x - a * out) / s
+    if kind == "v":
+        n = a * a + s * s
+        return (a * x - s * out) / n, (s * x + a * out) / n
+    if kind == "score":
+        return (x + (s * s) * out) / a, (-s) * out
+    da, ds_ = pt.d_alpha, pt.d_sigma
+    det = a * ds_ - s * da
+    return (ds_ * x - s * out) / det, (a * out - da * x) / det
+
+
+class _OpCount(torch.overrides.TorchFunctionMode):
+    """Counts torch operations (tensor arithmetic included) run inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ds.PREDICTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lazy_prediction_is_bit_identical_to_the_eager_table(kind, dtype):
+    """Each view is formed on first read, once, by exactly the eager formula (bit for bit, in
+    either order of access); a view that is never read costs no tensor operation."""
+    proc = ds.FlowMatching() if kind == "velocity" else sd_process()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 5, generator=g, dtype=torch.float64).to(dtype)
+    out = torch.randn(4, 3, 5, generator=g, dtype=torch.float64).to(dtype)
+    d = ds.Denoiser(lambda x_, t_: out, proc, kind)
+    for t in (0.37, 0.93):
+        pt = d.point(t, x)
+        want_x0, want_eps = _eager(kind, x, out, pt)
+        for first in ("x0", "eps"):
+            pred = d(x, pt)
+            assert pred.sources[0] is out  # the watch reads the output, not a view
+            with _OpCount() as ops:
+                got_first = getattr(pred, first)
+            assert (ops.n == 0) == (kind == first)  # the network's own view is free
+            with _OpCount() as ops:
+                again = getattr(pred, first)
+            assert again is got_first and ops.n == 0  # formed once
+            x0, eps = pred  # unpacks like the NamedTuple it replaces
+            assert torch.equal(x0, want_x0) and torch.equal(eps, want_eps), (kind, t, first)
+            assert x0.dtype == eps.dtype == dtype
+            assert torch.equal(pred[0], want_x0) and torch.equal(pred[1], want_eps)
+        idx = torch.tensor([2, 0, 2])
+        for part in (d(x, pt), d(x, pt)):
+            sel = part.select(idx)  # still lazy: same bits on the chosen samples
+            assert torch.equal(sel.eps, want_eps[idx]) and torch.equal(sel.x0, want_x0[idx])
+
+
+def test_eager_prediction_keeps_the_given_views():
+    x0, eps = torch.randn(2, 3), torch.randn(2, 3)
+    pred = ds.Prediction(x0, eps)
+    assert pred.x0 is x0 and pred.eps is eps and pred.sources == (x0, eps)
+    a, b = pred
+    assert a is x0 and b is eps and len(pred) == 2
+    sel = pred.select(torch.tensor([1]))
+    assert torch.equal(sel.x0, x0[1:]) and torch.equal(sel.eps, eps[1:])
+
+
+def test_cfg_forms_only_the_view_the_solver_reads():
+    """CFG guides the raw output and converts once, lazily: reading ε̂ of an ε-network is free."""
+    proc = sd_process()
+    guided = ds.CFG(ds.Denoiser(LabelNet(), proc, "eps"), 3.0, uncond={"labels": torch.zeros(2)})
+    x, labels = torch.randn(2, 3), torch.tensor([1.0, 2.0])
+    pred = guided(x, 0.5, labels=labels)
+    with _OpCount() as ops:
+        eps = pred.eps
+    assert ops.n == 0 and eps is pred.sources[0]
+
+
 def test_unknown_prediction_and_bad_output_shape():
     with pytest.raises(ValueError, match="valid: eps, x0, v, score, velocity"):
         ds.Denoiser(lambda x, t: x, sd_process(), "noise")

@@ -269,19 +269,52 @@ def test_every_registered_solver_runs(unet):
 
 
 def test_per_sample_generators(unet):
-    """A list of generators (one per sample) gives each sample its own noise stream."""
+    """A list of generators (one per sample) gives each sample its own noise seed (one draw
+    from each, as ``ds.sample(..., generator=gens)`` takes it)."""
     pipe = make_pipe(unet)
     pipe.scheduler = DiffsolveScheduler.from_config(pipe.scheduler.config, solver="ddpm")
     gens = [torch.Generator().manual_seed(s) for s in (11, 12)]
     out = pipe(batch_size=2, num_inference_steps=5, generator=gens, output_type="pt").images
     gens = [torch.Generator().manual_seed(s) for s in (11, 12)]
     x_T = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens])
-    noise = NoiseSource()
-    noise.generators = tuple(gens)
     model = ds.Denoiser(lambda x, t: unet(x, t).sample, pipe.scheduler.process)
     with torch.no_grad():
-        ours = ds.sample(model, x_T, "ddpm", nfe=5, noise=noise)
+        ours = ds.sample(model, x_T, "ddpm", nfe=5, generator=gens)
     assert rel_err(out, (ours / 2 + 0.5).clamp(0, 1)) <= TOL
+    # sample b's noise is its own generator's: the second one alone gets the same noise
+    both = NoiseSource.from_generator([torch.Generator().manual_seed(s) for s in (11, 12)])
+    solo = NoiseSource.from_generator([torch.Generator().manual_seed(12)])
+    assert torch.equal(both.randn(x_T, 2)[1:], solo.randn(x_T[1:], 2))
+
+
+@pytest.mark.parametrize("solver", ["ddpm", "dpmpp_sde", "pc"])
+def test_replayed_steps_draw_the_same_noise(unet, solver):
+    """Noise is a function of (seed, step, stage, sample index), not a stream: ``step`` handed
+    the same inputs twice (the scheduler and a copy of it at the same call) returns the same
+    ``prev_sample``; solvers with several calls per step (dpmpp_sde: two, pc: corrector and
+    predictor), whose steps the scheduler re-runs once per call, equal ``ds.sample``; and the
+    same scheduler run again with the same generator seed gives the same sample."""
+    sched = DiffsolveScheduler(solver=solver)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+
+    def loop():
+        sched.set_timesteps(6)
+        x = x_T
+        for t in sched.timesteps:
+            out = unet(x, t).sample
+            twin = copy.deepcopy(sched)
+            a = sched.step(out, t, x, generator=torch.Generator().manual_seed(4)).prev_sample
+            b = twin.step(out, t, x, generator=torch.Generator().manual_seed(4)).prev_sample
+            assert torch.equal(a, b), t
+            x = a
+        return x
+
+    with torch.no_grad():
+        first = loop()
+        assert torch.equal(loop(), first)
+        model = ds.Denoiser(lambda x, t: unet(x, t).sample, sched.process)
+        ours = ds.sample(model, x_T, solver, nfe=6, generator=torch.Generator().manual_seed(4))
+    assert rel_err(first, ours) <= TOL
 
 
 @pytest.mark.parametrize("solver", ["euler", "unipc"])

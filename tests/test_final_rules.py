@@ -57,7 +57,7 @@ def _last_step_as_euler(model, sd, name, info, seen):
     t_prev, t_end = float(info.times[-2]), float(info.times[-1])
     if name == "unipc":  # DDIM from the corrected state, with the x̂_0 already evaluated
         state = seen[-1][1]
-        return _euler(model, sd, state.x_prev, t_prev, t_end, x0=state.history[-1])
+        return _euler(model, sd, state.x_prev, t_prev, t_end, x0=state.history[0].x0)
     return _euler(model, sd, seen[-2][0], t_prev, t_end)
 
 

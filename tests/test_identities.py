@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import diffsolve as ds
+from diffsolve.noise import Noise
 
 from .conftest import prior64, rel_err, sd_process
 
@@ -66,11 +67,11 @@ def test_ddpm_eta_one_is_ddpm_posterior_step(g64):
     idx = [999, 500, 10]
     zs = []
 
-    class Recorder:
+    class Recorder(Noise):
         def __init__(self):
             self.gen = torch.Generator().manual_seed(5)
 
-        def randn_like(self, x, step=0):
+        def randn(self, x, step=0, stage=0):
             z = torch.randn(x.shape, generator=self.gen, dtype=x.dtype)
             zs.append(z)
             return z

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import diffsolve as ds
-from diffsolve.bench.gmm import GaussianMixture, _mixture
-from diffsolve.guidance.inpaint import Inpaint, gmm_conditional
+from diffsolve.bench.gmm import GaussianMixture, _mixture, gmm_conditional
+from diffsolve.guidance.inpaint import Inpaint
 from diffsolve.noise import NoiseSource
 
 from .conftest import rel_err, sd_process

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import diffsolve as ds
+from diffsolve.bench import peers
 from diffsolve.interop import kdiffusion as kd
-from diffsolve.interop import peers
 
 from .conftest import rel_err
 

@@ -18,7 +18,7 @@ import torch
 import diffsolve as ds
 from diffsolve.bench import gmm2d, gmm3072, solve_pf_ode
 from diffsolve.bench.gmm import GaussianMixture
-from diffsolve.noise import NoiseSource
+from diffsolve.noise import Noise, NoiseSource
 from diffsolve.processes.mean_reverting import MeanReverting, theta_table
 from diffsolve.solvers.base import Grid
 from diffsolve.solvers.sde_basic import EulerMaruyama
@@ -308,10 +308,10 @@ def test_mrs_ode_nfe10_against_exact():
     assert err(order=2) < 0.5 * first and err(order=3) < first, first
 
 
-class _Probe:
+class _Probe(Noise):
     """Noise that is 1 for sample i + 2 at step i and 0 elsewhere (see below)."""
 
-    def randn_like(self, x: torch.Tensor, i: int) -> torch.Tensor:
+    def randn(self, x: torch.Tensor, i: int, stage: int = 0) -> torch.Tensor:
         z = torch.zeros_like(x)
         if i + 2 < x.shape[0]:
             z[i + 2] = 1.0

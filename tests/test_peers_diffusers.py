@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import diffsolve as ds
-from diffsolve.interop import peers
+from diffsolve.bench import peers
 
 from .conftest import prior64, rel_err
 

@@ -18,6 +18,7 @@ from scipy import stats
 from scipy.integrate import solve_ivp
 
 import diffsolve as ds
+from diffsolve.bench.pfgmpp import exact_points_denoiser
 from diffsolve.processes.pfgmpp import PFGMPP
 
 from .conftest import rel_err
@@ -91,7 +92,7 @@ def test_finite_D_heun_reaches_the_data(D):
     frequency deviation 0.0071 for both D: the same z drives both priors)."""
     pts = _circle()
     p = PFGMPP(D)
-    model = p.exact_points_denoiser(pts)
+    model = exact_points_denoiser(p, pts)
     x_T = p.prior((20000, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     out = ds.sample(model, x_T, "heun", steps=18, schedule="karras")
     d = torch.cdist(out, pts)
@@ -124,7 +125,7 @@ def test_finite_D_ode_is_solved_by_the_same_solvers(solver, order):
     64 steps 1.1e-2, 5.5e-4, 5.3e-5)."""
     pts = _circle()
     p = PFGMPP(4)
-    model = p.exact_points_denoiser(pts)
+    model = exact_points_denoiser(p, pts)
     x_T = p.prior((16, 2), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ref = _field_ode(model, x_T, 80.0, 0.5)
     errs = []

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import diffsolve as ds
-from diffsolve.noise import NoiseSource
-from diffsolve.solvers.sa_solver import _adams_weights, _apply
+from diffsolve.noise import Noise, NoiseSource
+from diffsolve.solvers.engine import combine
+from diffsolve.solvers.sa_solver import _adams_weights
 
 from .conftest import prior64, reference, rel_err, sd_process
 
@@ -59,14 +60,13 @@ def test_step_order_with_exact_history(g64, predictor, corrector, local):
         i = n // 2
         grid = ds.Grid.build(p, t, clean_end=False)
         xs = {j: reference(g64, p, x_T, float(t[j])) for j in range(i - predictor + 1, i + 2)}
-        state = solver.init(xs[i], grid, m)
-        corr = state.correct[i + 1]
-        hist = tuple(m(xs[j], state.points[j]).x0 for j in range(i - 1, i - predictor, -1))
-        state = state.replace(history=hist, correct=(None,) * n)
-        x_next, state = solver.step(xs[i], i, state, m)
+        # the solver's rows, unfolded: step i's predictor and the corrector over step i
+        predict, correct = solver.rows(grid)
+        hist = tuple(m(xs[j], m.point(t[j], xs[j])) for j in range(i, i - predictor, -1))
+        x_next = combine(predict[i], xs[i], hist, None)
         if corrector:
-            m_new = m(x_next, state.points[i + 1]).x0
-            x_next = _apply(corr, xs[i], (m_new, *state.history), None)
+            m_new = m(x_next, m.point(t[i + 1], x_next))
+            x_next = combine(correct[i + 1], xs[i], (m_new, *hist), None)
         errs.append(rel_err(x_next, xs[i + 1]))
         hs.append(float(grid.h[i]))
     slope = math.log(errs[-2] / errs[-1]) / math.log(hs[-2] / hs[-1])
@@ -104,7 +104,7 @@ def test_budget_and_clean_end(g64, nfe):
         return_info=True, callback=lambda i, x, s: seen.append(s),
     )  # fmt: skip
     assert info.nfe == nfe and torch.isfinite(x).all()
-    assert torch.equal(x, seen[-1].history[0])  # the step to σ = 0 returns x̂_0 at its start
+    assert torch.equal(x, seen[-1].history[0].x0)  # the step to σ = 0 returns x̂_0 at its start
 
 
 def test_stochastic_mode_draws_from_the_noise_source(g64):
@@ -125,8 +125,30 @@ def test_stochastic_mode_draws_from_the_noise_source(g64):
     assert torch.equal(off, ds.sample(m, x_T, "sa_solver", nfe=10))
 
 
-class _NoDraws:
-    def randn_like(self, x, step):
+def test_folded_corrector_reuses_the_predictors_noise(g64):
+    """The engine folds each SA-Corrector into the next update (x_s and z cancel): equal to the
+    corrector applied unfolded, from the predictor's x_s with the predictor's own draw z."""
+    p = sd_process()
+    m = g64.denoiser(p)
+    x_T = prior64(p, n=3)
+    times = ds.LogSNR()(p, 9)
+    solver = ds.get_solver("sa_solver", predictor_order=3, corrector_order=3, tau=1.0)
+    predict, correct = solver.rows(ds.Grid.build(p, times, clean_end=False))
+    noise = NoiseSource(11)
+    x, hist, x_s, z_s = x_T, (), None, None
+    for i in range(len(times) - 1):
+        hist = (m(x, m.point(times[i], x)), *hist)
+        if correct[i] is not None:
+            x = combine(correct[i], x_s, hist, z_s)  # the same z as the predictor of step i − 1
+        x_s, z_s = x, noise.randn(x, i)
+        x = combine(predict[i], x, hist, z_s)
+    assert all(r.noise > 0 for r in predict) and sum(c is not None for c in correct) == 7
+    ours = ds.sample(m, x_T, solver, times=times, final="tmin", noise=noise)
+    assert rel_err(ours, x) < 1e-12
+
+
+class _NoDraws(Noise):
+    def randn(self, x, step, stage=0):
         raise AssertionError("drew noise")
 
 
@@ -138,14 +160,14 @@ def test_invalid_options(options):
         ds.get_solver("sa_solver", **options)
 
 
-class _Draws:
+class _Draws(Noise):
     """The noise diffusers' SASolverScheduler.step draws: one randn per step, in order."""
 
     def __init__(self, shape, n, seed):
         g = torch.Generator().manual_seed(seed)
         self.z = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(n)]
 
-    def randn_like(self, x, step):
+    def randn(self, x, step, stage=0):
         return self.z[step]
 
 

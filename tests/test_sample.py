@@ -91,6 +91,58 @@ def test_nan_from_the_network_names_step_and_time(check):
     assert net.calls == (4 if check == "step" else 8)
 
 
+class _Spike:
+    """An x̂_0-network (x/2) whose call ``at`` (0-based; every call if None) puts ``value`` in
+    four elements."""
+
+    def __init__(self, value: float, at: int | None = None):
+        self.value, self.at, self.calls = value, at, 0
+
+    def __call__(self, x, t):
+        out = 0.5 * x
+        if self.at is None or self.calls == self.at:
+            out[1, 0, 2] = self.value
+        self.calls += 1
+        return out
+
+
+@pytest.mark.parametrize("check", [True, "step"])
+@pytest.mark.parametrize("at", [None, 9])
+def test_huge_finite_network_output_is_not_nan(check, at):
+    """4 × 1e38 is finite in float32 but its float32 sum overflows: no alarm, neither from the
+    watch nor from the ε̂ view (x − x̂_0)/σ, which overflows at σ_9 < 0.3 and which dpmpp_2m never
+    reads."""
+    proc = ds.EDM()
+    x_T = ds.prior(proc, (2, 3, 4, 4), generator=torch.Generator().manual_seed(0))
+    m = ds.Denoiser(_Spike(1e38, at), proc, "x0")
+    x, info = ds.sample(m, x_T, "dpmpp_2m", steps=12, check_finite=check, return_info=True)
+    assert float(proc.sigma(info.times[9])) < 0.3
+    assert torch.isfinite(x).all() and float(x[1, 0, 2].abs().max()) > 1e37
+
+
+@pytest.mark.parametrize("check", [True, "step"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("k", [0, 5])
+def test_nonfinite_network_output_names_its_step_and_t(check, value, k):
+    proc = ds.EDM()
+    x_T = ds.prior(proc, (2, 3, 4, 4), generator=torch.Generator().manual_seed(0))
+    m = ds.Denoiser(lambda x, t: 0.5 * x, proc, "x0")
+    _, info = ds.sample(m, x_T, "dpmpp_2m", steps=8, return_info=True)
+    net = _Spike(value, at=k)  # dpmpp_2m: step k's one call is at times[k]
+    m = ds.Denoiser(net, proc, "x0")
+    msg = rf"at step {k} \(t={float(info.times[k]):.6g}\)"
+    with pytest.raises(ds.NonFiniteError, match=msg):
+        ds.sample(m, x_T, "dpmpp_2m", steps=8, check_finite=check)
+    assert net.calls == (k + 1 if check == "step" else 8)
+
+
+def test_nonfinite_output_of_a_wrapper_is_caught():
+    """A wrapper's eager prediction (both views given) is watched too."""
+    m = ds.StaticThreshold(_model(CountingNet(nan_after=2)), max_val=1e30)
+    with pytest.raises(ds.NonFiniteError, match=r"at step 2 "):
+        ds.sample(m, torch.randn(2, 3), "euler", nfe=6)
+
+
 def test_nan_check_can_be_disabled():
     x = ds.sample(
         _model(CountingNet(nan_after=0)), torch.randn(2, 3), "euler", nfe=3, check_finite=False

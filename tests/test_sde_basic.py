@@ -52,9 +52,7 @@ def test_em_one_step_is_the_formula(g64, noise_scale):
         noise_scale=noise_scale,
         noise=NoiseSource.from_seeds(seeds),
     )
-    z = torch.stack(
-        [torch.randn(64, generator=torch.Generator().manual_seed(s), dtype=x.dtype) for s in seeds]
-    )
+    z = NoiseSource.from_seeds(seeds).randn(x, 0)  # step 0's noise (stage 0)
     t, d = 0.7, 0.15
     f, g2 = float(p.drift_coef(t)), float(p.diffusion_sq(t))
     gam2 = noise_scale**2 * float(p.gamma_sq(t))
@@ -188,10 +186,11 @@ def test_pc_one_step_is_the_official_update(g64, kind):
     out = ds.sample(
         m, x, "pc", times=times, final="tmin", noise=NoiseSource.from_seeds(seeds), snr=0.16
     )
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    src = NoiseSource.from_seeds(seeds)
+    draws = iter((1, 0))  # the corrector's noise is stage 1 of the step, the predictor's stage 0
 
     def draw():
-        return torch.stack([torch.randn(64, generator=g, dtype=x.dtype) for g in gens])
+        return src.randn(x, 0, next(draws))
 
     score = lambda v: -m(v, t0).eps / s0  # noqa: E731
     # corrector: α_i = 1 − β_i = (α_{t_i}/α_{t_{i−1}})² (1 on VE)

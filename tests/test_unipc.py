@@ -72,7 +72,7 @@ def test_global_order(setup, order, variant, corrector):
 
 @pytest.fixture(scope="module")
 def exact_path(g64):
-    """Exact x and x̂_0 on λ-grids λ_j = 2 + j·h, j = 0…5, for h in H."""
+    """Exact x and the model's predictions there on λ-grids λ_j = 2 + j·h, j = 0…5, for h in H."""
     p = sd_process()
     model = g64.denoiser(p)
     lam_a = 2.0
@@ -83,8 +83,8 @@ def exact_path(g64):
         xs = [x_a]
         for j in range(1, 6):
             xs.append(solve_pf_ode(g64, p, xs[-1], float(times[j - 1]), float(times[j])))
-        ms = [model(x, model.point(t, x)).x0 for x, t in zip(xs, times)]
-        out[h] = (times, xs, ms)
+        preds = [model(x, model.point(t, x)) for x, t in zip(xs, times)]
+        out[h] = (times, xs, preds)
     return model, out
 
 
@@ -94,7 +94,7 @@ def exact_path(g64):
 def test_local_order_of_the_step(exact_path, order, variant, corrector):
     model, path = exact_path
     errs = []
-    for times, xs, ms in path.values():
+    for times, xs, preds in path.values():
         p = order
         grid = Grid.build(model.process, times[: p + 3], clean_end=False)
         # the step from point p: no correction of the (exact) x_p, full order p from exact history
@@ -105,11 +105,12 @@ def test_local_order_of_the_step(exact_path, order, variant, corrector):
             lower_order_final=False,
             disable_corrector=(p - 1,),
         )
-        state = solver.init(xs[0], grid, model).replace(history=tuple(ms[1:p]))
+        # the engine's history is newest first: exact evaluations at points p − 1, …, 1
+        state = solver.init(xs[0], grid, model).replace(history=tuple(preds[p - 1 : 0 : -1]))
         x_pred, state = solver.step(xs[p], p, state, model)
         if corrector:
             _, state = solver.step(x_pred, p + 1, state, model)  # evaluates at x̃, applies UniC
-            x_pred = state.x_prev
+            x_pred = state.x_prev  # the corrected start of step p + 1
         errs.append(rel_err(x_pred, xs[p + 1]))
     expected = order + 2 if corrector else order + 1
     slope = _slope([1 / h for h in path], errs)  # error ∝ h^k: slope k against 1/h
@@ -203,7 +204,7 @@ def test_solver_object_is_reusable(setup):
     assert torch.equal(a, b)
 
 
-def test_state_select_reindexes_history_and_substate(setup):
+def test_state_select_reindexes_history(setup):
     """Resampling particles mid-run (state.select) equals running the permuted batch."""
     model, x_T, _ = setup
     perm = torch.tensor([3, 0, 0, 5, 1, 2, 7, 6])
@@ -246,3 +247,17 @@ def test_flow_start_at_alpha_zero_is_finite():
         out = ds.sample(model, x_T, "unipc", nfe=6, order=order, schedule="uniform")
         assert torch.isfinite(out).all()
     assert math.isinf(float(p.lambda_(torch.tensor(1.0, dtype=torch.float64))))
+
+
+def test_predictor_off_the_engine_is_refused():
+    """A predictor is taken as its rows, so it must be a RowSolver."""
+    from dataclasses import dataclass
+
+    from diffsolve.solvers.base import Solver
+
+    @dataclass(frozen=True)
+    class Plain(Solver):  # one deterministic call per step, but no rows
+        name = "plain"
+
+    with pytest.raises(ValueError, match="weight-table engine"):
+        ds.get_solver("unipc", predictor=Plain())

@@ -4,7 +4,7 @@ Every diffusers / k-diffusion configuration that has a diffsolve equivalent is r
 gmm64 model with the SD scaled-linear process at NFE 5, 10 and 20; diffsolve then runs on the
 peer's own grid (``times=``) and its error to the exact standard endpoint may be at most 1.05×
 the peer's. (Ratios above 1 come only from diffusers' own grid inconsistencies — rounded Karras
-timesteps, DDIM's off-grid last step — documented in ``diffsolve.interop.peers``.)
+timesteps, DDIM's off-grid last step — documented in ``diffsolve.bench.peers``.)
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@
 
 from . import nets
 from .denoiser import CFG, PREDICTIONS, Denoiser, EvalPoint, Prediction
+from .dlg import dlg_chain, dlg_sample
 from .guidance import (
     ClassifierGuidance,
     DynamicThreshold,
@@ -13,13 +14,13 @@ from .guidance import (
     SkipTuning,
     StaticThreshold,
     TimeShift,
-    gmm_conditional,
     skip_tuning,
 )
 from .interop.kdiffusion import denoiser_from_kdiffusion, to_kdiffusion_sampler
 from .likelihood import LikelihoodInfo, bits_per_dim, dequantization_shift, log_likelihood
 from .nets import WeightsError
-from .noise import BrownianTree, NoiseSource
+from .noise import BrownianTree, Noise, NoiseSource
+from .plan import make_plan
 from .processes import (
     EDM,
     PFGMPP,
@@ -49,9 +50,10 @@ from .schedules import (
     Uniform,
     schedules,
 )
-from .solvers import Grid, Solver, State, get_solver, solvers
-from .solvers._all import *  # noqa: F403  (solver classes: ds.UniPC, ds.DPMSolverPP2M, ...)
-from .solvers.dlg import dlg_chain, dlg_sample
+from .solvers import *  # noqa: F403  (solver classes: ds.UniPC, ds.DPMSolverPP2M, ...)
+from .solvers import Grid, Plan, Solver, State, get_solver, solvers
+from .solvers.engine import Row, StepRule
+from .tuning import Tuned, TunedFileError, TuningError, load_tuned, tune
 
 __version__ = "0.1.0"
 
@@ -94,21 +96,28 @@ __all__ = [
     "Linspace",
     "LogSNR",
     "MeanReverting",
+    "Noise",
     "NoiseSource",
     "NonFiniteError",
+    "Plan",
     "Prediction",
     "Quadratic",
     "Retimed",
+    "Row",
     "SampleInfo",
     "Schedule",
     "SkipTuning",
     "Solver",
     "State",
     "StaticThreshold",
+    "StepRule",
     "StochasticInterpolant",
     "SubVP",
     "TimeShift",
     "Trailing",
+    "Tuned",
+    "TunedFileError",
+    "TuningError",
     "Uniform",
     "VPCosine",
     "VPDiscrete",
@@ -120,8 +129,9 @@ __all__ = [
     "dlg_chain",
     "dlg_sample",
     "get_solver",
-    "gmm_conditional",
+    "load_tuned",
     "log_likelihood",
+    "make_plan",
     "nets",
     "prior",
     "sample",
@@ -129,6 +139,7 @@ __all__ = [
     "skip_tuning",
     "solvers",
     "to_kdiffusion_sampler",
+    "tune",
 ]
 
 

@@ -16,9 +16,9 @@ prediction     network output                         (x̂_0, ε̂)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,11 +30,109 @@ __all__ = ["CFG", "PREDICTIONS", "Denoiser", "EvalPoint", "Prediction"]
 PREDICTIONS = ("eps", "x0", "v", "score", "velocity")
 
 
-class Prediction(NamedTuple):
-    """The two views of one network call, both shaped like x (compute dtype)."""
+class Prediction:
+    """The two views of one network call, x̂_0 and ε̂, both shaped like x (compute dtype).
 
-    x0: Tensor
-    eps: Tensor
+    ``Prediction(x0, eps)`` holds both views as given (what guidance wrappers build).
+    :meth:`Denoiser.convert` returns a lazy one instead (:meth:`lazy`): it keeps the network
+    output and forms each view by the table's formula on first access, once, so a solver that
+    reads only x̂_0 (or only ε̂) never pays for the other. Both kinds unpack as ``x0, eps = pred``.
+    The tensors a lazy prediction holds (x and the output) must not be modified in place.
+    """
+
+    __slots__ = ("_eps", "_kind", "_out", "_point", "_x", "_x0")
+
+    def __init__(self, x0: Tensor, eps: Tensor):
+        self._x0: Tensor | None = x0
+        self._eps: Tensor | None = eps
+        self._x: Tensor | None = None
+        self._out: Tensor | None = None
+        self._point: EvalPoint | None = None
+        self._kind = ""
+
+    @classmethod
+    def lazy(cls, x: Tensor, out: Tensor, point: EvalPoint, kind: str) -> Prediction:
+        """The views of network output ``out`` (prediction type ``kind``) at x and ``point``,
+        both tensors already in the compute dtype; each view is formed when first read."""
+        pred = cls.__new__(cls)
+        pred._x, pred._out, pred._point, pred._kind = x, out, point, kind
+        pred._x0 = out if kind == "x0" else None
+        pred._eps = out if kind == "eps" else None
+        return pred
+
+    @property
+    def x0(self) -> Tensor:
+        """x̂_0, formed on first access for a lazy prediction."""
+        if self._x0 is None:
+            x, out, pt = self._parts()
+            a, s, k = pt.alpha, pt.sigma, self._kind
+            if k == "eps":
+                self._x0 = (x - s * out) / a
+            elif k == "v":
+                self._x0 = (a * x - s * out) / (a * a + s * s)
+            elif k == "score":
+                self._x0 = (x + (s * s) * out) / a
+            else:  # velocity: Cramer's rule on α'·x0 + σ'·ε = u, α·x0 + σ·ε = x
+                self._x0 = (pt.d_sigma * x - s * out) / (a * pt.d_sigma - s * pt.d_alpha)
+        return self._x0
+
+    @property
+    def eps(self) -> Tensor:
+        """ε̂, formed on first access for a lazy prediction."""
+        if self._eps is None:
+            x, out, pt = self._parts()
+            a, s, k = pt.alpha, pt.sigma, self._kind
+            if k == "x0":
+                self._eps = (x - a * out) / s
+            elif k == "v":
+                self._eps = (s * x + a * out) / (a * a + s * s)
+            elif k == "score":
+                self._eps = (-s) * out
+            else:  # velocity
+                self._eps = (a * out - pt.d_alpha * x) / (a * pt.d_sigma - s * pt.d_alpha)
+        return self._eps
+
+    def _parts(self) -> tuple[Tensor, Tensor, EvalPoint]:
+        x, out, pt = self._x, self._out, self._point
+        assert x is not None and out is not None and pt is not None, "eager: both views given"
+        return x, out, pt
+
+    @property
+    def sources(self) -> tuple[Tensor, ...]:
+        """The tensors both views are formed from: the network output of a lazy prediction, the
+        two views of an eager one (what a NaN/Inf watch reads without forming a view)."""
+        if self._out is not None:
+            return (self._out,)
+        return (self.x0, self.eps)
+
+    def select(self, index: Tensor) -> Prediction:
+        """The prediction of the samples ``index`` (along dim 0), still lazy where it was."""
+        pt = self._point
+        coefs = (pt.alpha, pt.sigma, pt.d_alpha, pt.d_sigma) if pt is not None else ()
+        if pt is None or any(isinstance(v, Tensor) for v in coefs):
+            return Prediction(self.x0[index], self.eps[index])  # eager, or per-sample α, σ
+        x, out, _ = self._parts()
+        pred = Prediction.lazy(x[index], out[index], pt, self._kind)
+        if pred._x0 is None and self._x0 is not None:
+            pred._x0 = self._x0[index]
+        if pred._eps is None and self._eps is not None:
+            pred._eps = self._eps[index]
+        return pred
+
+    def __iter__(self) -> Iterator[Tensor]:
+        yield self.x0
+        yield self.eps
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> Tensor:
+        return (self.x0, self.eps)[i]
+
+    def __repr__(self) -> str:
+        state = f"lazy {self._kind!r}" if self._out is not None else "eager"
+        shape = tuple((self._out if self._out is not None else self.x0).shape)
+        return f"Prediction({state}, shape={shape})"
 
 
 @dataclass(frozen=True)
@@ -162,29 +260,14 @@ class Denoiser:
         return self.process.to_path(out, x, mu, point.alpha, point.sigma, self.prediction)
 
     def convert(self, x: Tensor, out: Tensor, point: EvalPoint) -> Prediction:
-        """Convert a raw network output into (x̂_0, ε̂) in the solver's compute dtype."""
+        """Convert a raw network output into (x̂_0, ε̂) in the solver's compute dtype: a lazy
+        :class:`Prediction`, each view formed by the table's formula when first read."""
         if out.shape != x.shape:
             raise ValueError(
                 f"network output shape {tuple(out.shape)} does not match its input {tuple(x.shape)}"
             )
         dt = _compute_dtype(x.dtype)
-        x = x.to(dt)
-        out = out.to(dt)
-        a, s = point.alpha, point.sigma
-        p = self.prediction
-        if p == "eps":
-            return Prediction((x - s * out) / a, out)
-        if p == "x0":
-            return Prediction(out, (x - a * out) / s)
-        if p == "v":
-            n = a * a + s * s
-            return Prediction((a * x - s * out) / n, (s * x + a * out) / n)
-        if p == "score":
-            return Prediction((x + (s * s) * out) / a, (-s) * out)
-        # velocity u = α'·x0 + σ'·ε together with x = α·x0 + σ·ε
-        da, ds_ = point.d_alpha, point.d_sigma
-        det = a * ds_ - s * da
-        return Prediction((ds_ * x - s * out) / det, (a * out - da * x) / det)
+        return Prediction.lazy(x.to(dt), out.to(dt), point, self.prediction)
 
     def __call__(self, x: Tensor, t: float | Tensor | EvalPoint, **cond: Any) -> Prediction:
         point = t if isinstance(t, EvalPoint) else self.point(t, x)

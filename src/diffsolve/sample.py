@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,14 +13,13 @@ from torch import Tensor
 
 from .auto import is_guided, recommend
 from .denoiser import Denoiser, DenoiserWrapper, EvalPoint, Prediction
+from .plan import FINALS, make_plan
 from .processes.base import GaussianProcess
-from .schedules import Schedule, get_schedule, validate_times
+from .schedules import Schedule
 from .solvers._expint import extrapolate_to_zero
-from .solvers.base import Grid, Solver, State, get_solver
+from .solvers.base import Solver, State, get_solver
 
-__all__ = ["FINALS", "NonFiniteError", "SampleInfo", "sample"]
-
-FINALS = ("standard", "extrapolate", "tmin")
+__all__ = ["FINALS", "NonFiniteError", "SampleInfo", "continue_to_zero", "sample"]
 
 
 class NonFiniteError(FloatingPointError, ValueError):
@@ -50,8 +49,9 @@ class _Evaluator:
         self.model, self.cond, self.check = model, dict(cond), check
         self.nfe = 0
         self.step = 0
-        self._flags: list[Tensor] = []
+        self._flags: list[Tensor] = []  # one probe per call: 0 if finite, else NaN
         self._where: list[tuple[int, float]] = []
+        self._zeros: Tensor | None = None  # the probe's zero vector, reused across calls
         self.recent: deque[tuple[float, Tensor]] = deque(maxlen=keep) if keep else deque(maxlen=1)
         self._keep = keep
         self._points: dict[float, EvalPoint] = {}
@@ -77,26 +77,40 @@ class _Evaluator:
         pred = self.model(x, t, **self.cond)
         self.nfe += 1
         if self.check:
-            # one float64 sum per output: NaN and ±Inf propagate through it, and no float32
-            # values can overflow it, so it is finite exactly when every element is
-            total = pred.x0.sum(dtype=torch.float64) + pred.eps.sum(dtype=torch.float64)
-            ok = torch.isfinite(total)
+            # the network output itself (pred.sources), before any view is formed: a view the
+            # solver never reads is neither formed nor checked
+            first, *more = pred.sources
+            probe = self._probe(first)
+            for v in more:  # an eager prediction from a wrapper: both views
+                probe = probe + self._probe(v)
             if self.check == "step":
-                if not bool(ok):
+                if not bool(probe == 0):
                     self._raise(self.step, t.t)
             else:
-                self._flags.append(ok)
+                self._flags.append(probe)
                 self._where.append((self.step, t.t))
         if self._keep:
             self.recent.append((t.rho, pred.x0))
         return pred
+
+    def _probe(self, v: Tensor) -> Tensor:
+        """⟨v, 0⟩, a 0-d tensor on v's device: 0 when every element of v is finite, NaN when one
+        is NaN or ±Inf (0·∞ = NaN). A sum of zeros cannot overflow, so huge finite outputs pass
+        (a float32 Σv would overflow; a float64 one copies v first), and a BLAS dot against a
+        kept zero vector reads v once and allocates nothing (cheaper than Σ(0·v) or
+        isfinite(v).all(), which write a temporary of v's size)."""
+        f = v.detach().reshape(-1)  # no autograd graph kept alive by the flags
+        n, z = f.numel(), self._zeros
+        if z is None or z.numel() < n or z.dtype != f.dtype or z.device != f.device:
+            z = self._zeros = torch.zeros(n, dtype=f.dtype, device=f.device)
+        return torch.dot(f, z[:n])
 
     def _raise(self, step: int, t: float) -> None:
         raise NonFiniteError(f"network output is NaN/Inf at step {step} (t={t:.6g})")
 
     def raise_if_nonfinite(self) -> None:
         if self._flags:
-            ok = torch.stack(self._flags)
+            ok = torch.stack([f.to(torch.float64) for f in self._flags]) == 0
             if not bool(ok.all()):  # the run's single host sync
                 first = int((~ok).nonzero()[0])
                 self._raise(*self._where[first])
@@ -115,7 +129,9 @@ def _check_cond(x: Tensor, cond: Mapping[str, Any], sample_shape: tuple[int, ...
             )
 
 
-def _continue_to_zero(recent: deque[tuple[float, Tensor]], order: int, x: Tensor) -> Tensor:
+def continue_to_zero(recent: deque[tuple[float, Tensor]], order: int, x: Tensor) -> Tensor:
+    """``final="extrapolate"``: x̂_0 continued to σ = 0 from the ``order`` newest evaluations
+    at distinct noise levels ρ (``recent``: (ρ, x̂_0) oldest first), or x if there is one."""
     # newest evaluations first, one per distinct noise level (Heun re-evaluates at a grid σ)
     rhos: list[float] = []
     x0s: list[Tensor] = []
@@ -142,7 +158,7 @@ def sample(
     callback: Callable[[int, Tensor, State], tuple[Tensor, State] | None] | None = None,
     check_finite: bool | str = True,
     noise: Any = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     return_info: bool = False,
     **options: Any,
 ) -> Tensor | tuple[Tensor, SampleInfo]:
@@ -171,9 +187,13 @@ def sample(
         check_finite: raise :class:`NonFiniteError` naming the step and t if the network returns
             NaN/Inf (``True``: checked once after the loop; ``"step"``: after every call;
             ``False``: off).
-        noise: a :class:`~diffsolve.noise.NoiseSource` for stochastic solvers (per-sample
-            seeds make samples independent of the batch split).
-        generator: shorthand for ``noise=NoiseSource(generator)``.
+        noise: a noise source for stochastic solvers (:class:`~diffsolve.noise.Noise`: a
+            seeded :class:`~diffsolve.noise.NoiseSource` (``offset=``/``indices=`` or
+            per-sample seeds keep samples independent of the batch split), a
+            :class:`~diffsolve.noise.BrownianTree`, or your own subclass of ``Noise``).
+        generator: shorthand for ``noise=NoiseSource.from_generator(generator)``: one draw
+            from the generator (at set-up) seeds the counter-based noise; a list of generators
+            gives one seed per sample. None (and no ``noise``): one draw from torch's global RNG.
         return_info: also return a :class:`SampleInfo`.
         **options: solver options (validated against the solver's declared options).
 
@@ -194,8 +214,8 @@ def sample(
         solver = rec.solver
         schedule = schedule if schedule is not None else rec.schedule
         final = final if final is not None else rec.final
-    final = final if final is not None else "standard"
     solver_obj = get_solver(solver, **options)
+    final = final if final is not None else (solver_obj.planned_final or "standard")
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise ValueError("x must be a floating-point tensor of shape (B, ...)")
     if x.ndim < 1 or x.shape[0] < 1:
@@ -203,35 +223,13 @@ def sample(
     if final not in FINALS:
         raise ValueError(f"unknown final {final!r}; valid: {', '.join(FINALS)}")
     _check_cond(x, cond, getattr(model, "sample_shape", None))
-    clean_end = final != "tmin"
-    if solver_obj.adaptive:
-        if nfe is not None or steps is not None:
-            raise ValueError(
-                f"solver {solver_obj.name!r} chooses its own steps: omit nfe= and steps= "
-                "(set its rtol/atol), or give times= for the points to pass through"
-            )
-        if times is None:
-            times = torch.tensor([process.t_max_finite, process.t_min], dtype=torch.float64)
-    elif sum(v is not None for v in (nfe, steps, times)) != 1:
-        raise ValueError("give exactly one of nfe=, steps= or times=")
-    sched = get_schedule(schedule if schedule is not None else solver_obj.default_schedule)
-    if nfe is not None:
-        if int(nfe) != nfe or nfe < 1:
-            raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
-        grid_t = solver_obj.plan_times(process, sched, int(nfe), clean_end)
-    elif steps is not None:
-        if int(steps) != steps or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        grid_t = sched(process, int(steps) if clean_end else int(steps) + 1)
-    else:
-        grid_t = validate_times(process, times)
-        if not clean_end and grid_t.numel() < 2:
-            raise ValueError("final='tmin' needs at least two times")
-    grid = Grid.build(process, grid_t, clean_end, nfe=nfe)
+    xc = x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x
+    plan = make_plan(
+        model, xc, solver_obj, nfe=nfe, steps=steps, times=times, schedule=schedule, final=final
+    )
 
     start = time.perf_counter()
     ev = _Evaluator(model, cond, check_finite, keep=6 if final == "extrapolate" else 0)
-    xc = x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x
     mu = process.offset(cond)  # a path in y = x − μ (MeanReverting): solvers run on y
     if mu is not None:
         mu = mu.to(device=xc.device, dtype=xc.dtype)
@@ -239,10 +237,11 @@ def sample(
     if noise is None and solver_obj.stochastic:
         from .noise import NoiseSource
 
-        noise = NoiseSource(generator)
-    ev.prefetch(grid.t[:-1] if clean_end else grid.t, xc)
-    state = solver_obj.init(xc, grid, ev, noise)
-    for i in range(grid.steps):
+        noise = NoiseSource.from_generator(generator)
+    if plan.rules is None:  # solvers off the engine look their grid points up one by one
+        ev.prefetch(plan.t[:-1] if plan.clean_end else plan.t, xc)
+    state = solver_obj.init(xc, plan, ev, noise)
+    for i in range(plan.steps):
         ev.step = i
         xc, state = solver_obj.step(xc, i, state, ev)
         if callback is not None:
@@ -250,17 +249,17 @@ def sample(
             if isinstance(replaced, tuple):  # the steering hook; other return values are ignored
                 xc, state = replaced
     if final == "extrapolate":
-        xc = _continue_to_zero(ev.recent, min(max(solver_obj.order, 2), 3), xc)
+        xc = continue_to_zero(ev.recent, min(max(solver_obj.order, 2), 3), xc)
     ev.raise_if_nonfinite()
     out = (xc if mu is None else xc + mu).to(x.dtype)
     if not return_info:
         return out
     info = SampleInfo(
         nfe=ev.nfe,
-        times=grid.t,
+        times=plan.t,
         seconds=time.perf_counter() - start,
         solver=solver_obj,
         final=final,
-        steps=grid.steps,
+        steps=plan.steps,
     )
     return out, info

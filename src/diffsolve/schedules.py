@@ -12,6 +12,7 @@ Conventions are those of the papers and peers, so grids compare like with like:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -53,6 +54,16 @@ class Schedule:
     def times(self, process: GaussianProcess, n: int) -> Tensor:
         raise NotImplementedError
 
+    def for_calls(self, process: GaussianProcess, calls: Sequence[int], clean_end: bool) -> Tensor:
+        """Grid times for steps that make ``calls[i]`` network calls each (singlestep solvers):
+        the schedule's grid of Σ calls intervals sub-sampled at the cumulative calls, so that
+        every call sits on the schedule (DPM-Solver-fast's rule for non-λ schedules)."""
+        n = len(calls) if clean_end else len(calls) + 1
+        total = sum(calls)
+        every = self(process, total if clean_end else total + 1)
+        idx = torch.cumsum(torch.tensor([0, *calls]), 0)[:n]
+        return every[idx]
+
 
 def _ramp(n: int) -> Tensor:
     # k-diffusion's ramp: linspace(0, 1, n), and [0] for n = 1 (the noise end alone)
@@ -93,6 +104,10 @@ class LogSNR(Schedule):
     sigma_max: float | None = None
     name: ClassVar[str] = "logsnr"
     description: ClassVar[str] = "uniform in λ = log(α/σ) (DPM-Solver's logSNR)"
+
+    def for_calls(self, process: GaussianProcess, calls: Sequence[int], clean_end: bool) -> Tensor:
+        """Uniform in λ over the steps themselves (DPM-Solver-fast's outer grid)."""
+        return self(process, len(calls) if clean_end else len(calls) + 1)
 
     def times(self, process: GaussianProcess, n: int) -> Tensor:
         r_lo, r_hi = _noise_range(process, self.sigma_min, self.sigma_max)

@@ -1,6 +1,6 @@
 """The exact benchmark: analytic models, exact references, metrics, tables and plots."""
 
-from .gmm import GMMS, GaussianMixture, get_gmm, gmm2d, gmm64, gmm3072
+from .gmm import GMMS, GaussianMixture, get_gmm, gmm2d, gmm64, gmm3072, gmm_conditional
 from .metrics import (
     mean_log_likelihood,
     mmd_rbf,
@@ -21,6 +21,7 @@ __all__ = [
     "gmm2d",
     "gmm64",
     "gmm3072",
+    "gmm_conditional",
     "mean_log_likelihood",
     "mmd_rbf",
     "nfe_to_reach",

@@ -22,7 +22,7 @@ from torch import Tensor
 from ..denoiser import PREDICTIONS, Denoiser
 from ..processes.base import GaussianProcess
 
-__all__ = ["GMMS", "GaussianMixture", "get_gmm", "gmm2d", "gmm64", "gmm3072"]
+__all__ = ["GMMS", "GaussianMixture", "get_gmm", "gmm2d", "gmm64", "gmm3072", "gmm_conditional"]
 
 
 @dataclass(frozen=True)
@@ -117,9 +117,14 @@ class _ExactNet:
         self.gmm, self.process, self.prediction = gmm, process, prediction
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
-        tt = float(t.reshape(-1)[0])
         p = self.process
-        a, s = float(p.alpha(tt)), float(p.sigma(tt))
+        t0 = t.reshape(-1)[0]
+        if t0.requires_grad:  # differentiable in the time (calibrating a grid by gradient)
+            tt: Tensor | float = t0.to(torch.float64)
+            a, s = p.alpha(tt), p.sigma(tt)
+        else:
+            tt = float(t0)
+            a, s = float(p.alpha(tt)), float(p.sigma(tt))
         x64 = x.to(torch.float64)
         mu = p.offset(cond)
         if mu is not None:
@@ -217,3 +222,58 @@ def get_gmm(name: str) -> GaussianMixture:
     if name not in GMMS:
         raise ValueError(f"unknown analytic model {name!r}; valid: {', '.join(GMMS)}")
     return GMMS[name]()
+
+
+# -- conditionals (the exact answer of inpainting, diffsolve.guidance.inpaint) ---------------------
+def gmm_conditional(gmm: GaussianMixture, y: Tensor, mask: Tensor) -> GaussianMixture:
+    """The exact law of the unobserved coordinates of ``gmm`` given x_o = y (float64).
+
+    For Σ_k w_k·N(m_k, S_k) and the split x = (x_u, x_o):
+
+        p(x_u | x_o = y) = Σ_k w'_k·N(m_k,u + S_k,uo·S_k,oo⁻¹(y − m_k,o),
+                                       S_k,uu − S_k,uo·S_k,oo⁻¹·S_k,ou),
+        w'_k ∝ w_k·N(y; m_k,o, S_k,oo).
+
+    Covariances are formed densely (D × D; D = 64 for gmm64) from the stored
+    eigendecompositions and factorised by Cholesky, all in float64.
+
+    Args:
+        gmm: the mixture, samples of shape ``gmm.shape`` (D entries).
+        y: one observation, shape ``gmm.shape`` (or (D,)); unobserved entries are ignored.
+        mask: True where observed, same shape; at least one entry observed and one not.
+
+    Returns:
+        A :class:`GaussianMixture` over the unobserved entries (in their
+        flattened order), shape (n_u,); the conditional mean is
+        ``(mix.weights[:, None] * mix.means).sum(0)``.
+    """
+    d = gmm.dim
+    obs = mask.reshape(-1).to(torch.bool).cpu()
+    if obs.numel() != d:
+        raise ValueError(f"mask has {obs.numel()} entries, the mixture {d}")
+    if bool(obs.all()) or not bool(obs.any()):
+        raise ValueError("mask must observe at least one entry and leave at least one free")
+    yo = y.reshape(-1).to(torch.float64).cpu()[obs]
+    o, u = obs.nonzero().squeeze(1), (~obs).nonzero().squeeze(1)
+    lam = gmm.eigvals
+    if gmm.eigvecs is None:
+        cov = torch.diag_embed(lam)
+    else:
+        cov = gmm.eigvecs @ torch.diag_embed(lam) @ gmm.eigvecs.transpose(1, 2)
+    s_oo = cov[:, o][:, :, o]
+    s_uo = cov[:, u][:, :, o]
+    s_uu = cov[:, u][:, :, u]
+    chol = torch.linalg.cholesky(s_oo)
+    r = (yo - gmm.means[:, o]).unsqueeze(-1)  # (K, n_o, 1)
+    white = torch.linalg.solve_triangular(chol, r, upper=False)  # L⁻¹(y − m_o)
+    logdet = 2 * torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(-1)
+    logn = -0.5 * (white.squeeze(-1).pow(2).sum(-1) + logdet + o.numel() * math.log(2 * math.pi))
+    weights = torch.softmax(torch.log(gmm.weights) + logn, dim=0)
+    a = torch.linalg.solve_triangular(chol, s_uo.transpose(1, 2), upper=False)  # L⁻¹·S_ou
+    means = gmm.means[:, u] + (a.transpose(1, 2) @ white).squeeze(-1)
+    cond_cov = s_uu - a.transpose(1, 2) @ a
+    cond_cov = 0.5 * (cond_cov + cond_cov.transpose(1, 2))
+    ev, evec = torch.linalg.eigh(cond_cov)
+    return GaussianMixture(
+        weights, means, ev.clamp_min(1e-300), evec, (u.numel(),), f"{gmm.name}|observed"
+    )

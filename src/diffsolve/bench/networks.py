@@ -73,7 +73,7 @@ def run_network_benchmark(
         schedules: schedule names; None runs each solver on its own default.
         n: samples (labels ``arange(n) % 10``).
         seed: x_T ~ prior from ``manual_seed(seed)``.
-        peers: add diffusers / k-diffusion configurations (``interop.peers``) where installed.
+        peers: add diffusers / k-diffusion configurations (``bench.peers``) where installed.
         rtol: the converged reference's rk45 tolerance (atol = rtol / 10).
         progress: called with a short message before each configuration.
 

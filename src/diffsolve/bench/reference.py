@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..integrate import dormand_prince, max_norm
 from ..processes.base import GaussianProcess
 from .gmm import GaussianMixture
 
@@ -81,14 +82,6 @@ def exact_x0_at(gmm: GaussianMixture, process: GaussianProcess, x: Tensor, t: fl
 
 
 # -- a second, independent integrator ---------------------------------------------------------
-# Dormand & Prince (1980), "A family of embedded Runge-Kutta formulae", J. Comput. Appl. Math. 6,
-# Table 2 (RK5(4)7M): the 5th-order solution propagates, the embedded 4th-order one estimates the
-# error; first-same-as-last.
-from ..solvers.adaptive import DP_A as _DP_A  # noqa: E402  (the one copy of the tableau)
-from ..solvers.adaptive import DP_C as _DP_C  # noqa: E402
-from ..solvers.adaptive import DP_ERR as _DP_E  # noqa: E402
-
-
 def dopri5(
     f,
     u0: float,
@@ -100,44 +93,23 @@ def dopri5(
 ) -> tuple[Tensor, int]:
     """Integrate dy/du = f(u, y) from u0 to u1 by adaptive Dormand–Prince 5(4) in float64.
 
-    Step control: the embedded error e is measured in the max norm scaled by
-    atol + rtol·max(|y_n|, |y_{n+1}|); a step is accepted when that is ≤ 1 and the next step is
-    h·min(5, max(0.2, 0.9·err^{−1/5})) (Hairer, Nørsett & Wanner, Solving ODEs I, §II.4).
+    The project's integrator (:func:`diffsolve.integrate.dormand_prince`) with the error in the
+    max norm, scaled by atol + rtol·max(|y_n|, |y_{n+1}|), and the classical step-size rule
+    h' = h·clip(0.9·err^{−1/5}, 0.2, 5) (Hairer, Nørsett & Wanner, Solving ODEs I, §II.4).
     Returns y(u1) and the number of f evaluations.
     """
-    y = y0.to(torch.float64).clone()
-    span = u1 - u0
-    if span == 0:
-        return y, 0
-    direction = math.copysign(1.0, span)
-    u = u0
-    k1 = f(u, y)
-    nfev = 1
-    # first step from the rule of thumb |h|·‖f‖ ≈ 0.01·‖y‖ scaled to the tolerance
-    scale = atol + rtol * y.abs()
-    d0, d1 = float((y / scale).abs().max()), float((k1 / scale).abs().max())
-    h = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
-    h = min(h, abs(span)) * direction
-    for _ in range(max_steps):
-        if (u1 - u) * direction <= 0:
-            return y, nfev
-        if (u + h - u1) * direction > 0:
-            h = u1 - u
-        ks = [k1]
-        for j in range(1, 7):
-            yj = y + h * sum(a * k for a, k in zip(_DP_A[j], ks) if a != 0.0)
-            ks.append(f(u + _DP_C[j] * h, yj))
-        nfev += 6
-        y_new = yj  # stage 7 is evaluated at the 5th-order solution (FSAL)
-        err_vec = h * sum(e * k for e, k in zip(_DP_E, ks) if e != 0.0)
-        tol = atol + rtol * torch.maximum(y.abs(), y_new.abs())
-        err = float((err_vec / tol).abs().max())
-        if err <= 1.0:
-            u = u + h if (u1 - (u + h)) * direction > 1e-15 * abs(span) else u1
-            y, k1 = y_new, ks[6]
-        factor = 5.0 if err == 0 else min(5.0, max(0.2, 0.9 * err ** (-0.2)))
-        h = h * factor
-    raise RuntimeError(f"dopri5: no convergence within {max_steps} steps")
+    sol = dormand_prince(
+        f,
+        u0,
+        u1,
+        y0.to(torch.float64),
+        rtol=rtol,
+        atol=atol,
+        norm=max_norm,
+        max_steps=max_steps,
+        name="dopri5",
+    )
+    return sol.y, sol.nfev
 
 
 def _x_space_front(

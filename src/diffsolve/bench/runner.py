@@ -16,7 +16,7 @@ Reference states are cached per start time: an exact state at time t is reused f
 that ends there, and a new end time is reached from the nearest cached state above it (each
 segment solved at 1e-12, so chaining costs nothing in accuracy).
 
-Peers (diffusers, k-diffusion; ``diffsolve.interop.peers``) get the same two errors on their own
+Peers (diffusers, k-diffusion; ``diffsolve.bench.peers``) get the same two errors on their own
 grids; where one has an equivalent here, ours runs on exactly that grid (``times=grid``) so the
 ratio ours/peer compares the same algorithm on the same schedule.
 """
@@ -243,7 +243,7 @@ def run_benchmark(
         nfes: NFE budgets.
         schedules: schedule names; None runs each solver on its own default schedule.
         batch, seed: x_T ~ prior, (batch, *shape) float64 from ``torch.Generator().manual_seed``.
-        peers: add diffusers / k-diffusion peers (``diffsolve.interop.peers``) where installed.
+        peers: add diffusers / k-diffusion peers (``diffsolve.bench.peers``) where installed.
         prediction: the exact network's output type (default: :func:`prediction_for`).
         check: cross-check the continued reference (DOP853 vs Dormand–Prince, tolerance halving)
             on the first 8 samples and store the relative differences in
@@ -337,7 +337,7 @@ def peer_row(
 ) -> tuple[dict[str, Any], Any]:
     """One benchmark row for a peer configuration at one NFE, and the peer's result.
 
-    ``run()`` runs the peer (a :class:`~diffsolve.interop.peers.PeerResult`), ``score(result)``
+    ``run()`` runs the peer (a :class:`~diffsolve.bench.peers.PeerResult`), ``score(result)``
     gives the row's metrics; a peer's own failure becomes the row's ``error`` (with ``empty``'s
     metric fields) and the result None, so one broken configuration never stops a benchmark.
     """
@@ -364,14 +364,12 @@ def peer_rows(
 ) -> dict[str, Any]:
     """Append one :func:`peer_row` per (peer configuration, NFE) to ``rows``.
 
-    ``configs_of(peers)`` lists the configurations from :mod:`diffsolve.interop.peers` and
+    ``configs_of(peers)`` lists the configurations from :mod:`diffsolve.bench.peers` and
     ``run(peers, cfg, nfe)`` runs one; returns the benchmark's ``meta["peers"]`` note (which
-    libraries were available). Without the interop layer nothing runs and the note says why.
+    libraries were available).
     """
-    try:
-        from ..interop import peers as peer_mod
-    except ImportError as e:  # the interop layer itself is optional
-        return {"available": {}, "note": f"peers unavailable: {e}"}
+    from . import peers as peer_mod
+
     have = peer_mod.available()
     for cfg in configs_of(peer_mod):
         for k in nfes:
@@ -423,10 +421,8 @@ def _run_peers(
     say: Callable[[str], None],
     labels: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    try:
-        from ..interop import peers as peer_mod
-    except ImportError as e:  # the interop layer itself is optional
-        return {"available": {}, "note": f"peers unavailable: {e}"}
+    from . import peers as peer_mod
+
     have = peer_mod.available()
     configs = peer_mod.peer_configs(proc)
     if labels is not None:

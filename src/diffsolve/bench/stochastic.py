@@ -84,7 +84,7 @@ def run_stochastic_benchmark(
             from ``seed + 2`` and ``seed + 3``.
         ode: deterministic solvers run alongside (the ODE–SDE gap).
         extras: add :data:`SDE_EXTRAS` (EDM churn, SA-Solver τ = 1).
-        peers: add diffusers / k-diffusion SDE samplers (``interop.peers``) where installed.
+        peers: add diffusers / k-diffusion SDE samplers (``bench.peers``) where installed.
         progress: called with a short message before each configuration.
 
     Returns:

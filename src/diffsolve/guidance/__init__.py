@@ -1,7 +1,7 @@
 """Guidance as Denoiser wrappers: each takes a model and returns the same interface."""
 
 from .classifier import ClassifierGuidance
-from .inpaint import Inpaint, gmm_conditional
+from .inpaint import Inpaint
 from .skip_tuning import SkipTuning, linear_rho, skip_count, skip_tuning
 from .thresholding import DynamicThreshold, StaticThreshold
 from .time_shift import TimeShift
@@ -13,7 +13,6 @@ __all__ = [
     "SkipTuning",
     "StaticThreshold",
     "TimeShift",
-    "gmm_conditional",
     "linear_rho",
     "skip_count",
     "skip_tuning",

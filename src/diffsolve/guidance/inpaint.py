@@ -11,25 +11,21 @@ of the conditional mean: an 8-D mixture, 150 steps: replacement 6.4 %, PC 0.43 %
 of 64 entries observed, 300 steps: replacement 24 %, PC 13 %, PC with 3 corrector steps 3.0 %
 — high-dimensional conditionals need more correction.
 
-:func:`gmm_conditional` gives the exact conditional law p(x_u | x_o = y) of a
-:class:`~diffsolve.bench.gmm.GaussianMixture`, to measure that bias.
+The exact conditional law p(x_u | x_o = y) of a Gaussian mixture, which measures that bias, is
+:func:`diffsolve.bench.gmm.gmm_conditional`.
 """
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..denoiser import DenoiserWrapper, EvalPoint, Prediction
-from ..noise import NoiseSource
+from ..noise import Noise, NoiseSource
 
-if TYPE_CHECKING:
-    from ..bench.gmm import GaussianMixture
-
-__all__ = ["REPLACE_MODES", "Inpaint", "gmm_conditional"]
+__all__ = ["REPLACE_MODES", "Inpaint"]
 
 REPLACE_MODES = ("fresh", "path")
 
@@ -57,8 +53,10 @@ class Inpaint(DenoiserWrapper):
         y: the observation, broadcastable to x (values at unobserved positions are ignored).
         mask: 1/True where observed, broadcastable to x.
         replace: ``"fresh"`` (default) or ``"path"``.
-        noise: the :class:`~diffsolve.noise.NoiseSource` of the fresh draws (default: torch's
-            global RNG; ``NoiseSource.from_seeds`` makes them independent of the batch split).
+        noise: the source of the fresh draws (:class:`~diffsolve.noise.Noise`); the k-th call
+            of this wrapper draws ``noise.randn(x, k)``. Default: ``NoiseSource()``, seeded by
+            one draw from torch's global RNG when the wrapper is built; a seeded source with
+            ``offset=`` or ``NoiseSource.from_seeds`` makes them independent of the batch split.
     """
 
     def __init__(
@@ -68,7 +66,7 @@ class Inpaint(DenoiserWrapper):
         mask: Tensor,
         *,
         replace: str = "fresh",
-        noise: NoiseSource | None = None,
+        noise: Noise | None = None,
     ):
         super().__init__(model)
         if replace not in REPLACE_MODES:
@@ -85,7 +83,7 @@ class Inpaint(DenoiserWrapper):
         y = self.y.to(device=x.device, dtype=x.dtype)
         m = self.mask.to(x.device)
         if self.replace == "fresh":
-            z = self.noise.randn_like(x, self._calls)
+            z = self.noise.randn(x, self._calls)
             self._calls += 1
             x_in = torch.where(m, a * y + s * z, x)
         else:
@@ -98,59 +96,3 @@ class Inpaint(DenoiserWrapper):
             # al.'s code, where the network sees the replaced entries).
             return Prediction(x0, pred.eps)
         return Prediction(x0, (x.to(x0.dtype) - a * x0) / s)
-
-
-def gmm_conditional(gmm: GaussianMixture, y: Tensor, mask: Tensor) -> GaussianMixture:
-    """The exact law of the unobserved coordinates of ``gmm`` given x_o = y (float64).
-
-    For Σ_k w_k·N(m_k, S_k) and the split x = (x_u, x_o):
-
-        p(x_u | x_o = y) = Σ_k w'_k·N(m_k,u + S_k,uo·S_k,oo⁻¹(y − m_k,o),
-                                       S_k,uu − S_k,uo·S_k,oo⁻¹·S_k,ou),
-        w'_k ∝ w_k·N(y; m_k,o, S_k,oo).
-
-    Covariances are formed densely (D × D; D = 64 for gmm64) from the stored
-    eigendecompositions and factorised by Cholesky, all in float64.
-
-    Args:
-        gmm: the mixture, samples of shape ``gmm.shape`` (D entries).
-        y: one observation, shape ``gmm.shape`` (or (D,)); unobserved entries are ignored.
-        mask: True where observed, same shape; at least one entry observed and one not.
-
-    Returns:
-        A :class:`~diffsolve.bench.gmm.GaussianMixture` over the unobserved entries (in their
-        flattened order), shape (n_u,); the conditional mean is
-        ``(mix.weights[:, None] * mix.means).sum(0)``.
-    """
-    from ..bench.gmm import GaussianMixture
-
-    d = gmm.dim
-    obs = mask.reshape(-1).to(torch.bool).cpu()
-    if obs.numel() != d:
-        raise ValueError(f"mask has {obs.numel()} entries, the mixture {d}")
-    if bool(obs.all()) or not bool(obs.any()):
-        raise ValueError("mask must observe at least one entry and leave at least one free")
-    yo = y.reshape(-1).to(torch.float64).cpu()[obs]
-    o, u = obs.nonzero().squeeze(1), (~obs).nonzero().squeeze(1)
-    lam = gmm.eigvals
-    if gmm.eigvecs is None:
-        cov = torch.diag_embed(lam)
-    else:
-        cov = gmm.eigvecs @ torch.diag_embed(lam) @ gmm.eigvecs.transpose(1, 2)
-    s_oo = cov[:, o][:, :, o]
-    s_uo = cov[:, u][:, :, o]
-    s_uu = cov[:, u][:, :, u]
-    chol = torch.linalg.cholesky(s_oo)
-    r = (yo - gmm.means[:, o]).unsqueeze(-1)  # (K, n_o, 1)
-    white = torch.linalg.solve_triangular(chol, r, upper=False)  # L⁻¹(y − m_o)
-    logdet = 2 * torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(-1)
-    logn = -0.5 * (white.squeeze(-1).pow(2).sum(-1) + logdet + o.numel() * math.log(2 * math.pi))
-    weights = torch.softmax(torch.log(gmm.weights) + logn, dim=0)
-    a = torch.linalg.solve_triangular(chol, s_uo.transpose(1, 2), upper=False)  # L⁻¹·S_ou
-    means = gmm.means[:, u] + (a.transpose(1, 2) @ white).squeeze(-1)
-    cond_cov = s_uu - a.transpose(1, 2) @ a
-    cond_cov = 0.5 * (cond_cov + cond_cov.transpose(1, 2))
-    ev, evec = torch.linalg.eigh(cond_cov)
-    return GaussianMixture(
-        weights, means, ev.clamp_min(1e-300), evec, (u.numel(),), f"{gmm.name}|observed"
-    )

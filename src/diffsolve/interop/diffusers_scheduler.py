@@ -18,8 +18,9 @@ the evaluations it has been handed so far: the tape answers the first calls from
 outputs and stops the step (an internal exception) at the first call it cannot answer. That call's
 input x becomes ``prev_sample``, the point the pipeline evaluates next. When a step completes,
 its result and new state are committed and the next step starts the same way. Solver steps are
-pure functions of (x, state) given the network outputs, so replaying is exact; noise draws are
-taped too (a re-run gets the draws of the first run), so stochastic solvers replay exactly. Replay
+pure functions of (x, state) given the network outputs, so replaying is exact; noise is a value
+too (a draw is a function of (seed, step, stage, sample index), :mod:`diffsolve.noise`), so a
+re-run step of a stochastic solver draws what it drew the first time and replays exactly. Replay
 costs a few tensor operations per call (a step of k calls is run k times), nothing on the network.
 
 **Conventions.** The latents are in the process's own scale (VP: x_t = α_t·x_0 + σ_t·ε, as
@@ -32,8 +33,9 @@ as diffusers' FlowMatch schedulers feed σ·N). The network output is read as ``
 
 **State.** Everything a run needs lives in one private run object built by ``set_timesteps``; a
 new ``set_timesteps`` starts afresh, so consecutive pipeline runs are independent. A stochastic
-solver draws from the ``generator`` given to its first ``step`` call (what DDPM/DDIM pipelines
-pass), a list of CPU generators giving one stream per sample.
+solver's noise is seeded by one draw from the ``generator`` given to its first ``step`` call
+(what DDPM/DDIM pipelines pass; None: torch's global RNG), a list of generators giving one seed
+per sample (``NoiseSource.from_generator``, as ``ds.sample(..., generator=...)`` does).
 
 **Limits.** Adaptive solvers (``rk45``, ``dpm_adaptive``) choose their steps from the values
 they see, so their evaluation times cannot be listed in advance: rejected. Starting mid-schedule
@@ -58,11 +60,12 @@ from torch import Tensor
 
 from ..auto import recommend
 from ..denoiser import Denoiser, EvalPoint, Prediction
-from ..noise import NoiseSource, bind
+from ..noise import NoiseSource
+from ..plan import FINALS, make_plan
 from ..processes.base import GaussianProcess
 from ..processes.flow import FlowMatching
 from ..processes.vp import VPDiscrete
-from ..sample import FINALS, _continue_to_zero
+from ..sample import continue_to_zero
 from ..schedules import Leading, Linspace, Trailing, get_schedule, validate_times
 from ..solvers.base import Grid, Solver, get_solver
 from .diffusers import process_from_scheduler_config, require_diffusers
@@ -123,51 +126,18 @@ class _Tape:
         return self.preds[self.k - 1]
 
 
-class _NoiseLog:
-    """Results of the noise calls of the current solver step, in call order."""
-
-    def __init__(self) -> None:
-        self.results: list[Any] = []
-        self.k = 0
-
-
-class _NoiseTape:
-    """A noise source whose calls a replayed step answers from the log: every method of the
-    wrapped source (``randn_like``, Brownian increments, ...) is recorded the first time."""
-
-    def __init__(self, inner: Any, log: _NoiseLog):
-        self._inner, self._log = inner, log
-
-    def bind(self, grid: Grid) -> _NoiseTape:
-        return _NoiseTape(bind(self._inner, grid), self._log)
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._inner, name)
-        if not callable(attr):
-            return attr
-
-        def taped(*args: Any, **kwargs: Any) -> Any:
-            log = self._log
-            if log.k == len(log.results):
-                log.results.append(attr(*args, **kwargs))
-            log.k += 1
-            return log.results[log.k - 1]
-
-        return taped
-
-
 class _Dry:
     """The model of the planning run: records each call's point, answers x̂_0 = ε̂ = 0."""
 
     def __init__(self, denoiser: Denoiser):
         self.denoiser = denoiser
-        self.points: list[EvalPoint] = []
+        self.seen: list[EvalPoint] = []  # not "points": that name is the batched point builder
 
     def point(self, t: float | Tensor, like: Tensor) -> EvalPoint:
         return self.denoiser.point(t, like)
 
     def __call__(self, x: Tensor, t: EvalPoint, **cond: Any) -> Prediction:
-        self.points.append(t)
+        self.seen.append(t)
         return Prediction(torch.zeros_like(x), torch.zeros_like(x))
 
 
@@ -175,31 +145,20 @@ def _plan_points(solver: Solver, grid: Grid, denoiser: Denoiser) -> list[EvalPoi
     """Every network call of a run on ``grid``, in order (a run on a one-element sample)."""
     dry = _Dry(denoiser)
     x = torch.zeros(1, 1, dtype=torch.float64)
-    noise = NoiseSource(torch.Generator().manual_seed(0)) if solver.stochastic else None
+    noise = NoiseSource(0) if solver.stochastic else None
     state = solver.init(x, grid, dry, noise)
     for i in range(grid.steps):
         x, state = solver.step(x, i, state, dry)
-    return dry.points
-
-
-def _noise_source(generator: Any) -> NoiseSource:
-    if isinstance(generator, (list, tuple)):
-        if len(generator) == 1:
-            return NoiseSource(generator[0])
-        src = NoiseSource()
-        src.generators = tuple(generator)  # one stream per sample (CPU generators)
-        return src
-    return NoiseSource(generator)
+    return dry.seen
 
 
 class _Run:
-    """One sampling run: the solver's (x, state) at the start of step ``i``, the tapes of that
+    """One sampling run: the solver's (x, state) at the start of step ``i``, the tape of that
     step, and the evaluation the pipeline is making now (``pending``)."""
 
     def __init__(self, solver: Solver, grid: Grid, denoiser: Denoiser, final: str):
         self.solver, self.grid, self.denoiser, self.final = solver, grid, denoiser, final
         self.tape = _Tape(denoiser)
-        self.noise_log = _NoiseLog()
         self.i = 0
         self.calls = 0
         self.x: Tensor = torch.zeros(0)  # set by start()
@@ -212,9 +171,8 @@ class _Run:
 
     def start(self, sample: Tensor, generator: Any) -> None:
         xc = sample.to(torch.float32) if sample.dtype in (torch.float16, torch.bfloat16) else sample
-        noise = (
-            _NoiseTape(_noise_source(generator), self.noise_log) if self.solver.stochastic else None
-        )
+        # counter-based noise: a replayed step draws what it drew the first time
+        noise = NoiseSource.from_generator(generator) if self.solver.stochastic else None
         self.x, self.started = xc, True
         self.state = self.solver.init(xc, self.grid, self.tape, noise)
         self._advance()
@@ -234,7 +192,6 @@ class _Run:
         """Run solver steps until one needs an evaluation that is not on the tape."""
         while self.i < self.grid.steps:
             self.tape.k = 0
-            self.noise_log.k = 0
             try:
                 x, state = self.solver.step(self.x, self.i, self.state, self.tape)
             except _NeedEval as need:
@@ -242,7 +199,6 @@ class _Run:
                 return
             self.x, self.state, self.i = x, state, self.i + 1
             self.tape.preds.clear()
-            self.noise_log.results.clear()
         self.pending = None
         self.done = True
 
@@ -265,7 +221,7 @@ class _Run:
             return self.pending[0], pred
         x = self.x
         if self.final == "extrapolate":
-            x = _continue_to_zero(self.recent, min(max(self.solver.order, 2), 3), x)
+            x = continue_to_zero(self.recent, min(max(self.solver.order, 2), 3), x)
         return x, pred
 
 
@@ -490,24 +446,22 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
                 solver = rec.solver
                 schedule = schedule if self.config["schedule"] is not None else rec.schedule
                 final = final if final is not None else rec.final
-        final = final if final is not None else "standard"
-        clean_end = final != "tmin"
+        final = final if final is not None else (solver.planned_final or "standard")
+        like = torch.zeros(1, 1, dtype=torch.float64)
         if timesteps is not None or sigmas is not None:
             if timesteps is not None and sigmas is not None:
                 raise ValueError("give timesteps or sigmas, not both")
             grid_t = self._custom_times(process, timesteps, sigmas)
-            if not clean_end and grid_t.numel() < 2:
-                raise ValueError("final='tmin' needs at least two points")
-            budget = None
+            grid = make_plan(denoiser, like, solver, times=grid_t, final=final)
         else:
             if nfe is not None and num_inference_steps is not None and nfe != num_inference_steps:
                 raise ValueError("give num_inference_steps or nfe, not two different budgets")
             budget = nfe if nfe is not None else num_inference_steps
             if budget is None or int(budget) != budget or budget < 1:
                 raise ValueError(f"the NFE budget must be a positive integer, got {budget!r}")
-            budget = int(budget)
-            grid_t = solver.plan_times(process, schedule, budget, clean_end)
-        grid = Grid.build(process, grid_t, clean_end, nfe=budget)
+            grid = make_plan(
+                denoiser, like, solver, nfe=int(budget), schedule=schedule, final=final
+            )
         points = _plan_points(solver, grid, denoiser)
         model_times = [float(p.t_in[0]) for p in points]
         self.timesteps = torch.tensor(model_times, dtype=torch.float32, device=device)
@@ -550,7 +504,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         """Hand in the network output at ``sample`` (the last ``prev_sample``) and ``timestep``.
 
         Returns ``prev_sample``: the point of the next network call, or the final sample after
-        the last call. ``generator`` (first call) seeds a stochastic solver's noise. Arguments
+        the last call. ``generator`` (first call) seeds a stochastic solver's noise (one draw from
+        it, or one from each of a list). Arguments
         of other schedulers that stock pipelines pass (DDIM's ``eta``,
         ``use_clipped_model_output``) are accepted; a non-zero ``eta`` raises (set the solver
         and its options in the config, e.g. ``solver="ddpm", eta=...``).

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..denoiser import Denoiser, EvalPoint, Prediction
+from ..noise import Noise, NoiseSource
 from ..processes.ve import EDM
 from ..solvers.base import get_solver
 
@@ -205,20 +206,41 @@ class _StepWatch:
         return pred
 
 
-class _NoiseSampler:
-    """k-diffusion's ``noise_sampler(sigma, sigma_next)`` as a diffsolve noise source: step i
-    draws ``noise_sampler(σ_i, σ_{i+1})`` (σ_{i+1} = 0 for the step to the clean end)."""
+class _NoiseSampler(Noise):
+    """k-diffusion's ``noise_sampler(sigma, sigma_next)`` as a diffsolve noise source with a
+    path: the noise over t_from → t_to is ``noise_sampler(ρ(t_from), ρ(t_to))``, k-diffusion's
+    call for that interval (step i: ``noise_sampler(σ_i, σ_{i+1})``, σ_{i+1} = 0 for the step to
+    the clean end; ``dpmpp_sde`` asks for its stage and step intervals, as
+    ``sample_dpmpp_sde`` does). A noise_sampler has no independent draws: ``randn`` (a
+    Langevin corrector's noise) raises."""
 
-    def __init__(self, fn: Any, sigmas: Tensor | None = None):
-        self.fn, self.sigmas = fn, sigmas
+    path = True
+
+    def __init__(self, fn: Any, grid: Any = None):
+        self.fn, self.grid = fn, grid
+        self.t: list[float] = [] if grid is None else grid.t.tolist()
 
     def bind(self, grid: Any) -> _NoiseSampler:
-        return _NoiseSampler(self.fn, grid.sigma)
+        return _NoiseSampler(self.fn, grid)
 
-    def randn_like(self, x: Tensor, step: int) -> Tensor:
-        assert self.sigmas is not None, "bind(grid) first"
-        z = self.fn(self.sigmas[step], self.sigmas[step + 1])
+    def randn_between(
+        self, x: Tensor, step: int, t_from: float, t_to: float, stage: int = 0
+    ) -> Tensor:
+        g = self.grid
+        assert g is not None, "bind(grid) first"
+        if t_from == self.t[step] and t_to == self.t[step + 1]:
+            s_from, s_to = g.sigma[step], g.sigma[step + 1]
+        else:
+            ts = torch.tensor([t_from, t_to], dtype=torch.float64)
+            s_from, s_to = g.process.sigma(ts) / g.process.alpha(ts)
+        z = self.fn(s_from, s_to)
         return z.to(device=x.device, dtype=x.dtype)
+
+    def randn(self, x: Tensor, step: int, stage: int = 0) -> Tensor:
+        raise ValueError(
+            "k-diffusion's noise_sampler only gives path increments, and this solver needs "
+            "independent draws (e.g. Langevin corrector noise): pass generator= instead"
+        )
 
 
 def to_kdiffusion_sampler(solver: Any, **options: Any) -> Any:
@@ -240,7 +262,9 @@ def to_kdiffusion_sampler(solver: Any, **options: Any) -> Any:
       step's first evaluation point x, σ_i, the σ̂ it was evaluated at and its x̂_0).
     - ``disable`` (the progress bar) is accepted and ignored: there is none.
     - ``kwargs``: solver options overriding ``options``; ``noise_sampler`` (k-diffusion's
-      ``noise_sampler(sigma, sigma_next)``) or ``generator`` feed a stochastic solver's noise.
+      ``noise_sampler(sigma, sigma_next)``, asked per interval as k-diffusion asks it) or
+      ``generator`` (one draw from it seeds diffsolve's counter-based ``NoiseSource``) feed a
+      stochastic solver's noise.
 
     Returns x at the end, in x's dtype.
     """
@@ -278,9 +302,7 @@ def to_kdiffusion_sampler(solver: Any, **options: Any) -> Any:
         if noise_sampler is not None:
             noise = _NoiseSampler(noise_sampler)
         elif generator is not None:
-            from ..noise import NoiseSource
-
-            noise = NoiseSource(generator)
+            noise = NoiseSource.from_generator(generator)
 
         def report(i: int, _x: Tensor, _state: Any) -> None:
             first, watch.first = watch.first, None

@@ -8,8 +8,9 @@ and the field ODE is dx/dr = (x − E_w[y | x])/r with weights w_i ∝ p_r(x | y
 alignment r = σ·sqrt(D) this is dx/dσ = (x − D(x, σ))/σ: *the EDM ODE* (Karras et al. 2022),
 with D(x, σ) = E_w[y | x] the denoiser of the model trained with that kernel. So in σ the
 process is EDM's (α = 1, σ = t; every ODE solver runs unchanged) and only two things depend on
-D: the network (trained with the finite-D kernel: ``exact_points_denoiser`` is the exact one for
-a finite data set) and the prior, the kernel at r_max = σ_max·sqrt(D) (:meth:`PFGMPP.prior`).
+D: the network (trained with the finite-D kernel; the exact one for a finite data set is
+:func:`diffsolve.bench.pfgmpp.exact_points_denoiser`) and the prior, the kernel at
+r_max = σ_max·sqrt(D) (:meth:`PFGMPP.prior`).
 As D → ∞ the kernel tends to N(y, σ²I) and PFGM++ becomes EDM.
 
 What does *not* carry over for finite D: the kernel is not Gaussian, so ε̂ = (x − D)/σ is not
@@ -114,25 +115,6 @@ class PFGMPP(EDM):
         dev = generator.device if generator is not None else "cpu"
         z = torch.randn(shape, generator=generator, dtype=torch.float64, device=dev)
         return self.kernel_from_normal(z).to(device=device, dtype=dtype)
-
-    def exact_points_denoiser(self, points: Tensor) -> Any:
-        """The exact PFGM++ denoiser of the finite data set ``points`` (K, *shape):
-        D(x; σ) = Σ_i w_i·y_i, w_i ∝ (‖x − y_i‖² + σ²D)^{−(N+D)/2} (x0 prediction, float64)."""
-        from ..denoiser import Denoiser
-
-        pts = points.to(torch.float64)
-        n = pts[0].numel()
-        flat = pts.reshape(pts.shape[0], -1)
-        expo = -(n + self.D) / 2
-
-        def net(x: Tensor, t_in: Tensor) -> Tensor:
-            sig = float(t_in.reshape(-1)[0])
-            xf = x.to(torch.float64).reshape(x.shape[0], -1)
-            d2 = torch.cdist(xf, flat) ** 2
-            w = torch.softmax(expo * torch.log(d2 + sig * sig * self.D), dim=1)
-            return (w @ flat).reshape(x.shape).to(x.dtype)
-
-        return Denoiser(net, self, "x0", sample_shape=tuple(points.shape[1:]))
 
     def _repr_fields(self) -> dict[str, object]:
         return {"D": self.D, **super()._repr_fields()}

@@ -22,7 +22,9 @@ __all__ = [
     "extrapolate_to_zero",
     "lagrange_weights",
     "phi_data",
+    "phi_data_float",
     "phi_noise",
+    "phi_noise_float",
     "zphi",
 ]
 
@@ -50,6 +52,8 @@ def _zphi_scalar(k: int, z: float) -> float:
         total = term
         for j in range(k + 1, k + _SERIES_TERMS):
             term *= z / j
+            if total + term == total:  # converged to the last bit (|z| < 1: terms shrink)
+                break
             total += term
         return total
     if z == math.inf:
@@ -68,6 +72,18 @@ def phi_data(k: int, h: Tensor) -> Tensor:
     if k == 1:
         return -torch.expm1(-h)
     return (-1) ** k * zphi(k, -h)
+
+
+def phi_data_float(k: int, h: float) -> float:
+    """:func:`phi_data` on a Python float (the per-step builders' scalar path)."""
+    if k == 1:
+        return -math.expm1(-h)
+    return (-1) ** k * _zphi_scalar(k, -h)
+
+
+def phi_noise_float(k: int, h: float) -> float:
+    """:func:`phi_noise` on a Python float."""
+    return _zphi_scalar(k, h)
 
 
 def lagrange_weights(nodes: Tensor, at: float) -> Tensor:

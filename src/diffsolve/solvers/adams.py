@@ -3,7 +3,10 @@
 On the α-scaled state y = x/α the PF-ODE is dy/dρ = ε̂ (Karras et al. 2022, eq. 4). An
 Adams–Bashforth step integrates a polynomial through the last k values of ε̂:
 
-    y_{i+1} = y_i + Σ_{j<k} c_{ij}·ε̂_{i−j}.
+    y_{i+1} = y_i + Σ_{j<k} c_{ij}·ε̂_{i−j},
+
+i.e. the row (:mod:`.engine`) x_{i+1} = (α_{i+1}/α_i)·x_i + Σ_j α_{i+1}·c_{ij}·ε̂_{i−j} over ε̂
+newest first, built once per grid in float64.
 
 * ``lms`` (k-diffusion ``sample_lms``; DEIS ρAB, Zhang & Chen 2023, eq. 14): c_{ij} = ∫ ℓ_j(ρ) dρ
   over [ρ_i, ρ_{i+1}], ℓ_j the Lagrange basis on the past nodes ρ_i, ρ_{i−1}, …, integrated
@@ -25,12 +28,11 @@ from typing import ClassVar
 import numpy as np
 import torch
 from numpy.polynomial import polynomial as P
-from torch import Tensor
 
-from ..denoiser import EvalPoint
-from .base import FinalOrders, Grid, Model, Solver, State, alias, host, register
+from .base import FinalOrders, Grid, alias, register
+from .engine import Row, RowSolver, StepRule
 
-__all__ = ["IPNDM", "LMS", "lagrange_integral_weights"]
+__all__ = ["DEIS", "IPNDM", "LMS", "lagrange_integral_weights"]
 
 _IPNDM = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
 
@@ -49,16 +51,9 @@ def lagrange_integral_weights(nodes: np.ndarray, a: float, b: float) -> np.ndarr
 
 
 @dataclass(frozen=True)
-class AdamsState(State):
-    eps: tuple[Tensor, ...] = ()  # ε̂ history, newest first
-    points: tuple[EvalPoint, ...] = host(default=())
-    coef: tuple[tuple[float, ...], ...] = host(default=())  # c_ij, newest first
-    alpha: tuple[float, ...] = host(default=())  # α at grid points (x = α·y)
-    jump: tuple[bool, ...] = host(default=())
+class _RhoAdams(RowSolver):
+    """The rows of an Adams method in ρ (module docstring); subclasses give c_{ij}."""
 
-
-@dataclass(frozen=True)
-class _RhoAdams(Solver):
     default_schedule: ClassVar[str] = "karras"
 
     def _check_order(self, order: int) -> None:
@@ -74,35 +69,23 @@ class _RhoAdams(Solver):
         cap = FinalOrders.of(self.name, False, 0, self.euler_at_final).cap(i, grid.steps)
         return min(self.order, i + 1, cap)
 
-    def init(self, x: Tensor, grid: Grid, model: Model, noise: object = None) -> AdamsState:
+    def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
         rho = (grid.sigma / grid.alpha).numpy()
         if not np.isfinite(rho[0]):
             raise ValueError(
                 f"{self.name} integrates in σ/α, which is infinite at t={float(grid.t[0])} "
                 f"({grid.process!r}); start below it (e.g. schedule='karras' or t_max < 1)"
             )
-        coef = []
+        t, alpha = grid.t.tolist(), grid.alpha.tolist()
+        out = []
         for i in range(grid.steps):
             if grid.is_final(i):
-                coef.append(())
+                out.append(StepRule((t[i],)))
                 continue
-            coef.append(self._coefficients(grid, rho, i, self._order_at(grid, i)))
-        return AdamsState(
-            points=tuple(model.point(grid.t[i], x) for i in range(grid.steps)),
-            coef=tuple(coef),
-            alpha=tuple(grid.alpha.tolist()),
-            jump=tuple(grid.is_final(i) for i in range(grid.steps)),
-        )
-
-    def step(self, x: Tensor, i: int, state: AdamsState, model: Model) -> tuple[Tensor, AdamsState]:
-        pred = model(x, state.points[i])
-        if state.jump[i]:
-            return pred.x0, state
-        eps = (pred.eps, *state.eps)[: self.order]
-        y = x / state.alpha[i]
-        for c, e in zip(state.coef[i], eps):
-            y = y + c * e
-        return state.alpha[i + 1] * y, state.replace(eps=eps[: self.order - 1])
+            c = self._coefficients(grid, rho, i, self._order_at(grid, i))
+            row = Row(alpha[i + 1] / alpha[i], eps=tuple(alpha[i + 1] * cj for cj in c))
+            out.append(StepRule((t[i],), update=row))
+        return tuple(out)
 
 
 @register

@@ -23,6 +23,7 @@ __all__ = [
     "FinalOrders",
     "Grid",
     "Model",
+    "Plan",
     "Solver",
     "State",
     "get_solver",
@@ -35,6 +36,8 @@ class Model(Protocol):
     """What a solver calls: a Denoiser (or the sampling loop's counting wrapper of one)."""
 
     def point(self, t: float | Tensor, like: Tensor) -> EvalPoint: ...
+
+    def points(self, ts: Tensor, like: Tensor) -> list[EvalPoint]: ...
 
     def __call__(self, x: Tensor, t: EvalPoint) -> Prediction: ...
 
@@ -88,6 +91,56 @@ class Grid:
     def is_final(self, i: int) -> bool:
         """Whether step i lands on the clean end σ = 0."""
         return self.clean_end and i == self.steps - 1
+
+
+@dataclass(frozen=True)
+class Plan(Grid):
+    """The plan of one run, made once (:func:`diffsolve.plan.make_plan`) and read by the solver.
+
+    A :class:`Grid` plus ``calls`` (network calls of each step; their sum is the NFE) and, for
+    solvers on the weight-table engine, ``rules`` (one :class:`~.engine.StepRule` per step: its
+    evaluation times and rows of weights) with their evaluation ``points`` (built in one
+    vectorised float64 pass). ``weights`` is the table as plain data.
+    """
+
+    calls: tuple[int, ...] = ()
+    rules: tuple[Any, ...] | None = None
+    points: tuple[tuple[EvalPoint, ...], ...] = ()
+
+    @property
+    def weights(self) -> list[dict[str, Any]]:
+        """One entry per step: its evaluation times and rows (stages, update, corrector)."""
+        out = []
+        for rule in self.rules or ():
+            out.append(
+                {
+                    "t": list(rule.t),
+                    "stages": [r.to_dict() for r in rule.stages],
+                    "update": None if rule.update is None else rule.update.to_dict(),
+                    "correct": None if rule.correct is None else rule.correct.to_dict(),
+                }
+            )
+        return out
+
+    def describe(self) -> str:
+        """The weight table as text, one line per row (x̂_0 and ε̂ weights newest first)."""
+        lines = []
+        for i, (rule, w) in enumerate(zip(self.rules or (), self.weights)):
+            head = f"step {i}: t {float(self.t[i]):.6g} -> {float(self.t[i + 1]):.6g}"
+            lines.append(f"{head}, {rule.calls} call(s)")
+            named = [("correct", w["correct"])] + [
+                (f"stage {k + 1}", r) for k, r in enumerate(w["stages"])
+            ]
+            for name, r in [*named, ("update", w["update"])]:
+                if r is not None:
+                    x0 = ", ".join(f"{v:.6g}" for v in r["x0"])
+                    eps = ", ".join(f"{v:.6g}" for v in r["eps"])
+                    lines.append(
+                        f"  {name}: a={r['a']:.6g} x0=[{x0}] eps=[{eps}] noise={r['noise']:.6g}"
+                    )
+            if w["update"] is None:
+                lines.append("  update: x̂_0 of the last call (the step to σ = 0)")
+        return "\n".join(lines)
 
 
 S = TypeVar("S", bound="State")
@@ -191,9 +244,38 @@ class Solver:
     def order(self) -> int:
         raise NotImplementedError
 
+    @property
+    def planned_nfe(self) -> int | None:
+        """The NFE a solver with its own grid makes (a tuned solver); None for the others."""
+        return None
+
+    @property
+    def planned_final(self) -> str | None:
+        """The end rule a solver with its own grid was made for; None for the others."""
+        return None
+
+    def check_model(self, model: Any) -> None:
+        """Raise ValueError if this solver cannot run on ``model`` (a tuned solver made for
+        another process or prediction type); called by the plan before any work."""
+
     def nfe_of(self, steps: int, clean_end: bool) -> int:
         """Network calls made by ``steps`` steps."""
-        return steps
+        return sum(self.calls(steps, clean_end))
+
+    def calls(self, steps: int, clean_end: bool) -> tuple[int, ...]:
+        """Network calls of each step of a run of ``steps`` steps (``steps=``/``times=``)."""
+        return (1,) * steps
+
+    def budget(self, nfe: int, clean_end: bool) -> tuple[int, ...]:
+        """Network calls of each step of a run that spends exactly ``nfe`` calls."""
+        return (1,) * nfe
+
+    def grid_times(
+        self, process: GaussianProcess, schedule: Any, calls: tuple[int, ...], clean_end: bool
+    ) -> Tensor:
+        """Grid times (without the clean end) for steps making ``calls`` calls each: the
+        schedule's points, one per step (plus the last time with ``final="tmin"``)."""
+        return schedule(process, len(calls) if clean_end else len(calls) + 1)
 
     def plan_times(
         self,
@@ -202,13 +284,16 @@ class Solver:
         nfe: int,
         clean_end: bool,
     ) -> Tensor:
-        """Grid times (without the clean end) that use exactly ``nfe`` network calls."""
-        return schedule(process, nfe if clean_end else nfe + 1)
+        """Grid times (without the clean end) that use exactly ``nfe`` network calls: the
+        times of :meth:`budget`'s plan (solvers still off the engine override it)."""
+        return self.grid_times(process, schedule, self.budget(nfe, clean_end), clean_end)
 
     def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> State:
         """Precompute per-step coefficients (float64 → Python floats) and evaluation points.
 
-        ``noise`` is the run's :class:`~diffsolve.noise.NoiseSource` (stochastic solvers only).
+        ``noise`` is the run's noise source (:class:`~diffsolve.noise.Noise`; stochastic
+        solvers only): ``init`` keeps ``noise.bind(grid)`` in the state and ``step`` draws
+        ``randn_between(x, i, t_from, t_to, stage)`` / ``randn(x, i, stage)`` from it.
         """
         raise NotImplementedError
 
@@ -248,8 +333,6 @@ def alias(name: str, target: str, description: str, **options: Any) -> None:
 
 def solvers() -> dict[str, str]:
     """Every registered solver name with a one-line description."""
-    from . import _all  # noqa: F401  (imports register every solver)
-
     out = {name: cls.description for name, cls in _REGISTRY.items()}
     out.update({name: opts["_description"] for name, (_, opts) in _ALIASES.items()})
     return dict(sorted(out.items()))
@@ -257,8 +340,6 @@ def solvers() -> dict[str, str]:
 
 def get_solver(solver: str | Solver, **options: Any) -> Solver:
     """A solver object from a name (plus options) or an object (options replace its fields)."""
-    from . import _all  # noqa: F401
-
     if isinstance(solver, Solver):
         cls, fixed = type(solver), {}
         base = {f.name: getattr(solver, f.name) for f in fields(solver)}

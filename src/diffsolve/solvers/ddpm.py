@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
-from torch import Tensor
 
-from ..denoiser import EvalPoint
-from ..noise import NoiseSource, bind
-from .base import Grid, Model, Solver, State, host, register
+from .base import Grid, register
+from .engine import Row, RowSolver, StepRule
 
 __all__ = ["DDPM"]
 
 
-@dataclass(frozen=True)
-class DDPMState(State):
-    points: tuple[EvalPoint, ...] = host()
-    coef: tuple[tuple[float, float, float], ...] = host()  # (x, x̂_0, noise) weights per step
-    noise: Any = host(default=None)
-
-
 @register
 @dataclass(frozen=True)
-class DDPM(Solver):
+class DDPM(RowSolver):
     """Ancestral sampling (Ho et al. 2020; Song et al. 2021, DDIM eq. 12 with σ_t(η)).
 
     DDIM eq. 12, step s → t (ᾱ = α² on a VP path, and written for any Gaussian path):
@@ -34,9 +25,10 @@ class DDPM(Solver):
 
     h = λ_t − λ_s. With ε̂ = (x_s − α_s·x̂_0)/σ_s and q = sqrt(1 − η²·(1 − e^{−2h})) this is
 
-        x_t = (σ_t/σ_s)·q·x_s + α_t·(1 − e^{−h}·q)·x̂_0 + c·z.
+        x_t = (σ_t/σ_s)·q·x_s + α_t·(1 − e^{−h}·q)·x̂_0 + c·z,
 
-    η = 1 (the default) is DDPM's posterior q(x_t | x_s, x̂_0), i.e. SDE-DPM-Solver++(1):
+    one row per step, its noise the increment over s → t. η = 1 (the default) is DDPM's
+    posterior q(x_t | x_s, x̂_0), i.e. SDE-DPM-Solver++(1):
     x_t = (σ_t/σ_s)·e^{−h}·x_s + α_t·(1 − e^{−2h})·x̂_0 + σ_t·sqrt(1 − e^{−2h})·z; η = 0 is
     exactly DDIM (``euler``, no noise drawn). The step to σ = 0 returns x̂_0. Weak order 1.
     Shapes: x (B, ...).
@@ -56,7 +48,7 @@ class DDPM(Solver):
     def order(self) -> int:
         return 1
 
-    def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> DDPMState:
+    def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
         ratio = grid.sigma[1:] / grid.sigma[:-1]
         en = grid.exp_neg_h
         # 1 − e^{−2h} = u·(2 − u) with u = 1 − e^{−h}, accurate for small h
@@ -65,18 +57,12 @@ class DDPM(Solver):
         a = (ratio * q).tolist()
         b = (grid.alpha[1:] * (1 - en * q)).tolist()
         c = (self.eta * grid.sigma[1:] * torch.sqrt(u * (2 - u))).tolist()
-        if noise is None and self.eta > 0:
-            noise = NoiseSource()
-        return DDPMState(
-            points=tuple(model.point(grid.t[i], x) for i in range(grid.steps)),
-            coef=tuple(zip(a, b, c)),
-            noise=bind(noise, grid) if noise is not None else None,
-        )
-
-    def step(self, x: Tensor, i: int, state: DDPMState, model: Model) -> tuple[Tensor, DDPMState]:
-        x0 = model(x, state.points[i]).x0
-        a, b, c = state.coef[i]
-        if c == 0.0:
-            # η = 0, or the step to σ = 0 (a = c = 0): no noise is drawn
-            return (x0 if a == 0.0 else a * x + b * x0), state
-        return a * x + b * x0 + c * state.noise.randn_like(x, i), state
+        t = grid.t.tolist()
+        out = []
+        for i in range(grid.steps):
+            if grid.is_final(i):  # a = c = 0, b = 1: x̂_0
+                out.append(StepRule((t[i],)))
+                continue
+            spans = ((t[i], t[i + 1]),) if c[i] != 0.0 else ()
+            out.append(StepRule((t[i],), update=Row(a[i], (b[i],), (), c[i]), spans=spans))
+        return tuple(out)

@@ -6,7 +6,7 @@ the lower-order one off the same evaluations (no extra call):
     order 2 (DPM-Solver-12): x_low = DDIM,                    x_high = DPM-Solver-2 (r1 = ½)
     order 3 (DPM-Solver-23): x_low = DPM-Solver-2 (r1 = ⅓),   x_high = DPM-Solver-3 (r1 = ⅓, r2 = ⅔)
 
-(the updates of :func:`.dpm_solver._stages`, in the noise form or, with ``data=True``, the
+(the updates of :func:`.singlestep._stages`, in the noise form or, with ``data=True``, the
 DPM-Solver++ data form). The error of the pair, with δ = max(atol, rtol·max(|x_low|, |x_prev|))
 elementwise (x_prev: x_low of the last accepted step, x at the start), is
 
@@ -37,7 +37,9 @@ from torch import Tensor
 from ..denoiser import Prediction
 from ..processes.base import GaussianProcess
 from .base import Grid, Model, Solver, State, host, register
-from .dpm_solver import SOLVER_TYPES, _apply, _Lin, _stages
+from .dpm_solver import SOLVER_TYPES
+from .engine import combine
+from .singlestep import _Lin, _stages
 
 __all__ = ["DPMAdaptive"]
 
@@ -52,6 +54,11 @@ class DPMAdaptiveState(State):
     x_prev: Tensor | None = None  # x_low of the last accepted step, in the norm's scale
     accepted: int = host(default=0)
     rejected: int = host(default=0)
+
+
+def _apply(lin: _Lin, x: Tensor, preds: list[Prediction]) -> Tensor:
+    """A stage combination over the step's calls so far (oldest first)."""
+    return combine(lin.row(len(preds)), x, preds[::-1], None)
 
 
 def _point(process: GaussianProcess, t: float) -> tuple[float, float, float, float]:
@@ -133,7 +140,7 @@ class DPMAdaptive(Solver):
         t: tuple[float, float, float, float], pred_s: Prediction, model: Model,
     ) -> tuple[Tensor, Tensor]:  # fmt: skip
         """(x_low, x_high) of one attempted step from s to t (each a (t, α, σ, λ) tuple)."""
-        _, a_s, s_s, lam_s = s
+        _, _, s_s, lam_s = s
         _, a_t, s_t, lam_t = t
         h = lam_t - lam_s
         fracs = (1 / 3, 2 / 3) if self.order == 3 else (1 / 2,)
@@ -142,10 +149,10 @@ class DPMAdaptive(Solver):
         ratio = s_t / s_s
         base = _Lin(ratio, (a_t * -math.expm1(-h),))
         stages, high = _stages(
-            self.order, h, lam_s, s_s, a_s, st, a_t, s_t, base, self.data, self.solver_type
+            self.order, h, lam_s, s_s, st, a_t, s_t, base, self.data, self.solver_type
         )
         if self.order == 3:  # DPM-Solver-2 with r1 = ⅓ on the first stage
-            _, low = _stages(2, h, lam_s, s_s, a_s, st[:1], a_t, s_t, base, self.data,
+            _, low = _stages(2, h, lam_s, s_s, st[:1], a_t, s_t, base, self.data,
                              self.solver_type)  # fmt: skip
         else:
             low = base

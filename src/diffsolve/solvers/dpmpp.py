@@ -6,30 +6,22 @@ Exact solution of the data-prediction ODE (m = x̂_0, h = λ_t − λ_s):
         = (σ_t/σ_s)·x_s + α_t·Σ_k h^{k+1}φ_{k+1}(−h)·x̂_0^{(k)}(λ_s)      (Taylor in λ),
 
 whose k = 0 term is DDIM, x_t = (σ_t/σ_s)·x_s + α_t(1 − e^{−h})·x̂_0. Below P(k, h) =
-h^k·φ_k(−h) (``phi_data``). The shared coefficient machinery lives in :mod:`.dpm_solver`.
+h^k·φ_k(−h) (``phi_data``). The rows are built by :mod:`.multistep` and :mod:`.singlestep`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor
 
 from ..processes.base import GaussianProcess
-from .base import FinalOrders, Grid, Model, Solver, State, register
-from .dpm_solver import (
-    SOLVER_TYPES,
-    MultistepState,
-    SinglestepState,
-    multistep_init,
-    multistep_step,
-    singlestep_init,
-    singlestep_nfe_of,
-    singlestep_plan_times,
-    singlestep_step,
-)
+from .base import FinalOrders, Grid, register
+from .dpm_solver import SOLVER_TYPES
+from .engine import RowSolver, StepRule
+from .multistep import multistep_orders, multistep_rules
+from .singlestep import fast_plan, singlestep_calls, singlestep_rules
 
 __all__ = ["DPMSolverPP2M", "DPMSolverPP2S", "DPMSolverPP3M", "DPMSolverPP3S"]
 
@@ -43,38 +35,32 @@ def _check_bool(solver: str, name: str, value: Any) -> None:
 
 
 @dataclass(frozen=True)
-class _DataSinglestep(Solver):
-    """DPM-Solver++ singlestep of order ``stages`` on :mod:`.dpm_solver`'s singlestep machinery
-    (its data-prediction path), with DPM-Solver-fast budgets: ``nfe=M`` runs the plan of
-    :func:`~.dpm_solver.fast_plan` (the step to σ = 0 one first-order call), ``steps=``/
-    ``times=`` run ``stages`` calls on every step but the one to σ = 0."""
+class _DataSinglestep(RowSolver):
+    """DPM-Solver++ singlestep of order ``stages`` (rows from :mod:`.singlestep`, data form),
+    with DPM-Solver-fast budgets: ``nfe=M`` runs the plan of :func:`~.singlestep.fast_plan`
+    (the step to σ = 0 one first-order call), ``steps=``/``times=`` run ``stages`` calls on
+    every step but the one to σ = 0."""
 
     stages: ClassVar[int] = 2
+    solver_type: ClassVar[str] = "dpmsolver"
 
     @property
     def order(self) -> int:
         return self.stages
 
-    def nfe_of(self, steps: int, clean_end: bool) -> int:
-        return singlestep_nfe_of(self.stages, steps, clean_end)
+    def calls(self, steps: int, clean_end: bool) -> tuple[int, ...]:
+        return singlestep_calls(self.stages, steps, clean_end)
 
-    def plan_times(
-        self,
-        process: GaussianProcess,
-        schedule: Callable[[GaussianProcess, int], Tensor],
-        nfe: int,
-        clean_end: bool,
+    def budget(self, nfe: int, clean_end: bool) -> tuple[int, ...]:
+        return tuple(fast_plan(self.stages, nfe, clean_end))
+
+    def grid_times(
+        self, process: GaussianProcess, schedule: Any, calls: tuple[int, ...], clean_end: bool
     ) -> Tensor:
-        return singlestep_plan_times(self.stages, process, schedule, nfe, clean_end)
+        return schedule.for_calls(process, calls, clean_end)
 
-    def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> SinglestepState:
-        solver_type = getattr(self, "solver_type", "dpmsolver")
-        return singlestep_init(
-            x, grid, model, order=self.stages, data=True, solver_type=solver_type
-        )
-
-    def step(self, x: Tensor, i: int, state: State, model: Model) -> tuple[Tensor, State]:
-        return singlestep_step(x, i, state, model)  # type: ignore[arg-type]
+    def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
+        return singlestep_rules(grid, calls, data=True, solver_type=self.solver_type)
 
 
 @register
@@ -120,7 +106,7 @@ class DPMSolverPP3S(_DataSinglestep):
     the official ``dpmsolver`` update (both are 3rd order). Order 3. Shapes: x (B, ...).
     """
 
-    solver_type: str = "dpmsolver"
+    solver_type: str = "dpmsolver"  # type: ignore[misc]
 
     stages: ClassVar[int] = 3
     name: ClassVar[str] = "dpmpp_3s"
@@ -135,7 +121,7 @@ class DPMSolverPP3S(_DataSinglestep):
 
 @register
 @dataclass(frozen=True)
-class DPMSolverPP2M(Solver):
+class DPMSolverPP2M(RowSolver):
     """DPM-Solver++(2M), multistep (Lu et al. 2022b, Alg. 2; diffusers
     ``DPMSolverMultistepScheduler`` with ``solver_order=2``, k-diffusion ``sample_dpmpp_2m``).
 
@@ -170,21 +156,15 @@ class DPMSolverPP2M(Solver):
     def order(self) -> int:
         return 2
 
-    def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> MultistepState:
-        return multistep_init(
-            x, grid, model, order=2, data=True,
-            second="half" if self.solver_type == "midpoint" else "taylor",
-            reference=False, lower_order_final=self.lower_order_final, below=15,
-            euler_at_final=self.euler_at_final,
-        )  # fmt: skip
-
-    def step(self, x: Tensor, i: int, state: State, model: Model) -> tuple[Tensor, State]:
-        return multistep_step(x, i, state, model)  # type: ignore[arg-type]
+    def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
+        orders = multistep_orders(grid, 2, self.lower_order_final, 15, self.euler_at_final)
+        second = "half" if self.solver_type == "midpoint" else "taylor"
+        return multistep_rules(grid, orders, data=True, second=second)
 
 
 @register
 @dataclass(frozen=True)
-class DPMSolverPP3M(Solver):
+class DPMSolverPP3M(RowSolver):
     """DPM-Solver++(3M), multistep, with the third-order term weighted correctly.
 
     With m_j = x̂_0 at t_{i−j}, r0 = h_{i−1}/h, r1 = h_{i−2}/h, D1_0 = (m0 − m1)/r0,
@@ -202,7 +182,7 @@ class DPMSolverPP3M(Solver):
 
     ``reference=True`` reproduces the official code and diffusers' ``DPMSolverMultistepScheduler``
     (``solver_order=3``, exactly, warm-up and ``lower_order_final`` included) with
-    D2 = (D1_0 − D1_1)/(r0 + r1), half the second derivative: local error O(h³), so measured
+    D2 = (D1_0 − D1_1)/(r0 + r1), half the second derivative: local error O(h³), so global
     order 2 (``order`` reports 2 then). k-diffusion's ``sample_dpmpp_3m_sde`` (η = 0) has the same
     third-order update but a Taylor-weighted (``heun``) second-order warm-up step.
 
@@ -229,12 +209,6 @@ class DPMSolverPP3M(Solver):
     def order(self) -> int:
         return 2 if self.reference else 3
 
-    def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> MultistepState:
-        return multistep_init(
-            x, grid, model, order=3, data=True, second="half", reference=self.reference,
-            lower_order_final=self.lower_order_final, below=15,
-            euler_at_final=self.euler_at_final,
-        )  # fmt: skip
-
-    def step(self, x: Tensor, i: int, state: State, model: Model) -> tuple[Tensor, MultistepState]:
-        return multistep_step(x, i, state, model)  # type: ignore[arg-type]
+    def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
+        orders = multistep_orders(grid, 3, self.lower_order_final, 15, self.euler_at_final)
+        return multistep_rules(grid, orders, data=True, reference=self.reference)

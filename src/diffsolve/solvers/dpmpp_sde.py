@@ -20,15 +20,16 @@ solver here is its deterministic namesake with h → H in the data-form weights 
 the noise form), a contracted x-coefficient and an additive Gaussian; η = 0 is exactly the
 deterministic solver.
 
-Noise: drawn from the run's :class:`~diffsolve.noise.NoiseSource` with ``randn_like(x, i)`` for
-step i (which spans grid.t[i] → grid.t[i+1]). ``dpmpp_sde`` also needs the noise of a sub-interval
-(see :func:`draw`).
+Noise: drawn from the run's bound noise (the :class:`~diffsolve.noise.Noise` protocol) as
+``randn_between(x, i, t_from, t_to)``: the normalised Brownian increment over t_from → t_to inside
+step i (grid.t[i] → grid.t[i+1] for a whole step), which a source without a path (the default
+counter-based :class:`~diffsolve.noise.NoiseSource`) answers with its independent draw
+``randn(x, i)``. ``dpmpp_sde`` also needs the noise of a sub-interval (see ``_pair``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -36,36 +37,16 @@ import torch
 from torch import Tensor
 
 from ..denoiser import EvalPoint
-from ..noise import NoiseSource, bind
+from ..noise import NoiseSource
 from ..processes.base import GaussianProcess
-from ._expint import phi_data, phi_noise
-from .base import FinalOrders, Grid, Model, Solver, State, host, register
-from .dpm_solver import (
-    _MS,
-    MultistepState,
-    multistep_orders,
-    multistep_step,
-    singlestep_nfe_of,
-    singlestep_orders,
-    singlestep_plan_times,
-)
+from .base import FinalOrders, Grid, Model, Plan, Solver, State, host, register
+from .engine import RowSolver, StepRule
+from .multistep import multistep_orders, multistep_rules
+from .singlestep import fast_plan, singlestep_calls
 
-__all__ = ["DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "DPMSolverPPSDE", "SDEDPMSolver", "draw"]
+__all__ = ["DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "DPMSolverPPSDE", "SDEDPMSolver"]
 
 SOLVER_TYPES = ("midpoint", "heun")
-
-
-def draw(noise: Any, x: Tensor, i: int, t_from: float, t_to: float) -> Tensor:
-    """z ~ N(0, I) for the interval t_from → t_to inside step i (t_from = grid.t[i]).
-
-    A source with an increment API, ``randn_between(x, t_from, t_to)`` (the normalised Brownian
-    increment over that interval, e.g. a Brownian tree), is asked for exactly that interval, so
-    draws are consistent across step counts. Any other source is asked for ``randn_like(x, i)``.
-    """
-    between = getattr(noise, "randn_between", None)
-    if between is not None:
-        return between(x, t_from, t_to)
-    return noise.randn_like(x, i)
 
 
 def _check(solver: str, eta: Any, s_noise: Any) -> None:
@@ -78,143 +59,10 @@ def _check(solver: str, eta: Any, s_noise: Any) -> None:
             raise ValueError(f"{solver}: {name} must be a finite number >= 0, got {v!r}")
 
 
-def _noise_source(noise: Any, grid: Grid, draws: bool) -> Any:
-    if not draws:
-        return None
-    return bind(noise if noise is not None else NoiseSource(), grid)
-
-
-def _pd(k: int, h: float) -> float:
-    return float(phi_data(k, torch.tensor(h, dtype=torch.float64)))
-
-
-def _pn(k: int, h: float) -> float:
-    return float(phi_noise(k, torch.tensor(h, dtype=torch.float64)))
-
-
 # -- multistep ------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class SDEMultistepState(MultistepState):
-    """:class:`~.dpm_solver.MultistepState` (the deterministic part, run by ``multistep_step``)
-    plus the noise: x_t = ratio·x + gain·x̂_0 + Σ_j w_j·m_j + std_i·z."""
-
-    std: tuple[float, ...] = host(default=())  # noise amplitude per step (0: none drawn)
-    t: tuple[float, ...] = host(default=())
-    noise: Any = host(default=None)
-
-
-def _multistep_coefs(
-    grid: Grid,
-    orders: list[int],
-    *,
-    data: bool,
-    eta: float,
-    s_noise: float,
-    second: str,
-    reference: bool,
-) -> list[tuple[_MS, float] | None]:
-    """Per-step coefficients of the module docstring's expansions (float64 → Python floats).
-
-    ``second``: weight of the first difference at order 2, "half" ((1 − e^{−H})/2, the
-    midpoint rule) or "taylor" (P(2, H)/H). ``reference``: the order-3 D2 of k-diffusion's
-    ``sample_dpmpp_3m_sde`` (half the second derivative).
-    """
-    lam, sig, alp = grid.lam.tolist(), grid.sigma.tolist(), grid.alpha.tolist()
-    en = grid.exp_neg_h.tolist()  # e^{−h}, finite (0) where α_s = 0
-    out: list[tuple[_MS, float] | None] = []
-    for i, k in enumerate(orders):
-        if k == 0:
-            out.append(None)
-            continue
-        h = lam[i + 1] - lam[i]
-        if data:
-            big = (1 + eta) * h
-            s_t, c_half = alp[i + 1], -math.expm1(-big) / 2
-            p2 = _pd(2, big) / big if k > 1 else 0.0
-            p3 = _pd(3, big) / big**2 if k > 2 else 0.0
-            # e^{−ηh} as (e^{−h})^η: 0 where α_s = 0, and 0^0 = 1 keeps the ODE's σ_t/σ_s
-            ratio, gain = sig[i + 1] / sig[i] * en[i] ** eta, 0.0
-            std = -math.expm1(-2 * eta * h) if eta else 0.0
-        else:
-            if not math.isfinite(lam[i]) and eta > 0:
-                raise ValueError(
-                    "sde_dpm_solver: the noise form has no finite step from α = 0 (λ = −∞) with "
-                    "eta > 0; start at t_max_finite (the logsnr and karras schedules do)"
-                )
-            s_t, c_half = -(1 + eta) * sig[i + 1], math.expm1(h) / 2
-            p2 = _pn(2, h) / h if k > 1 else 0.0
-            p3 = _pn(3, h) / h**2 if k > 2 else 0.0
-            # ε̂ = (x − α_s·x̂_0)/σ_s folds the order-1 term onto x and x̂_0: finite as α_s → 0
-            # for η = 0, and exactly DDIM's ratio and gain there
-            ratio = sig[i + 1] / sig[i] * ((1 + eta) - eta * math.exp(h) if eta else 1.0)
-            gain = (1 + eta) * alp[i + 1] * -math.expm1(-h)
-            std = eta * math.expm1(2 * h) if eta else 0.0
-        noise = sig[i + 1] * math.sqrt(std) * s_noise
-        w = [0.0, 0.0, 0.0]
-        if k == 2:
-            r0 = (lam[i] - lam[i - 1]) / h
-            c1 = s_t * (c_half if second == "half" else p2)
-            w[0], w[1] = c1 / r0, -c1 / r0
-        elif k == 3:
-            r0, r1 = (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h
-            a = r0 / (r0 + r1)
-            f = (1.0 if reference else 2.0) / (r0 + r1)
-            # D1 = (1 + a)·D1_0 − a·D1_1 ≈ h·m', D2 = f·(D1_0 − D1_1) ≈ h²·m'' (f = 2/(r0 + r1));
-            # D1_0 = (m0 − m1)/r0, D1_1 = (m1 − m2)/r1, expanded onto m0, m1, m2
-            d1 = ((1 + a) / r0, -(1 + a) / r0 - a / r1, a / r1)
-            d2 = (f / r0, -f / r0 - f / r1, f / r1)
-            w = [s_t * (p2 * u + p3 * v) for u, v in zip(d1, d2)]
-        if data:  # the order-1 term's x̂_0 is m0 itself
-            w[0] += alp[i + 1] * -math.expm1(-big)
-        out.append((_MS(ratio, gain, tuple(w[:k]) if (data or k > 1) else ()), noise))
-    return out
-
-
-def _multistep_init(
-    x: Tensor,
-    grid: Grid,
-    model: Model,
-    noise: Any,
-    *,
-    order: int,
-    data: bool,
-    eta: float,
-    s_noise: float,
-    second: str,
-    reference: bool,
-    lower_order_final: bool,
-    euler_at_final: bool,
-    below: int,
-) -> SDEMultistepState:
-    orders = multistep_orders(grid, order, lower_order_final, below, euler_at_final)
-    coef = _multistep_coefs(
-        grid, orders, data=data, eta=eta, s_noise=s_noise, second=second, reference=reference
-    )
-    std = tuple(c[1] if c is not None else 0.0 for c in coef)
-    return SDEMultistepState(
-        points=tuple(model.point(grid.t[i], x) for i in range(grid.steps)),
-        coef=tuple(c[0] if c is not None else None for c in coef),
-        data=data,
-        keep=max(order - 1, 1),
-        std=std,
-        t=tuple(grid.t.tolist()),
-        noise=_noise_source(noise, grid, any(v != 0.0 for v in std)),
-    )
-
-
-def _multistep_step(
-    x: Tensor, i: int, state: SDEMultistepState, model: Model
-) -> tuple[Tensor, SDEMultistepState]:
-    out, new = multistep_step(x, i, state, model)
-    std = state.std[i]
-    if std != 0.0:
-        out = out + std * draw(state.noise, x, i, state.t[i], state.t[i + 1])
-    return out, new  # type: ignore[return-value]
-
-
-@dataclass(frozen=True)
-class _Multistep(Solver):
-    """Shared options and plumbing of the multistep SDE solvers."""
+class _Multistep(RowSolver):
+    """Shared options of the multistep SDE solvers: rows from :mod:`.multistep` with η."""
 
     eta: float = 1.0
     s_noise: float = 1.0
@@ -223,13 +71,20 @@ class _Multistep(Solver):
 
     stochastic: ClassVar[bool] = True
     _below: ClassVar[int] = 15
+    _data: ClassVar[bool] = True
 
     def validate(self) -> None:
         _check(self.name, self.eta, self.s_noise)
         FinalOrders.of(self.name, self.lower_order_final, self._below, self.euler_at_final)
 
-    def step(self, x: Tensor, i: int, state: State, model: Model) -> tuple[Tensor, State]:
-        return _multistep_step(x, i, state, model)  # type: ignore[arg-type]
+    def _rules(self, grid: Grid, order: int, second: str, reference: bool) -> tuple[StepRule, ...]:
+        orders = multistep_orders(
+            grid, order, self.lower_order_final, self._below, self.euler_at_final
+        )
+        return multistep_rules(
+            grid, orders, data=self._data, eta=self.eta, s_noise=self.s_noise, second=second,
+            reference=reference, name=self.name,
+        )  # fmt: skip
 
 
 @register
@@ -249,12 +104,10 @@ class DPMSolverPP2MSDE(_Multistep):
     ``euler_at_final`` as ``dpmpp_2m`` (matter only with final="tmin"); the step to σ = 0
     returns x̂_0 (k-diffusion's "denoising step"; diffusers' first-order step to σ = 0).
 
-    Convergence at η = 1 (gmm2d + SD, tests/test_dpmpp_sde.py): strong order 1 on a fixed
-    Brownian path — the bound for any scheme that sees the path only through its grid
-    increments, whatever the drift's order — measured 1.09 (median error 2.1e-3 at 128 steps;
-    DDPM 1.08, 3.8e-3). Weak: the covariance error at 8/16/32 steps is .14/.026/.017 (DDPM
-    .18/.074/.050): no clean power law yet at these counts, theory gives order 1. η = 0:
-    deterministic order 2. Shapes: x (B, ...).
+    Convergence at η = 1: strong order 1 on a fixed Brownian path (the bound for any scheme
+    that sees the path only through its grid increments, whatever the drift's order) and weak
+    order 1; η = 0: deterministic order 2 (tests/test_dpmpp_sde.py measures them). Shapes:
+    x (B, ...).
     """
 
     solver_type: str = "midpoint"
@@ -273,13 +126,9 @@ class DPMSolverPP2MSDE(_Multistep):
     def order(self) -> int:
         return 2
 
-    def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> SDEMultistepState:
-        return _multistep_init(
-            x, grid, model, noise, order=2, data=True, eta=self.eta, s_noise=self.s_noise,
-            second="half" if self.solver_type == "midpoint" else "taylor", reference=False,
-            lower_order_final=self.lower_order_final, euler_at_final=self.euler_at_final,
-            below=self._below,
-        )  # fmt: skip
+    def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
+        second = "half" if self.solver_type == "midpoint" else "taylor"
+        return self._rules(grid, 2, second, False)
 
 
 @register
@@ -304,19 +153,18 @@ class DPMSolverPP3MSDE(_Multistep):
     ``lower_order_final=False``): D2 = (D1_0 − D1_1)/(r0 + r1), half the second derivative, so
     its η → 0 limit has local error O(h³) (global order 2, like the official/diffusers 3M: the
     k-diffusion η = 0 run is ``dpmpp_3m(reference=True)`` except that its second (warm-up) step
-    uses the Taylor weight P(2,H)/H, which ``reference=True`` also reproduces). Measured
-    deterministic orders (η = 0, local truncation error): 3.0 (default), 1.9 (reference).
+    uses the Taylor weight P(2,H)/H, which ``reference=True`` also reproduces). Deterministic
+    orders (η = 0): 3 (default), 2 (reference).
 
     diffusers' ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=3)``
     is neither: with D2 = (D1_0 − D1_1)/(r0 + r1) (the half convention) its weight is
     α_t·((1 − e^{−2h} − 2h)/(2h)² − ½) = α_t·(P(3, 2h)/(2h)² − 1) ≈ −α_t, where k-diffusion's is
     α_t·P(3, 2h)/(2h)² ≈ α_t·h/3 and the correct one twice that: a sign error on its ½ that leaves
-    an O(h²) local term, so its order-3 SDE runs land 0.1–0.4 relative away from both variants
-    here on gmm64 + SD (the branch came with diffusers PR #9104, whose author asked for a careful
-    review; tests/test_dpmpp_sde.py pins the one-step formula).
+    an O(h²) local term (the branch came with diffusers PR #9104, whose author asked for a
+    careful review; tests/test_dpmpp_sde.py pins the one-step formula).
 
     ``lower_order_final`` / ``euler_at_final`` as ``dpmpp_3m``. At η = 1 the noise limits it as
-    2M: strong order measured 1.21 (theory 1), covariance error .10/.028/.018 at 8/16/32 steps.
+    2M: strong order 1.
     Shapes: x (B, ...); two x̂_0 of history.
     """
 
@@ -336,13 +184,8 @@ class DPMSolverPP3MSDE(_Multistep):
     def order(self) -> int:
         return 2 if self.reference else 3
 
-    def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> SDEMultistepState:
-        return _multistep_init(
-            x, grid, model, noise, order=3, data=True, eta=self.eta, s_noise=self.s_noise,
-            second="taylor" if self.reference else "half", reference=self.reference,
-            lower_order_final=self.lower_order_final, euler_at_final=self.euler_at_final,
-            below=self._below,
-        )  # fmt: skip
+    def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
+        return self._rules(grid, 3, "taylor" if self.reference else "half", self.reference)
 
 
 @register
@@ -359,14 +202,13 @@ class SDEDPMSolver(_Multistep):
 
     Order 1 is the noise-form exponential Euler–Maruyama step; it is *not* DDPM's step (that one
     is the data-form SDE-DPM-Solver++(1)): the two linearise different drifts, and agree only to
-    O(h²) per step (measured in the tests). η = 0 is exactly ``dpm_solver`` (multistep, the
+    O(h²) per step (tests/test_dpmpp_sde.py). η = 0 is exactly ``dpm_solver`` (multistep, the
     ``dpmsolver``/``taylor`` type for ``midpoint``/``heun``). The order-1 term is evaluated with
     ε̂ = (x − α_i·x̂_0)/σ_i folded in, i.e. (σ_{i+1}/σ_i)(1 + η − η·e^h)·x + (1 + η)α_{i+1}(1 −
     e^{−h})·x̂_0. ``lower_order_final`` as ``dpm_solver`` (below 10 steps; diffusers uses 15:
     they differ only with final="tmin"). The step to σ = 0 returns x̂_0. At η = 1: strong
-    order measured 1.17 (theory 1), covariance error .36/.015/.018 at 8/16/32 steps; with 4
-    steps the noise form is unstable (x-coefficient (σ_t/σ_s)(2 − e^h) ≪ −1 for h ≳ 1:
-    covariance error ~900 on gmm2d), so prefer the data-form solvers at few steps.
+    order 1; with few steps the noise form is unstable (its x-coefficient
+    (σ_t/σ_s)(2 − e^h) ≪ −1 for h ≳ 1), so prefer the data-form solvers at few steps.
     Shapes: x (B, ...).
     """
 
@@ -376,6 +218,7 @@ class SDEDPMSolver(_Multistep):
     name: ClassVar[str] = "sde_dpm_solver"
     description: ClassVar[str] = "SDE-DPM-Solver: noise prediction, orders 1-2, reverse SDE (eta)"
     _below: ClassVar[int] = 10
+    _data: ClassVar[bool] = False
 
     def validate(self) -> None:
         if self.order not in (1, 2) or isinstance(self.order, bool):
@@ -387,13 +230,9 @@ class SDEDPMSolver(_Multistep):
             )
         super().validate()
 
-    def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> SDEMultistepState:
-        return _multistep_init(
-            x, grid, model, noise, order=self.order, data=False, eta=self.eta,
-            s_noise=self.s_noise, second="half" if self.solver_type == "midpoint" else "taylor",
-            reference=False, lower_order_final=self.lower_order_final,
-            euler_at_final=self.euler_at_final, below=self._below,
-        )  # fmt: skip
+    def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
+        second = "half" if self.solver_type == "midpoint" else "taylor"
+        return self._rules(grid, self.order, second, False)
 
 
 # -- singlestep (k-diffusion's DPM++ SDE) -----------------------------------------------------
@@ -458,20 +297,19 @@ class DPMSolverPPSDE(Solver):
     Noise: k-diffusion (and diffusers' ``DPMSolverSDEScheduler``) draw z_u and z_t from a
     Brownian tree in ρ = σ/α over the overlapping intervals [ρ_u, ρ_s] and [ρ_t, ρ_s], i.e. the
     normalised increments of one path, correlated with c = sqrt((ρ_s − ρ_u)/(ρ_s − ρ_t)). A
-    source with ``randn_between`` (:func:`draw`) is asked for exactly these two intervals. A
-    stream source is used with this sub-step index scheme: step i draws w1 = randn_like(x, i),
-    then w2 = randn_extra(x, i, 0) (randn_like(x, i) again if the source has no
-    ``randn_extra``; for a stream both are its next draws), and takes z_u = w1,
-    z_t = c·w1 + sqrt(1 − c²)·w2: the tree's joint law (not its values, which depend on
-    torchsde's RNG). Pass ``noise=BrownianTree(..., time="rho")`` for k-diffusion's tree
-    variable (values still differ: its tree is torchsde's).
+    source with a path (``noise.path``, e.g. a Brownian tree) is asked for exactly these two
+    intervals with ``randn_between(x, i, t_s, t_u)`` and ``randn_between(x, i, t_s, t_t)``. A
+    source without one gives step i's two independent draws w1 = ``randn(x, i, 0)`` and
+    w2 = ``randn(x, i, 1)``, and the step takes z_u = w1, z_t = c·w1 + sqrt(1 − c²)·w2: the
+    tree's joint law (not its values, which depend on torchsde's RNG). Pass
+    ``noise=BrownianTree(..., time="rho")`` for k-diffusion's tree variable (values still
+    differ: its tree is torchsde's).
 
     η = 0 is exactly ``dpmpp_2s`` (r = ½). Order-1 steps of an odd ``nfe`` budget and the step
     from a grid point with one call are A_η(s → t; x̂_0) — with η = 1 DDPM's step exactly. Two
     calls per step; the step to σ = 0 returns x̂_0 (one call). Budgets as ``dpmpp_2s``
-    (DPM-Solver-fast plan). At η = 1: strong order measured 0.91 (theory 1; tree noise),
-    covariance error .027/.019/.007 at 8/16/32 steps (the best of this module at few steps);
-    η = 0: deterministic order 2. Shapes: x (B, ...).
+    (DPM-Solver-fast plan). At η = 1: strong order 1; η = 0: deterministic order 2.
+    Shapes: x (B, ...).
     """
 
     eta: float = 1.0
@@ -491,20 +329,20 @@ class DPMSolverPPSDE(Solver):
     def order(self) -> int:
         return 2
 
-    def nfe_of(self, steps: int, clean_end: bool) -> int:
-        return singlestep_nfe_of(2, steps, clean_end)
+    def calls(self, steps: int, clean_end: bool) -> tuple[int, ...]:
+        return singlestep_calls(2, steps, clean_end)
 
-    def plan_times(
-        self,
-        process: GaussianProcess,
-        schedule: Callable[[GaussianProcess, int], Tensor],
-        nfe: int,
-        clean_end: bool,
+    def budget(self, nfe: int, clean_end: bool) -> tuple[int, ...]:
+        return tuple(fast_plan(2, nfe, clean_end))
+
+    def grid_times(
+        self, process: GaussianProcess, schedule: Any, calls: tuple[int, ...], clean_end: bool
     ) -> Tensor:
-        return singlestep_plan_times(2, process, schedule, nfe, clean_end)
+        return schedule.for_calls(process, calls, clean_end)
 
     def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> SDESinglestepState:
-        orders = singlestep_orders(grid, 2)
+        planned = isinstance(grid, Plan) and grid.calls
+        orders = grid.calls if planned else self.calls(grid.steps, grid.clean_end)
         process = grid.process
         lam, t = grid.lam.tolist(), grid.t.tolist()
         alpha, sigma = grid.alpha.tolist(), grid.sigma.tolist()
@@ -548,17 +386,17 @@ class DPMSolverPPSDE(Solver):
             ts = (t[i], t_u[i], t[i + 1])
             plan.append(_SDEPlan(points, stage, final, 1 / (2 * self.r), ts, mix))
         draws = self.eta > 0 and self.s_noise > 0
-        return SDESinglestepState(plan=tuple(plan), noise=_noise_source(noise, grid, draws))
+        source = (noise if noise is not None else NoiseSource()).bind(grid) if draws else None
+        return SDESinglestepState(plan=tuple(plan), noise=source)
 
     @staticmethod
     def _pair(noise: Any, x: Tensor, i: int, p: _SDEPlan) -> tuple[Tensor, Tensor]:
         """(z_u, z_t): the normalised increments over [s, u] and [s, t] of one Brownian path."""
-        if getattr(noise, "randn_between", None) is not None:
-            return draw(noise, x, i, p.t[0], p.t[1]), draw(noise, x, i, p.t[0], p.t[2])
-        z_u = noise.randn_like(x, i)
-        extra = getattr(noise, "randn_extra", None)
-        w = extra(x, i, 0) if extra is not None else noise.randn_like(x, i)
-        return z_u, p.mix[0] * z_u + p.mix[1] * w
+        if noise.path:
+            s, u, t = p.t
+            return noise.randn_between(x, i, s, u), noise.randn_between(x, i, s, t)
+        z_u = noise.randn(x, i, 0)
+        return z_u, p.mix[0] * z_u + p.mix[1] * noise.randn(x, i, 1)
 
     def step(
         self, x: Tensor, i: int, state: SDESinglestepState, model: Model
@@ -578,6 +416,6 @@ class DPMSolverPPSDE(Solver):
         out = p.final.a * x + p.final.b * d
         if p.final.c != 0.0:
             if z_t is None:
-                z_t = draw(state.noise, x, i, p.t[0], p.t[2])
+                z_t = state.noise.randn_between(x, i, p.t[0], p.t[2])
             out = out + p.final.c * z_t
         return out, state

@@ -5,23 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from torch import Tensor
-
-from ..denoiser import EvalPoint
-from .base import Grid, Model, Solver, State, alias, host, register
+from .base import Grid, alias, register
+from .engine import Row, RowSolver, StepRule
 
 __all__ = ["Euler"]
 
 
-@dataclass(frozen=True)
-class EulerState(State):
-    points: tuple[EvalPoint, ...] = host()
-    coef: tuple[tuple[float, float], ...] = host()
-
-
 @register
 @dataclass(frozen=True)
-class Euler(Solver):
+class Euler(RowSolver):
     """DDIM (Song et al. 2021, eq. 12 with η = 0), written in the data form:
 
         x_t = (σ_t/σ_s)·x_s + α_t·(1 − e^{−h})·x̂_0(x_s, s),   h = λ_t − λ_s.
@@ -38,16 +30,14 @@ class Euler(Solver):
     def order(self) -> int:
         return 1
 
-    def init(self, x: Tensor, grid: Grid, model: Model, noise: object = None) -> EulerState:
-        points = tuple(model.point(grid.t[i], x) for i in range(grid.steps))
+    def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
+        t = grid.t.tolist()
         ratio = (grid.sigma[1:] / grid.sigma[:-1]).tolist()
         gain = (grid.alpha[1:] * -(grid.exp_neg_h - 1)).tolist()
-        return EulerState(points=points, coef=tuple(zip(ratio, gain)))
-
-    def step(self, x: Tensor, i: int, state: EulerState, model: Model) -> tuple[Tensor, EulerState]:
-        x0 = model(x, state.points[i]).x0
-        ratio, gain = state.coef[i]
-        return ratio * x + gain * x0, state
+        return tuple(
+            StepRule((t[i],)) if grid.is_final(i) else StepRule((t[i],), update=Row(r, (g,)))
+            for i, (r, g) in enumerate(zip(ratio, gain))
+        )
 
 
 alias("ddim", "euler", "alias of euler (DDIM, η = 0)")

@@ -3,42 +3,29 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor
 
-from ..denoiser import EvalPoint
-from ..noise import NoiseSource, bind
-from ..processes.base import GaussianProcess
-from .base import Grid, Model, Solver, State, host, register
+from .base import Grid, Model, host, register
+from .engine import Row, RowSolver, RowState, StepRule
 
 __all__ = ["Heun"]
 
 
 @dataclass(frozen=True)
-class _HeunStep:
-    """Step i as Python floats (see :class:`Heun`): churn, then Euler, then the Heun average."""
+class HeunState(RowState):
+    """The engine's state plus each step's churn (scale, amount, t_i, t_{i+1}):
+    x ← scale·x + amount·z with z the noise over t_i → t_{i+1}, before the step's first call
+    (a row cannot express it: it acts on x before any evaluation of the step)."""
 
-    scale: float  # α̂/α_i: x at t_i → x at t̂_i
-    noise: float  # α̂·sqrt(ρ̂² − ρ_i²)·S_noise (0: no churn at this step)
-    euler: float  # α_{i+1}/α̂: x̂ → x̃-state carried to t_{i+1}
-    delta: float  # α_{i+1}·(ρ_{i+1} − ρ̂)
-    kind: str  # "heun", "euler" (one evaluation) or "final" (returns x̂_0)
-
-
-@dataclass(frozen=True)
-class HeunState(State):
-    hat: tuple[EvalPoint, ...] = host()  # evaluation at (t̂_i): the churned start of step i
-    nxt: tuple[EvalPoint | None, ...] = host()  # second evaluation at t_{i+1}
-    plan: tuple[_HeunStep, ...] = host()
-    noise: Any = host(default=None)
+    churn: tuple[tuple[float, float, float, float], ...] = host(default=())
 
 
 @register
 @dataclass(frozen=True)
-class Heun(Solver):
+class Heun(RowSolver):
     """EDM's Heun sampler (Karras et al. 2022, Alg. 2; k-diffusion ``sample_heun``).
 
     In ρ = σ/α on x̃ = x/α the probability-flow ODE is dx̃/dρ = ε̂(x̃, ρ) = (x̃ − x̂_0)/ρ
@@ -57,6 +44,10 @@ class Heun(Solver):
     NFE budgets (``nfe=N``): with a clean end an odd N uses (N+1)/2 grid points; an even N uses
     N/2 + 1 points and makes the *first* step Euler (at high noise x̂_0 barely moves, so Euler
     loses least there). With ``final="tmin"`` likewise with one step Euler when N is odd.
+
+    In x (α̂, α_{i+1} the α at t̂, t_{i+1}) the Euler stage and the Heun update are rows,
+    x' = (α_{i+1}/α̂)·x̂ + α_{i+1}(ρ_{i+1} − ρ̂)·ε̂_0 and
+    x_{i+1} = (α_{i+1}/α̂)·x̂ + α_{i+1}(ρ_{i+1} − ρ̂)·(ε̂_0 + ε̂_1)/2, read from the churned x̂.
 
     Order 2. Shapes: x (B, ...).
     """
@@ -86,76 +77,81 @@ class Heun(Solver):
     def order(self) -> int:
         return 2
 
-    def nfe_of(self, steps: int, clean_end: bool) -> int:
-        return 2 * steps - 1 if clean_end else 2 * steps
+    def calls(self, steps: int, clean_end: bool) -> tuple[int, ...]:
+        return (2,) * (steps - 1) + (1,) if clean_end else (2,) * steps
 
-    def plan_times(
-        self,
-        process: GaussianProcess,
-        schedule: Callable[[GaussianProcess, int], Tensor],
-        nfe: int,
-        clean_end: bool,
-    ) -> Tensor:
-        # n points: clean end 2n − 1 calls, tmin 2(n − 1); one too many → the first step is Euler
-        return schedule(process, nfe // 2 + 1 if clean_end else (nfe + 1) // 2 + 1)
+    def budget(self, nfe: int, clean_end: bool) -> tuple[int, ...]:
+        # n steps: clean end 2n − 1 calls, tmin 2n; one call too many → the first step is Euler
+        calls = self.calls(nfe // 2 + 1 if clean_end else (nfe + 1) // 2, clean_end)
+        return (1, *calls[1:]) if sum(calls) > nfe else calls
 
-    def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> HeunState:
-        n = grid.steps
-        if float(grid.alpha[0]) <= 0:
-            raise ValueError(
-                "heun works on x/α and needs α > 0 at the first time; flow matching: start at "
-                "t_max_finite (the karras and logsnr schedules do)"
-            )
-        euler_first = grid.nfe is not None and grid.nfe == self.nfe_of(n, grid.clean_end) - 1
-        process = grid.process
+    def _hats(self, grid: Grid) -> list[tuple[float, float, float, float]]:
+        """Per step the churned start (t̂, α̂, ρ̂) and the noise amount α̂·sqrt(ρ̂² − ρ_i²)·S_noise
+        (0: no churn at this step)."""
+        n, process = grid.steps, grid.process
+        t, alpha = grid.t.tolist(), grid.alpha.tolist()
         rho = (grid.sigma / grid.alpha).tolist()
+        if not self.s_churn > 0:
+            return [(t[i], alpha[i], rho[i], 0.0) for i in range(n)]
         rho_max = float(process.rho(process.t_max_finite))
-        hat, nxt, plan = [], [], []
+        out = []
         for i in range(n):
             gamma = min(self.s_churn / n, math.sqrt(2) - 1)
             gamma = gamma if self.s_tmin <= rho[i] <= self.s_tmax else 0.0
-            a_i = float(grid.alpha[i])
             rho_hat = min(rho[i] * (1 + gamma), rho_max)
             if rho_hat > rho[i] * (1 + 1e-12):  # no churn left after the clamp at t_max
                 t_hat = float(process.t_of_rho(rho_hat))
                 a_hat = float(process.alpha(t_hat))
                 amount = a_hat * math.sqrt(max(rho_hat**2 - rho[i] ** 2, 0.0)) * self.s_noise
+                out.append((t_hat, a_hat, rho_hat, amount))
             else:
-                rho_hat, t_hat, a_hat, amount = rho[i], float(grid.t[i]), a_i, 0.0
-            a_next = float(grid.alpha[i + 1])
-            if grid.is_final(i):
-                kind = "final"
-            elif i == 0 and euler_first:
-                kind = "euler"
-            else:
-                kind = "heun"
-            hat.append(model.point(t_hat, x))
-            nxt.append(model.point(grid.t[i + 1], x) if kind == "heun" else None)
-            plan.append(
-                _HeunStep(
-                    scale=a_hat / a_i,
-                    noise=amount,
-                    euler=a_next / a_hat,
-                    delta=a_next * (rho[i + 1] - rho_hat),
-                    kind=kind,
-                )
-            )
-        if noise is None and self.stochastic:
-            noise = NoiseSource()
-        source = bind(noise, grid) if noise is not None else None
-        return HeunState(hat=tuple(hat), nxt=tuple(nxt), plan=tuple(plan), noise=source)
+                out.append((t[i], alpha[i], rho[i], 0.0))
+        return out
 
-    def step(self, x: Tensor, i: int, state: HeunState, model: Model) -> tuple[Tensor, HeunState]:
-        p = state.plan[i]
-        if p.noise > 0:
-            x = p.scale * x + p.noise * state.noise.randn_like(x, i)
-        elif p.scale != 1.0:
-            x = p.scale * x
-        pred = model(x, state.hat[i])
-        if p.kind == "final":
-            return pred.x0, state
-        x_euler = p.euler * x + p.delta * pred.eps
-        if p.kind == "euler":
-            return x_euler, state
-        eps2 = model(x_euler, state.nxt[i]).eps  # type: ignore[arg-type]
-        return p.euler * x + (0.5 * p.delta) * (pred.eps + eps2), state
+    def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
+        if float(grid.alpha[0]) <= 0:
+            raise ValueError(
+                "heun works on x/α and needs α > 0 at the first time; flow matching: start at "
+                "t_max_finite (the karras and logsnr schedules do)"
+            )
+        t, alpha = grid.t.tolist(), grid.alpha.tolist()
+        rho = (grid.sigma / grid.alpha).tolist()
+        out = []
+        for i, (k, (t_hat, a_hat, rho_hat, _)) in enumerate(zip(calls, self._hats(grid))):
+            if k not in ((1,) if grid.is_final(i) else (1, 2)):
+                raise ValueError(f"heun: step {i} cannot make {k} network calls")
+            if grid.is_final(i):
+                out.append(StepRule((t_hat,)))
+                continue
+            euler, delta = alpha[i + 1] / a_hat, alpha[i + 1] * (rho[i + 1] - rho_hat)
+            if k == 1:
+                out.append(StepRule((t_hat,), update=Row(euler, eps=(delta,))))
+            else:
+                half = Row(euler, eps=(0.5 * delta, 0.5 * delta))
+                out.append(StepRule((t_hat, t[i + 1]), (Row(euler, eps=(delta,)),), half))
+        return tuple(out)
+
+    def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> RowState:
+        state = super().init(x, grid, model, noise)
+        if not self.stochastic:
+            return state
+        from ..noise import NoiseSource
+
+        t, alpha = grid.t.tolist(), grid.alpha.tolist()
+        churn = tuple(
+            (a_hat / alpha[i], amount, t[i], t[i + 1])
+            for i, (_, a_hat, _, amount) in enumerate(self._hats(grid))
+        )
+        source = (noise if noise is not None else NoiseSource()).bind(grid)
+        return HeunState(
+            rules=state.rules, points=state.points, keep=state.keep, noise=source, churn=churn
+        )
+
+    def step(self, x: Tensor, i: int, state: RowState, model: Model) -> tuple[Tensor, RowState]:
+        if isinstance(state, HeunState):  # churn: x at t_i → x̂ at t̂_i, then the step's rows
+            scale, amount, t_from, t_to = state.churn[i]
+            if amount > 0:
+                x = scale * x + amount * state.noise.randn_between(x, i, t_from, t_to)
+            elif scale != 1.0:
+                x = scale * x
+        return super().step(x, i, state, model)

@@ -9,18 +9,12 @@ are written in y; on any other Gaussian path they are the same exponential integ
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import torch
-from torch import Tensor
-
-from ..denoiser import EvalPoint
-from ..noise import NoiseSource, bind
-from ._expint import phi_data, phi_noise
-from .base import FinalOrders, Grid, Model, Solver, State, host, register
-from .dpm_solver import multistep_init, multistep_orders, multistep_step
+from .base import FinalOrders, Grid, register
+from .engine import RowSolver, StepRule
+from .multistep import multistep_orders, multistep_rules
 
 __all__ = ["MRS"]
 
@@ -28,57 +22,9 @@ SOLVER_TYPES = ("ode", "sde")
 PARAMETERIZATIONS = ("data", "noise")
 
 
-@dataclass(frozen=True)
-class _SDECoef:
-    """y_t = ratio·y_s + Σ_j w_j·m_j + noise·z, m = x̂_0 (data) or ε̂ (noise), newest first."""
-
-    ratio: float
-    w: tuple[float, ...]
-    noise: float
-
-
-@dataclass(frozen=True)
-class MRSSDEState(State):
-    points: tuple[EvalPoint, ...] = host()
-    coef: tuple[_SDECoef | None, ...] = host()  # None: the step to σ = 0 (returns x̂_0)
-    data: bool = host()
-    noise: Any = host(default=None)
-    history: tuple[Tensor, ...] = ()
-
-
-def _sde_coefs(grid: Grid, orders: list[int], data: bool) -> list[_SDECoef | None]:
-    """Per-step coefficients of SDE-MRS (module docstring of :class:`MRS`), in float64."""
-    lam = grid.lam.tolist()
-    alpha, sigma = grid.alpha.tolist(), grid.sigma.tolist()
-    out: list[_SDECoef | None] = []
-    for i, k in enumerate(orders):
-        if k == 0:
-            out.append(None)
-            continue
-        h = lam[i + 1] - lam[i]
-        a_t, s_t = alpha[i + 1], sigma[i + 1]
-        h2 = torch.tensor(2 * h, dtype=torch.float64)
-        if data:
-            e2 = float(phi_data(1, h2))  # 1 − e^{−2h}
-            ratio = s_t / sigma[i] * math.exp(-h)
-            w0, c1 = a_t * e2, a_t * (1 - e2 / (2 * h))
-            noise = s_t * math.sqrt(e2)
-        else:
-            e1 = float(phi_noise(1, torch.tensor(h, dtype=torch.float64)))  # e^h − 1
-            ratio = a_t / alpha[i]
-            w0, c1 = -2 * s_t * e1, -2 * s_t * (e1 / h - 1)
-            noise = s_t * math.sqrt(float(phi_noise(1, h2)))  # σ_t·sqrt(e^{2h} − 1)
-        w: tuple[float, ...] = (w0,)
-        if k == 2:
-            r0 = (lam[i] - lam[i - 1]) / h  # D1 = (m_0 − m_1)/r0
-            w = (w0 + c1 / r0, -c1 / r0)
-        out.append(_SDECoef(ratio, w, noise))
-    return out
-
-
 @register
 @dataclass(frozen=True)
-class MRS(Solver):
+class MRS(RowSolver):
     """MRS (Li et al. 2025), multistep, on the path y = x − μ (``sample`` handles the shift).
 
     ODE (``solver_type="ode"``), orders 1–3, with m_j the prediction at t_{i−j}, r0 = h_{i−1}/h,
@@ -95,7 +41,7 @@ class MRS(Solver):
     midpoint (1 − e^{−h})/2). Written in x they carry the official code's μ terms, e.g. data
     order 1:
     x_t = (σ_t/σ_s)·x_s + α_t(1 − e^{−h})·x̂_0 + μ·(1 − σ_t/σ_s + (σ_t/σ_s)·α_s − α_t).
-    The official 3rd order uses half the D2 above (``reference=True`` reproduces it; measured
+    The official 3rd order uses half the D2 above (``reference=True`` reproduces it; global
     order 2 then, as in DPM-Solver(++)'s official code, see ``dpmpp_3m``).
 
     SDE (``solver_type="sde"``), orders 1–2: the reverse SDE dx = [f·x − g²·∇log p] dt + g dw̄
@@ -108,9 +54,8 @@ class MRS(Solver):
                      + σ_t·sqrt(e^{2h} − 1)·z
 
     The noise form is unstable with large steps (its y-coefficient α_t/α_s multiplies a drift
-    extrapolated over e^h − 1): on extras §14's Gaussian model the SDE noise form of order 2
-    diverges at NFE 10 (W2 3.1) where the data form gives 2.1e-2; with NFE ≥ 20 the noise-form
-    SDE is the more accurate one (tests/test_mean_reverting.py).
+    extrapolated over e^h − 1): at few steps prefer the data form; with many steps the noise-form
+    SDE is the more accurate one (tests/test_mean_reverting.py measures both).
 
     The network's own parameterisation (MRS's ``fit_target``: noise, data or velocity) is the
     Denoiser's ``prediction`` (``eps``, ``x0``, ``v``); ``parameterization`` picks which of
@@ -118,8 +63,7 @@ class MRS(Solver):
     prediction not). Warm-up orders 1, 2, …; ``lower_order_final``: below 10 steps step i of N
     uses order ≤ N − i (the official rule; its very last step keeps full order, ours is the step
     to σ = 0, which returns x̂_0). Order: ``order`` (ODE; 2 for order 3 with ``reference``).
-    SDE, in distribution on the Gaussian model (exact W2 at NFE 20/40/80): data order 1 falls
-    as NFE⁻¹, data order 2 and both noise forms about as NFE⁻². Shapes: x (B, ...).
+    The SDE forms are the η = 1 members of :mod:`.multistep`'s family. Shapes: x (B, ...).
     """
 
     order: int = 2
@@ -156,31 +100,11 @@ class MRS(Solver):
     def stochastic(self) -> bool:  # type: ignore[override]
         return self.solver_type == "sde"
 
-    def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> State:
-        data = self.parameterization == "data"
-        if self.solver_type == "ode":
-            return multistep_init(
-                x, grid, model, order=self.order, data=data, second="taylor",
-                reference=self.reference, lower_order_final=self.lower_order_final, below=10,
-            )  # fmt: skip
+    def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
+        # the SDE is the η = 1 member of the multistep family (g² = 2λ²θ is the reverse SDE)
         orders = multistep_orders(grid, self.order, self.lower_order_final, 10)
-        return MRSSDEState(
-            points=tuple(model.point(grid.t[i], x) for i in range(grid.steps)),
-            coef=tuple(_sde_coefs(grid, orders, data)),
-            data=data,
-            noise=bind(noise if noise is not None else NoiseSource(), grid),
-        )
-
-    def step(self, x: Tensor, i: int, state: State, model: Model) -> tuple[Tensor, State]:
-        if not isinstance(state, MRSSDEState):
-            return multistep_step(x, i, state, model)  # type: ignore[arg-type]
-        pred = model(x, state.points[i])
-        c = state.coef[i]
-        if c is None:
-            return pred.x0, state
-        hist = (pred.x0 if state.data else pred.eps, *state.history)
-        out = c.ratio * x
-        for w, m in zip(c.w, hist):
-            out = out + w * m
-        out = out + c.noise * state.noise.randn_like(x, i)
-        return out, state.replace(history=hist[:1])
+        return multistep_rules(
+            grid, orders, data=self.parameterization == "data",
+            eta=1.0 if self.solver_type == "sde" else 0.0, second="taylor",
+            reference=self.reference, name="mrs",
+        )  # fmt: skip

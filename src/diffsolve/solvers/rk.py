@@ -10,6 +10,10 @@ An s-stage method makes s network calls per step. The step to σ = 0 is the usua
 jump to x̂_0 (1 NFE). Budgets that are not 1 + s·k are filled with Euler steps at the noise end,
 where the field is smoothest, so ``nfe=`` is met exactly; the order is then that of the tableau
 only asymptotically.
+
+Both fields are linear in ε̂: with w_j = 1 (sigma) or w_j = ρ_j (lambda), k_j = w_j·ε̂_j, so on
+x = α·y stage j of a step from ρ_0 (α_0) is the row x_j = (α_j/α_0)·x + α_j·Σ_l Δ·a_jl·w_l·ε̂_l
+and the update x' = (α_1/α_0)·x + α_1·Σ_l Δ·b_l·w_l·ε̂_l (Δ the step in the chosen variable).
 """
 
 from __future__ import annotations
@@ -18,11 +22,10 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from torch import Tensor
+import torch
 
-from ..denoiser import EvalPoint
-from ..processes.base import GaussianProcess
-from .base import Grid, Model, Solver, State, alias, host, register
+from .base import Grid, alias, register
+from .engine import Row, RowSolver, StepRule
 
 __all__ = ["RK", "TABLEAUX", "Tableau"]
 
@@ -67,31 +70,15 @@ TABLEAUX: dict[str, Tableau] = {
 VARIABLES = ("lambda", "sigma")
 
 
-@dataclass(frozen=True)
-class _Stage:
-    point: EvalPoint
-    alpha: float  # x = α·y at this stage point
-    inv_rho: float  # 1/ρ, for the σ-variable field
-
-
-@dataclass(frozen=True)
-class RKState(State):
-    stages: tuple[tuple[_Stage, ...], ...] = host()  # per step; one entry (the jump) at the end
-    steps_a: tuple[tuple[tuple[float, ...], ...], ...] = host()  # Δ·a_ij per step
-    steps_b: tuple[tuple[float, ...], ...] = host()  # Δ·b_i per step
-    out_alpha: tuple[float, ...] = host()  # α at each step's end, x = α·y
-    jump: tuple[bool, ...] = host()  # the step to σ = 0
-
-
 @register
 @dataclass(frozen=True)
-class RK(Solver):
+class RK(RowSolver):
     """Explicit Runge–Kutta on the PF-ODE in ρ = σ/α or in λ (module docstring).
 
     Options:
         tableau: one of ``TABLEAUX`` (``rk4`` by default).
-        variable: ``"sigma"`` (default; at 5–25 NFE on gmm64/SD it is 3–40× more accurate than
-            ``"lambda"``, whose explicit stages overshoot at the wide early steps) or ``"lambda"``.
+        variable: ``"sigma"`` (default; at few NFE it is much more accurate than ``"lambda"``,
+            whose explicit stages overshoot at the wide early steps) or ``"lambda"``.
 
     Step (y = x/α, Δ the step in the chosen variable): k_i = f(y + Δ·Σ_j a_ij·k_j, v + c_i·Δ),
     y' = y + Δ·Σ_i b_i·k_i (Butcher 2016, §23). Order = the tableau's.
@@ -117,27 +104,19 @@ class RK(Solver):
     def order(self) -> int:
         return self._tab.order
 
-    def _plan(self, steps: int, clean_end: bool, nfe: int | None) -> list[int]:
-        """Stages per step: Euler fillers first, then the tableau, then the jump to σ = 0."""
+    def calls(self, steps: int, clean_end: bool) -> tuple[int, ...]:
+        """The tableau's stages on every step, then the jump to σ = 0 (one call)."""
         s = self._tab.stages
-        n_ode = steps - 1 if clean_end else steps
-        n_full = n_ode
-        if nfe is not None and s > 1:
-            n_full = (nfe - (1 if clean_end else 0) - n_ode) // (s - 1)
-        stages = [1] * (n_ode - n_full) + [s] * n_full
-        return [*stages, 1] if clean_end else stages
+        return (s,) * (steps - 1) + (1,) if clean_end else (s,) * steps
 
-    def nfe_of(self, steps: int, clean_end: bool) -> int:
-        return sum(self._plan(steps, clean_end, None))
-
-    def plan_times(self, process: GaussianProcess, schedule, nfe: int, clean_end: bool) -> Tensor:
+    def budget(self, nfe: int, clean_end: bool) -> tuple[int, ...]:
+        """⌊B/s⌋ full steps after (B mod s) Euler fillers spend B = nfe − (jump) exactly."""
         s = self._tab.stages
-        budget = nfe - (1 if clean_end else 0)
-        if budget < 1 and not clean_end:
+        left = nfe - (1 if clean_end else 0)
+        if left < 1 and not clean_end:
             raise ValueError("final='tmin' needs at least one network call per step")
-        # ⌊budget/s⌋ full steps and (budget mod s) Euler fillers spend the budget exactly
-        n_ode = budget // s + budget % s
-        return schedule(process, n_ode + 1)
+        full, fillers = divmod(left, s)
+        return (1,) * fillers + (s,) * full + ((1,) if clean_end else ())
 
     def stage_plan(
         self, r0: float, r1: float, n_stage: int
@@ -155,47 +134,47 @@ class RK(Solver):
         a = tuple(tuple(delta * w for w in row) for row in tab.a)
         return rhos, a, tuple(delta * w for w in tab.b)
 
-    def init(self, x: Tensor, grid: Grid, model: Model, noise: object = None) -> RKState:
-        proc = grid.process
-        plan = self._plan(grid.steps, grid.clean_end, grid.nfe)
-        stages, steps_a, steps_b, out_alpha = [], [], [], []
-        for i, n_stage in enumerate(plan):
+    def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
+        s, proc = self._tab.stages, grid.process
+        t, alpha, sigma = grid.t.tolist(), grid.alpha.tolist(), grid.sigma.tolist()
+        rho = (grid.sigma / grid.alpha).tolist()
+        plans, inner = [], []  # per step (ρ's, Δ·a, Δ·b); the stage ρ's off the grid
+        for i, k in enumerate(calls):
+            if k not in ((1,) if grid.is_final(i) else (1, s)):
+                raise ValueError(f"rk: step {i} cannot make {k} network calls")
             if grid.is_final(i):
-                stages.append((_Stage(model.point(grid.t[i], x), float(grid.alpha[i]), 0.0),))
-                steps_a.append(((),))
-                steps_b.append((1.0,))
-                out_alpha.append(1.0)
+                plans.append(None)
                 continue
-            r0, r1 = float(proc.rho(grid.t[i])), float(proc.rho(grid.t[i + 1]))
-            rhos, a, b = self.stage_plan(r0, r1, n_stage)
-            st = []
-            for rho in rhos:
-                # grid points are taken as they are: no round trip through t_of_rho
-                t = grid.t[i] if rho == r0 else grid.t[i + 1] if rho == r1 else proc.t_of_rho(rho)
-                st.append(_Stage(model.point(t, x), float(proc.alpha(t)), 1.0 / rho))
-            stages.append(tuple(st))
-            steps_a.append(a)
-            steps_b.append(b)
-            out_alpha.append(float(grid.alpha[i + 1]))
-        jump = tuple(grid.is_final(i) for i in range(grid.steps))
-        return RKState(tuple(stages), tuple(steps_a), tuple(steps_b), tuple(out_alpha), jump)
-
-    def step(self, x: Tensor, i: int, state: RKState, model: Model) -> tuple[Tensor, RKState]:
-        stages = state.stages[i]
-        if state.jump[i]:
-            return model(x, stages[0].point).x0, state
+            plans.append(self.stage_plan(rho[i], rho[i + 1], k))
+            inner += [r for r in plans[-1][0] if r not in (rho[i], rho[i + 1])]
+        # the stage points off the grid, in one pass: t(ρ) and α there
+        at: dict[float, tuple[float, float, float]] = {}
+        if inner:
+            tt = proc.t_of_rho(torch.tensor(inner, dtype=torch.float64))
+            vals = zip(tt.tolist(), proc.alpha(tt).tolist(), proc.sigma(tt).tolist())
+            at = dict(zip(inner, vals))
         lam_var = self.variable == "lambda"
-        y = x / stages[0].alpha
-        ks: list[Tensor] = []
-        for j, st in enumerate(stages):
-            yj = y
-            for a, k in zip(state.steps_a[i][j], ks):
-                yj = yj + a * k
-            x0 = model(st.alpha * yj, st.point).x0
-            ks.append(yj - x0 if lam_var else (yj - x0) * st.inv_rho)
-        for b, k in zip(state.steps_b[i], ks):
-            y = y + b * k
-        return state.out_alpha[i] * y, state
+        out = []
+        for i, plan in enumerate(plans):
+            if plan is None:
+                out.append(StepRule((t[i],)))
+                continue
+            rhos, a, b = plan
+            # grid points are taken as they are: no round trip through t_of_rho
+            ends = {rho[j]: (t[j], alpha[j], sigma[j]) for j in (i, i + 1)}
+            pts = [ends[r] if r in ends else at[r] for r in rhos]
+            # k_l = w_l·ε̂_l: w = ρ at the point (lambda) or 1 (sigma)
+            w = [p[2] / p[1] if lam_var else 1.0 for p in pts]
+            stages = tuple(_row(alpha[i], p[1], row, w) for p, row in zip(pts[1:], a[1:]))
+            update = _row(alpha[i], alpha[i + 1], b, w)
+            out.append(StepRule(tuple(p[0] for p in pts), stages, update))
+        return tuple(out)
+
+
+def _row(alpha_0: float, alpha_j: float, coefs: tuple[float, ...], w: list[float]) -> Row:
+    """x_j = (α_j/α_0)·x + α_j·Σ_l coefs_l·w_l·ε̂_l over the step's calls l (oldest first), as
+    a row over the evaluations newest first."""
+    return Row(alpha_j / alpha_0, eps=tuple(alpha_j * c * wl for c, wl in zip(coefs, w))[::-1])
 
 
 alias("rk4", "rk", "classical 4th-order Runge–Kutta in σ/α", tableau="rk4")

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from ..denoiser import EvalPoint
-from ..noise import NoiseSource, bind
 from ._expint import phi_data, zphi
-from .base import Grid, Model, Solver, State, host, register
+from .base import Grid, register
+from .engine import Row, RowSolver, StepRule
 
 __all__ = ["SASolver"]
 
@@ -41,18 +39,10 @@ def _adams_weights(nodes: list[float], lam_s: float, lam_t: float, c: float) -> 
     return (c * h * np.linalg.solve(vander.T, moments)).tolist()
 
 
-@dataclass(frozen=True)
-class _Update:
-    """x_t = decay·x_s + Σ_j w_j·m_j + noise·z, as Python floats (m newest first)."""
-
-    decay: float
-    w: tuple[float, ...]
-    noise: float
-
-
-def _update(grid: Grid, i: int, nodes: list[int], tau: float, corrector: bool) -> _Update:
+def _row(grid: Grid, i: int, nodes: list[int], tau: float, corrector: bool) -> Row:
     """The SA-Predictor (``corrector=False``; nodes i, i−1, …) or SA-Corrector (nodes i+1, i, …)
-    for the step grid.t[i] → grid.t[i+1], in units where the x̂_0 weights carry α_t."""
+    row of the step grid.t[i] → grid.t[i+1]: x_t = decay·x_s + Σ_j α_t·w_j·x̂_0[j] + noise·z,
+    x̂_0 over the nodes newest first."""
     lam = grid.lam.tolist()
     lam_s, lam_t = lam[i], lam[i + 1]
     h = lam_t - lam_s
@@ -70,32 +60,33 @@ def _update(grid: Grid, i: int, nodes: list[int], tau: float, corrector: bool) -
         w = [w[0] + delta, w[1] - delta]
     decay = math.exp(-(tau**2) * h) * float(grid.sigma[i + 1] / grid.sigma[i])
     noise = sigma_t * math.sqrt(-math.expm1(-2 * tau**2 * h))
-    return _Update(decay, tuple(alpha_t * wj for wj in w), noise)
+    return Row(decay, tuple(alpha_t * wj for wj in w), (), noise)
 
 
-def _apply(u: _Update, x: Tensor, ms: tuple[Tensor, ...], z: Tensor | None) -> Tensor:
-    out = u.decay * x
-    for wj, mj in zip(u.w, ms):
-        out = out + wj * mj
-    if u.noise != 0.0:
-        out = out + u.noise * z  # type: ignore[operator]
-    return out
+def _fold(predict: Row, correct: Row, previous: Row) -> Row:
+    """Step i's predictor row from the corrected start x̃_i + Δ, as a row on x̃_i.
 
-
-@dataclass(frozen=True)
-class SAState(State):
-    points: tuple[EvalPoint, ...] = host()
-    predict: tuple[_Update | None, ...] = host()  # None: the step to σ = 0 (returns x̂_0)
-    correct: tuple[_Update | None, ...] = host()  # None: no corrector at the start of step i
-    noise: Any = host(default=None)
-    history: tuple[Tensor, ...] = ()  # x̂_0 of past evaluations, newest first
-    x_prev: Tensor | None = None  # x at the start of the last predictor step
-    z_prev: Tensor | None = None  # the noise that step drew (the corrector reuses it)
+    ``correct`` (SA-Corrector of step i − 1) and ``previous`` (that step's SA-Predictor) share
+    x_{i−1}, its coefficient and the noise draw z_{i−1}, so Δ = correct − previous reads only
+    x̂_0: weights correct.x0 over (m_i, m_{i−1}, …) minus previous.x0 over (m_{i−1}, …).
+    """
+    if correct.a != previous.a or correct.noise != previous.noise:
+        raise RuntimeError("sa_solver: the corrector must restart from the predictor's x and z")
+    n = max(len(predict.x0), len(correct.x0), len(previous.x0) + 1)
+    delta = [0.0] * n
+    for j, w in enumerate(correct.x0):
+        delta[j] += w
+    for j, w in enumerate(previous.x0):
+        delta[j + 1] -= w
+    x0 = [predict.a * d for d in delta]
+    for j, w in enumerate(predict.x0):
+        x0[j] += w
+    return Row(predict.a, tuple(x0), (), predict.noise)
 
 
 @register
 @dataclass(frozen=True)
-class SASolver(Solver):
+class SASolver(RowSolver):
     """SA-Solver (Xue et al., NeurIPS 2023), data prediction, as diffusers' ``SASolverScheduler``.
 
     The SDE family dx = (f·x − ½(1 + τ²)g²∇log p)dt + τ·g·dw̄ (τ = 0: the probability-flow ODE)
@@ -109,10 +100,16 @@ class SASolver(Solver):
     nodes λ_t, λ_s, … (``corrector_order``), using x̂_0 at the predicted x̃_t, the evaluation the
     next step makes anyway; that value (taken at the uncorrected point) enters the history, as
     in UniPC. The corrector costs no network call. With two nodes the weights get the paper's
-    (and diffusers') order-preserving modification (see ``_update``). τ = 0 (the default) is
+    (and diffusers') order-preserving modification (see ``_row``). τ = 0 (the default) is
     an ODE solver; τ > 0 draws z from the run's NoiseSource at every step where
     ``tau_tmin ≤ t_s ≤ tau_tmax`` (diffusers' default ``tau_func`` is τ = 1 on timesteps
     200…800, i.e. ``tau=1, tau_tmin=0.201, tau_tmax=0.801`` on a 1000-step table).
+
+    As rows (:mod:`.engine`): since the corrector restarts from the predictor's x_s and z, the
+    corrected point is x̃_t + Δ with Δ = α_t·Σ_j (w^C_j − w^P_j)·x̂_0 (x_s and z cancel), so
+    each step's update is its predictor row applied to x̃_t + Δ, one row on x̃_t and the x̂_0
+    history (``_fold``): no second draw, and no stored x_s or z. :meth:`rows` gives the two
+    rows unfolded.
 
     Orders follow diffusers (0.42): step i of n uses predictor order min(p, i + 1) and, with
     ``lower_order_final``, ≤ n − i; the corrector at the start of step k ≥ 1 uses
@@ -159,7 +156,9 @@ class SASolver(Solver):
     def _tau_at(self, t: float) -> float:
         return self.tau if self.tau_tmin <= t <= self.tau_tmax else 0.0
 
-    def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> SAState:
+    def rows(self, grid: Grid) -> tuple[list[Row | None], list[Row | None]]:
+        """The SA-Predictor row of each step (None: the step to σ = 0) and the SA-Corrector row
+        of the step before, applied at the start of each step (None: no corrector there)."""
         n = grid.steps
         if not math.isfinite(float(grid.lam[0])):
             raise ValueError(
@@ -168,15 +167,15 @@ class SASolver(Solver):
             )
         lof = self.lower_order_final
         t = grid.t.tolist()
-        predict: list[_Update | None] = []
-        correct: list[_Update | None] = [None]
+        predict: list[Row | None] = []
+        correct: list[Row | None] = [None]
         for i in range(n):
             tau = self._tau_at(t[i])
             if grid.is_final(i):
                 predict.append(None)
             else:
                 p = min(self.predictor_order, i + 1, n - i if lof else 4)
-                predict.append(_update(grid, i, [i - j for j in range(p)], tau, False))
+                predict.append(_row(grid, i, [i - j for j in range(p)], tau, False))
             if i == 0:
                 continue
             q = min(self.corrector_order, i + 1, n - i + 2 if lof else 4)
@@ -184,25 +183,18 @@ class SASolver(Solver):
             use = q > 0 and not grid.is_final(i)
             nodes = [i - j for j in range(q)]
             tau_prev = self._tau_at(t[i - 1])
-            correct.append(_update(grid, i - 1, nodes, tau_prev, True) if use else None)
-        if noise is None and self.stochastic:
-            noise = NoiseSource()
-        return SAState(
-            points=tuple(model.point(t[i], x) for i in range(n)),
-            predict=tuple(predict),
-            correct=tuple(correct),
-            noise=bind(noise, grid) if self.stochastic else None,
-        )
+            correct.append(_row(grid, i - 1, nodes, tau_prev, True) if use else None)
+        return predict, correct
 
-    def step(self, x: Tensor, i: int, state: SAState, model: Model) -> tuple[Tensor, SAState]:
-        m = model(x, state.points[i]).x0
-        history = (m, *state.history)
-        corr = state.correct[i]
-        if corr is not None:
-            x = _apply(corr, state.x_prev, history, state.z_prev)  # type: ignore[arg-type]
-        history = history[: max(self.predictor_order, self.corrector_order - 1)]
-        pred = state.predict[i]
-        if pred is None:
-            return m, state.replace(history=history)
-        z = state.noise.randn_like(x, i) if pred.noise != 0.0 else None
-        return _apply(pred, x, history, z), state.replace(history=history, x_prev=x, z_prev=z)
+    def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
+        predict, correct = self.rows(grid)
+        t = grid.t.tolist()
+        out = []
+        for i, (pred, corr) in enumerate(zip(predict, correct)):
+            if pred is None:
+                out.append(StepRule((t[i],)))
+                continue
+            row = pred if corr is None else _fold(pred, corr, predict[i - 1])  # type: ignore[arg-type]
+            spans = ((t[i], t[i + 1]),) if row.noise != 0.0 else ()
+            out.append(StepRule((t[i],), update=row, spans=spans))
+        return tuple(out)

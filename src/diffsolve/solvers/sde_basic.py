@@ -19,10 +19,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..denoiser import EvalPoint
-from ..noise import NoiseSource, bind
 from ..processes.base import GaussianProcess
-from .base import Grid, Model, Solver, State, host, register
+from .base import Grid, Model, host, register
+from .engine import Row, RowSolver, RowState, StepRule, combine
 
 __all__ = ["PC", "EulerMaruyama"]
 
@@ -56,27 +55,30 @@ def _em_coefs(grid: Grid, noise_scale: float) -> list[tuple[float, float, float]
     return out
 
 
-@dataclass(frozen=True)
-class EMState(State):
-    points: tuple[EvalPoint, ...] = host()
-    coef: tuple[tuple[float, float, float] | None, ...] = host()
-    noise: Any = host(default=None)
+def _rule(t: list[float], i: int, calls: int, coef: tuple[float, float, float] | None) -> StepRule:
+    """Step i's rule: ``calls`` evaluations at t_i, then the row (x, ε̂, noise) = ``coef`` over
+    the last one with its noise the increment over t_i → t_{i+1} (None: return x̂_0)."""
+    if coef is None:
+        return StepRule((t[i],) * calls)
+    a, b, c = coef
+    spans = ((t[i], t[i + 1]),) if c != 0.0 else ()
+    return StepRule((t[i],) * calls, update=Row(a, (), (b,), c), spans=spans)
 
 
 @register
 @dataclass(frozen=True)
-class EulerMaruyama(Solver):
+class EulerMaruyama(RowSolver):
     """Euler–Maruyama on the reverse SDE in process time (Song et al. 2021, §4.2 / App. C):
 
         x_{i+1} = x_i − Δ_i·[f_i·x_i + ½(g_i² + γ_i²)·ε̂(x_i, t_i)/σ_i] + γ_i·sqrt(Δ_i)·z_i,
 
     Δ_i = t_i − t_{i+1} > 0, γ_i² = ``noise_scale``²·``process.gamma_sq(t_i)`` (γ = g, the
     default, is the reverse SDE of Song et al. eq. 6; ``noise_scale=0`` is Euler's method on
-    the probability-flow ODE in t). z_i = ``noise.randn_like(x, i)``: with a Brownian tree,
-    the normalised increment of W over [t_{i+1}, t_i]. Weak order 1; the noise is additive
-    (independent of x), so the strong order on a fixed Brownian path is 1 too. The step to
-    σ = 0 returns x̂_0. Default schedule: uniform in t (Song et al.'s linspace(T, ε, N)).
-    Shapes: x (B, ...).
+    the probability-flow ODE in t). z_i = ``noise.randn_between(x, i, t_i, t_{i+1})``: with a
+    Brownian tree, the normalised increment of W over [t_{i+1}, t_i]. One row per step. Weak
+    order 1; the noise is additive (independent of x), so the strong order on a fixed Brownian
+    path is 1 too. The step to σ = 0 returns x̂_0. Default schedule: uniform in t (Song et al.'s
+    linspace(T, ε, N)). Shapes: x (B, ...).
     """
 
     noise_scale: float = 1.0
@@ -99,45 +101,17 @@ class EulerMaruyama(Solver):
     def order(self) -> int:
         return 1
 
-    def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> EMState:
-        coef = _em_coefs(grid, self.noise_scale)
-        draws = self.noise_scale > 0
-        return EMState(
-            points=tuple(model.point(grid.t[i], x) for i in range(grid.steps)),
-            coef=tuple(coef),
-            noise=bind(noise if noise is not None else NoiseSource(), grid) if draws else None,
-        )
-
-    def step(self, x: Tensor, i: int, state: EMState, model: Model) -> tuple[Tensor, EMState]:
-        pred = model(x, state.points[i])
-        coef = state.coef[i]
-        if coef is None:
-            return pred.x0, state
-        a, b, c = coef
-        out = a * x + b * pred.eps
-        if c != 0.0:
-            out = out + c * state.noise.randn_like(x, i)
-        return out, state
+    def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
+        t = grid.t.tolist()
+        return tuple(_rule(t, i, 1, c) for i, c in enumerate(_em_coefs(grid, self.noise_scale)))
 
 
 @dataclass(frozen=True)
-class _PCStep:
-    """Host coefficients of one PC step (Python floats)."""
+class PCState(RowState):
+    """The engine's state (the predictor rows) plus the Langevin corrector's constants."""
 
-    correctors: int  # Langevin steps at t_i (fewer on the first step for an exact nfe budget)
-    langevin_alpha: float  # Song et al.'s α_i: (α_i/α_{i+1})², = 1 − β_i on a VP chain, 1 on VE
-    x: float  # predictor: x_{i+1} = x·x_i + eps·ε̂ + noise·z
-    eps: float
-    noise: float
-    final: bool  # the step to σ = 0: x̂_0 after the correctors
-
-
-@dataclass(frozen=True)
-class PCState(State):
-    points: tuple[EvalPoint, ...] = host()
-    steps: tuple[_PCStep, ...] = host()
     snr: float = host(default=0.0)
-    noise: Any = host(default=None)
+    langevin_alpha: tuple[float, ...] = host(default=())  # (α_i/α_{i+1})² per step
 
 
 PREDICTORS = ("reverse_diffusion", "euler_maruyama")
@@ -146,7 +120,7 @@ SNR_NORMS = ("sample", "batch")
 
 @register
 @dataclass(frozen=True)
-class PC(Solver):
+class PC(RowSolver):
     """Predictor–corrector sampling (Song et al. 2021, Alg. 1–3 / App. G).
 
     Each step i runs ``corrector_steps`` Langevin corrections at t_i, then one predictor step
@@ -157,8 +131,7 @@ class PC(Solver):
       (default) is the official code's: per-sample norms averaged over the batch, so the step
       size, and hence a sample, depends on its batch. ``"sample"`` uses each sample's own norms
       (independent of the batch split) but is unstable in low dimension: a sample whose score
-      happens to be small gets a huge step (on a 2-D Gaussian the variance blows up ×10); use
-      it only for high-dimensional data.
+      happens to be small gets a huge step; use it only for high-dimensional data.
     * Reverse-diffusion predictor (App. E, eq. 46): with the forward chain
       x_{t_i} = a_i·x_{t_{i+1}} + G_i·z, a_i = α_{t_i}/α_{t_{i+1}},
       G_i² = σ_{t_i}² − a_i²·σ_{t_{i+1}}²,
@@ -166,13 +139,18 @@ class PC(Solver):
       (2 − sqrt(1 − β_i))x + β_i·s + sqrt(β_i)z, exactly the official formulas).
       ``predictor="euler_maruyama"`` uses :class:`EulerMaruyama`'s step (γ = g).
 
+    The predictor is the step's row (over the corrected x). The corrector is not a row: ε_L
+    depends on x through ‖s‖, so its calls (at t_i, the step's first ones) run as their own
+    loop before it.
+
     ``snr`` defaults to 0.16 for α ≡ 1 processes (VE, EDM: the official VE setting) and 0.01
     otherwise (VP, sub-VP). NFE: every Langevin step is one call and every predictor step one
     more, so ``steps`` steps cost steps·(corrector_steps + 1); the step to σ = 0 runs its
     correctors and returns x̂_0 (its predictor call). An ``nfe=`` budget is met exactly by
     dropping the surplus correctors from the first step (at t_max, where x_T already has the
-    prior's law). Corrector noise is ``noise.randn_extra(x, i, k)``; predictor noise
-    ``noise.randn_like(x, i)`` (a Brownian increment with a tree). Default schedule: uniform t.
+    prior's law). Corrector k's noise is ``noise.randn(x, i, stage=k + 1)`` (independent of
+    the path); predictor noise ``noise.randn_between(x, i, t_i, t_{i+1})`` (stage 0; a Brownian
+    increment with a tree). Default schedule: uniform t.
     Shapes: x (B, ...).
     """
 
@@ -213,47 +191,51 @@ class PC(Solver):
         t = torch.tensor([process.t_min, process.t_max_finite], dtype=torch.float64)
         return 0.16 if bool((process.alpha(t) == 1).all()) else 0.01
 
-    def nfe_of(self, steps: int, clean_end: bool) -> int:
-        return steps * (self.corrector_steps + 1)
+    def calls(self, steps: int, clean_end: bool) -> tuple[int, ...]:
+        return (self.corrector_steps + 1,) * steps
 
-    def plan_times(
-        self, process: GaussianProcess, schedule: Any, nfe: int, clean_end: bool
-    ) -> Tensor:
-        steps = -(-nfe // (self.corrector_steps + 1))
-        return schedule(process, steps if clean_end else steps + 1)
+    def budget(self, nfe: int, clean_end: bool) -> tuple[int, ...]:
+        per = self.corrector_steps + 1
+        steps = -(-nfe // per)
+        return (nfe - per * (steps - 1), *(per,) * (steps - 1))
 
-    def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> PCState:
+    def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
         n = grid.steps
         if float(grid.alpha[0]) == 0.0:
             raise ValueError(
                 "pc: α = 0 at the first time (flow matching at t = 1): the score is singular "
                 "there; start at process.t_max_finite (schedule='logsnr' or 'karras')"
             )
-        surplus = self.nfe_of(n, grid.clean_end) - grid.nfe if grid.nfe is not None else 0
-        if not 0 <= surplus <= self.corrector_steps:
-            raise ValueError(f"pc: {n} steps cannot make exactly {grid.nfe} calls")
+        if not all(1 <= k <= self.corrector_steps + 1 for k in calls):
+            raise ValueError(f"pc: {n} steps cannot make exactly {sum(calls)} calls")
         a = (grid.alpha[:-1] / grid.alpha[1:]).tolist()
         s2 = (grid.sigma**2).tolist()
         sig = grid.sigma.tolist()
         em = _em_coefs(grid, 1.0) if self.predictor == "euler_maruyama" else None
-        steps = []
-        for i in range(n):
-            final = grid.is_final(i)
-            if final:
-                px, pe, pn = 1.0, 0.0, 0.0
-            elif em is not None:
-                px, pe, pn = em[i]  # type: ignore[misc]
+        t, out = grid.t.tolist(), []
+        for i, k in enumerate(calls):
+            if grid.is_final(i) or em is not None:
+                coef = None if grid.is_final(i) else em[i]  # type: ignore[index]
             else:
                 g2 = s2[i] - a[i] ** 2 * s2[i + 1]
                 # G²·s = −G²·ε̂/σ
-                px, pe, pn = 2.0 - a[i], -g2 / sig[i], math.sqrt(max(g2, 0.0))
-            corr = self.corrector_steps - (surplus if i == 0 else 0)
-            steps.append(_PCStep(corr, a[i] ** 2, px, pe, pn, final))
+                coef = (2.0 - a[i], -g2 / sig[i], math.sqrt(max(g2, 0.0)))
+            out.append(_rule(t, i, k, coef))
+        return tuple(out)
+
+    def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> PCState:
+        from ..noise import NoiseSource
+
+        state = super().init(x, grid, model, noise)
+        if state.noise is None:  # no predictor draws (one step to σ = 0): the correctors do
+            state = state.replace(noise=(noise if noise is not None else NoiseSource()).bind(grid))
         return PCState(
-            points=tuple(model.point(grid.t[i], x) for i in range(n)),
-            steps=tuple(steps),
+            rules=state.rules,
+            points=state.points,
+            keep=state.keep,
+            noise=state.noise,
             snr=self.snr_for(grid.process),
-            noise=bind(noise if noise is not None else NoiseSource(), grid),
+            langevin_alpha=tuple(((grid.alpha[:-1] / grid.alpha[1:]) ** 2).tolist()),
         )
 
     def _norm(self, v: Tensor) -> Tensor:
@@ -263,16 +245,16 @@ class PC(Solver):
         return nrm.reshape(-1, *([1] * (v.ndim - 1)))
 
     def step(self, x: Tensor, i: int, state: PCState, model: Model) -> tuple[Tensor, PCState]:
-        st, point = state.steps[i], state.points[i]
-        snr = state.snr
-        inv_sigma = 1.0 / point.sigma
-        for k in range(st.correctors):
-            score = model(x, point).eps * -inv_sigma
-            z = state.noise.randn_extra(x, i, k)
-            ratio = snr * self._norm(z) / self._norm(score).clamp_min(1e-30)
-            eps_l = (2.0 * st.langevin_alpha) * ratio * ratio
+        rule, points = state.rules[i], state.points[i]
+        inv_sigma = 1.0 / points[0].sigma
+        for k in range(rule.calls - 1):  # Langevin: a step size from the norms, not a row
+            score = model(x, points[k]).eps * -inv_sigma
+            z = state.noise.randn(x, i, k + 1)
+            ratio = state.snr * self._norm(z) / self._norm(score).clamp_min(1e-30)
+            eps_l = (2.0 * state.langevin_alpha[i]) * ratio * ratio
             x = x + eps_l * score + torch.sqrt(2.0 * eps_l) * z
-        pred = model(x, point)
-        if st.final:
+        pred = model(x, points[-1])
+        if rule.update is None:
             return pred.x0, state
-        return st.x * x + st.eps * pred.eps + st.noise * state.noise.randn_like(x, i), state
+        z = state.noise.randn_between(x, i, *rule.spans[0]) if rule.spans else None
+        return combine(rule.update, x, (pred,), z), state

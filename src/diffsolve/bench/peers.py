@@ -1,6 +1,7 @@
 """Peers side by side: diffusers' schedulers and k-diffusion's samplers on our exact models.
 
-The benchmark (``diffsolve.bench``) calls three functions:
+The benchmark's runners call three functions (the adapters they drive are
+:mod:`diffsolve.interop.diffusers` and :mod:`diffsolve.interop.kdiffusion`):
 
 - ``available()`` — which peer libraries can be imported;
 - ``peer_configs(process)`` — the default set of peers for a process;
@@ -254,7 +255,7 @@ def _steps_for(rule: str, nfe: int) -> int:
 
 
 def _process_config(process: GaussianProcess, cls_name: str) -> dict[str, Any]:
-    from .diffusers import process_from_scheduler_config
+    from ..interop.diffusers import process_from_scheduler_config
 
     if isinstance(process, FlowMatching):
         if cls_name.startswith("FlowMatch"):
@@ -285,7 +286,7 @@ def _process_config(process: GaussianProcess, cls_name: str) -> dict[str, Any]:
 
 def make_scheduler(config: PeerConfig, process: GaussianProcess) -> Any:
     """The diffusers scheduler instance of a diffusers PeerConfig on ``process``."""
-    from .diffusers import require_diffusers
+    from ..interop.diffusers import require_diffusers
 
     diffusers = require_diffusers()
     cls_name, fixed, _, _ = _DIFFUSERS[config.algorithm]
@@ -320,7 +321,7 @@ def run_peer(config: PeerConfig, model: Denoiser, x_T: Tensor, nfe: int) -> Peer
     x_T = x_T.to(torch.float64)
     process = model.process
     if config.library == "diffusers":
-        from .diffusers import run_diffusers
+        from ..interop.diffusers import run_diffusers
 
         rule = _DIFFUSERS[config.algorithm][2]
         scheduler = make_scheduler(config, process)
@@ -333,7 +334,7 @@ def run_peer(config: PeerConfig, model: Denoiser, x_T: Tensor, nfe: int) -> Peer
             x = scheduler.model_outputs[-1]
         return PeerResult(x.to(torch.float64), run.nfe, _unique_desc(run.times))
     if config.library == "k-diffusion":
-        from .kdiffusion import KDiffusionDenoiser, load_sampling, sigmas_for
+        from ..interop.kdiffusion import KDiffusionDenoiser, load_sampling, sigmas_for
 
         if config.algorithm not in _KDIFFUSION:
             raise ValueError(f"unknown k-diffusion sampler {config.algorithm!r}")
@@ -414,7 +415,7 @@ def stochastic_peer_configs(process: GaussianProcess) -> list[PeerConfig]:
 def make_stochastic_scheduler(config: PeerConfig, process: GaussianProcess, seed: int = 0) -> Any:
     """The diffusers scheduler of a stochastic diffusers PeerConfig (DPMSolverSDE's Brownian
     tree seeded with ``seed``)."""
-    from .diffusers import require_diffusers
+    from ..interop.diffusers import require_diffusers
 
     diffusers = require_diffusers()
     if config.algorithm not in _SDE_DIFFUSERS:
@@ -449,7 +450,7 @@ def run_stochastic_peer(
     x_T = x_T.to(torch.float64)
     process = model.process
     if config.library == "diffusers":
-        from .diffusers import run_diffusers
+        from ..interop.diffusers import run_diffusers
 
         if config.algorithm not in _SDE_DIFFUSERS:
             raise ValueError(f"unknown stochastic diffusers peer {config.algorithm!r}")
@@ -462,7 +463,7 @@ def run_stochastic_peer(
         times = run.times[0::2] if rule == _TWO else run.times  # DPMSolverSDE: midpoints odd
         return PeerResult(run.x.to(torch.float64), run.nfe, _unique_desc(times))
     if config.library == "k-diffusion":
-        from .kdiffusion import KDiffusionDenoiser, load_sampling, sigmas_for
+        from ..interop.kdiffusion import KDiffusionDenoiser, load_sampling, sigmas_for
 
         if config.algorithm not in _SDE_KDIFFUSION:
             raise ValueError(f"unknown stochastic k-diffusion sampler {config.algorithm!r}")

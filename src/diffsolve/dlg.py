@@ -39,8 +39,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..denoiser import DenoiserWrapper
-from .base import Solver
+from .denoiser import DenoiserWrapper
+from .sample import sample
+from .solvers.base import Solver, get_solver
 
 __all__ = ["DLGInfo", "DLGState", "dlg_chain", "dlg_sample"]
 
@@ -206,9 +207,6 @@ def dlg_sample(
     time gets x̂_0 there, one call). Returns the clean samples (B, ...) and a :class:`DLGInfo`
     whose ``state`` continues the chain.
     """
-    from ..sample import sample
-    from .base import get_solver
-
     solver_obj = get_solver(solver, **options)
     if int(nfe) != nfe or nfe < 1:
         raise ValueError(f"nfe must be a positive integer, got {nfe!r}")

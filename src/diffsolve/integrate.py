@@ -1,0 +1,229 @@
+"""Adaptive Dormand–Prince 5(4): the project's one embedded Runge–Kutta integrator.
+
+Integrates dy/du = f(u, y) from u0 to u1 (either direction) for a tensor y of shape (B, ...).
+
+**Tableau.** Dormand & Prince (1980), "A family of embedded Runge–Kutta formulae",
+J. Comput. Appl. Math. 6, Table 2 (RK5(4)7M; Hairer, Nørsett & Wanner, Solving Ordinary
+Differential Equations I, §II.5, Table 5.2). Seven stages k_j = f(u + c_j·h, y + h·Σ a_jl·k_l);
+the 5th-order solution y' = y + h·Σ b_j·k_j propagates (local extrapolation) and the embedded
+4th-order one gives the error estimate e = h·Σ (b_j − b̂_j)·k_j. The last row of A is b, so the
+last stage is f(u + h, y') and is the first stage of the next step (first-same-as-last: six
+calls per step).
+
+**Error and step control** (Hairer et al. I, §II.4). A step is accepted when
+E = ‖e / (atol + rtol·max(|y|, |y'|))‖ ≤ 1, in a norm of the caller's choice: per-sample RMS
+maximised over the batch (:func:`rms_norm`, the default; HNW's norm, DPM-Solver's batching) or
+the max norm (:func:`max_norm`). The next step is h·clip(safety·E_n^{−β₁}·E_{n−1}^{−β₂}·
+E_{n−2}^{−β₃}, factor_min, factor_max) with β₁ = (p + i + d)/5, β₂ = −(p + 2d)/5, β₃ = d/5
+(:class:`PIDController`: Söderlind 2003, in the parameterisation of diffrax's
+``PIDController``; the exponents divide by 5 = 1 + the order of the error estimator). The
+default p = d = 0, i = 1 with safety 0.9 and factors in [0.2, 5] is the classical controller
+h' = h·clip(0.9·E^{−1/5}, 0.2, 5) of HNW II.4. After a rejection the factor is at most 1 and
+the controller's history is left as it was. The first step is HNW's rule of thumb
+h₀ = 0.01·‖y₀‖/‖f(u0, y₀)‖, both norms scaled like the error (1e-6 when either is ≤ 1e-5),
+unless the caller gives one; a step within 1e-12 (relative) of the end is stretched to land on
+u1 exactly, and its stages with c_j = 1 are evaluated at u1 itself.
+
+The arithmetic on y follows y's dtype and device (float64 for the exact references; the
+solvers' sample dtype for ``rk45``); the step control runs on the host in float64, and reading
+the error norm is the one host sync per attempted step.
+
+**Quadrature.** If f returns a pair (dy/du, q) and ``quadrature=True``, ∫ q du over the accepted
+steps is computed with the same stages and the 5th-order weights b, without error control on
+it (FFJORD's log-density rides along the state this way).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DP_A",
+    "DP_B4",
+    "DP_B5",
+    "DP_C",
+    "DP_ERR",
+    "DPResult",
+    "PIDController",
+    "dormand_prince",
+    "initial_step",
+    "max_norm",
+    "rms_norm",
+]
+
+# Dormand & Prince (1980), Table 2 (RK5(4)7M)
+DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+DP_A = (
+    (),
+    (1 / 5,),
+    (3 / 40, 9 / 40),
+    (44 / 45, -56 / 15, 32 / 9),
+    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+)
+DP_B5 = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
+DP_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
+DP_ERR = tuple(b5 - b4 for b5, b4 in zip(DP_B5, DP_B4))
+
+_ERR_EXPONENT = 5.0  # 1 + the order of the embedded error estimator
+
+
+def rms_norm(v: Tensor) -> float:
+    """max over the batch of the per-sample root-mean-square of v (B, ...), in float64."""
+    return float(v.reshape(v.shape[0], -1).to(torch.float64).pow(2).mean(1).sqrt().max())
+
+
+def max_norm(v: Tensor) -> float:
+    """max |v| over all entries."""
+    return float(v.abs().max())
+
+
+@dataclass(frozen=True)
+class PIDController:
+    """Step-size factor from the last three scaled errors (module docstring).
+
+    The defaults (p = d = 0, i = 1) are the classical I-controller of Hairer et al. I, §II.4.
+    """
+
+    pcoeff: float = 0.0
+    icoeff: float = 1.0
+    dcoeff: float = 0.0
+    safety: float = 0.9
+    factor_min: float = 0.2
+    factor_max: float = 5.0
+
+    def exponents(self) -> tuple[float, float, float]:
+        """(β₁, β₂, β₃) applied to the inverse errors of steps n, n − 1, n − 2."""
+        p, i, d = self.pcoeff, self.icoeff, self.dcoeff
+        return (p + i + d) / _ERR_EXPONENT, -(p + 2 * d) / _ERR_EXPONENT, d / _ERR_EXPONENT
+
+
+@dataclass(frozen=True)
+class DPResult:
+    """What :func:`dormand_prince` returns.
+
+    Attributes:
+        y: y(u1), y0's shape, dtype and device.
+        integral: ∫ q du in float64 (``quadrature=True``), else None.
+        last: f's return value at (u1, y(u1)), the final first-same-as-last stage.
+        nfev: calls of f; steps: accepted steps; rejected: rejected steps.
+    """
+
+    y: Tensor
+    integral: Tensor | None
+    last: Any
+    nfev: int
+    steps: int
+    rejected: int
+
+
+def initial_step(
+    y: Tensor, k: Tensor, scale: Tensor | float, norm: Callable[[Tensor], float] = rms_norm
+) -> float:
+    """HNW's first step h₀ = 0.01·‖y/scale‖/‖k/scale‖ with k = f(u0, y) (1e-6 when either norm
+    is ≤ 1e-5)."""
+    d0, d1 = norm(y / scale), norm(k / scale)
+    return 0.01 * d0 / d1 if d0 > 1e-5 and d1 > 1e-5 else 1e-6
+
+
+def dormand_prince(
+    f: Callable[[float, Tensor], Any],
+    u0: float,
+    u1: float,
+    y0: Tensor,
+    *,
+    rtol: float,
+    atol: float,
+    controller: PIDController | None = None,
+    norm: Callable[[Tensor], float] = rms_norm,
+    h0: float | Callable[[Tensor, Tensor], float] | None = None,
+    quadrature: bool = False,
+    max_steps: int = 100_000,
+    name: str = "dormand_prince",
+) -> DPResult:
+    """Integrate dy/du = f(u, y) from u0 to u1 by adaptive Dormand–Prince 5(4) (module docstring).
+
+    Args:
+        f: ``f(u, y)`` → dy/du (a tensor shaped like y), or a pair (dy/du, extra); ``extra`` is
+            the integrand q of the quadrature when ``quadrature`` is set, else anything (the
+            one at u1 comes back as ``last``).
+        u0, u1: the ends (u1 < u0 integrates backwards).
+        y0: y(u0), shape (B, ...); the integration runs in its dtype and device.
+        rtol, atol: tolerances of the error test (positive).
+        controller: the step-size rule (default ``PIDController()``: the classical I-controller).
+        norm: the error norm of a scaled tensor (default :func:`rms_norm`).
+        h0: first step size |h|, or a rule ``h0(y0, f(u0, y0))`` giving it (default:
+            :func:`initial_step` with the error's scaling and norm).
+        quadrature: integrate f's second output along (``DPResult.integral``).
+        max_steps: cap on attempted steps (``RuntimeError`` beyond it).
+        name: the caller's name in error messages.
+
+    Raises:
+        FloatingPointError: on a non-finite error estimate (its u in the message).
+        RuntimeError: when u1 is not reached within ``max_steps`` attempted steps.
+    """
+
+    def call(u: float, y: Tensor) -> tuple[Tensor, Any, Any]:
+        out = f(u, y)
+        return (out[0], out[1], out) if isinstance(out, tuple) else (out, None, out)
+
+    controller = PIDController() if controller is None else controller
+    b1, b2, b3 = controller.exponents()
+    direction = math.copysign(1.0, u1 - u0)
+    y = y0
+    k1, q1, last = call(u0, y)
+    nfev = 1
+    integral = None
+    if quadrature:
+        integral = torch.zeros(q1.shape, dtype=torch.float64, device=q1.device)
+    if h0 is None:
+        h = initial_step(y, k1, atol + rtol * y.abs(), norm)
+    else:
+        h = abs(h0(y, k1) if callable(h0) else h0)
+    h = min(h, abs(u1 - u0))
+    u = u0
+    inv_prev, inv_prev2 = 1.0, 1.0
+    steps = rejected = 0
+    while direction * (u1 - u) > 1e-12 * max(1.0, abs(u1)):
+        if steps + rejected >= max_steps:
+            raise RuntimeError(f"{name}: no convergence within max_steps={max_steps}")
+        end = h >= abs(u1 - u) * (1 - 1e-12)
+        hs = abs(u1 - u) if end else h
+        du = direction * hs
+        ks, qs = [k1], [q1]
+        yj, out = y, last
+        for j in range(1, 7):
+            yj = y
+            for a, k in zip(DP_A[j], ks):
+                if a != 0.0:
+                    yj = yj + (du * a) * k
+            kj, qj, out = call(u1 if (end and DP_C[j] == 1.0) else u + DP_C[j] * du, yj)
+            ks.append(kj)
+            qs.append(qj)
+        nfev += 6
+        # row 7 of A is b5: the last stage point yj is the 5th-order solution
+        err = sum((du * e) * k for e, k in zip(DP_ERR, ks) if e != 0.0)
+        e_n = norm(err / (atol + rtol * torch.maximum(y.abs(), yj.abs())))
+        if not math.isfinite(e_n):
+            raise FloatingPointError(f"{name}: non-finite error estimate at u = {u}")
+        inv = 1.0 / max(e_n, 1e-10)
+        if e_n <= 1.0:
+            if integral is not None:
+                integral = integral + du * sum(b * q for b, q in zip(DP_B5, qs) if b != 0.0)
+            steps += 1
+            u = u1 if end else u + du
+            y, k1, q1, last = yj, kj, qj, out
+            factor = controller.safety * inv**b1 * inv_prev**b2 * inv_prev2**b3
+            inv_prev2, inv_prev = inv_prev, inv
+        else:
+            rejected += 1
+            factor = min(controller.safety * inv**b1, 1.0)
+        h = hs * min(controller.factor_max, max(controller.factor_min, factor))
+    return DPResult(y, integral, last, nfev, steps, rejected)

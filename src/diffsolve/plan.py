@@ -1,0 +1,102 @@
+"""The plan of a run, made once: times, calls per step, evaluation points and weights.
+
+``make_plan`` is the one place that turns (process, schedule, solver, budget, end rule) into
+what a solver reads; ``ds.sample`` and the diffusers adapter both call it, and no solver works
+its step plan back out of the grid.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .schedules import Schedule, get_schedule, validate_times
+from .solvers.base import Grid, Plan, Solver
+from .solvers.engine import RowSolver, eval_points
+
+__all__ = ["FINALS", "make_plan"]
+
+FINALS = ("standard", "extrapolate", "tmin")
+
+
+def _positive(name: str, v: Any) -> int:
+    if isinstance(v, bool) or int(v) != v or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return int(v)
+
+
+def make_plan(
+    model: Any,
+    like: Tensor,
+    solver: Solver,
+    *,
+    nfe: int | None = None,
+    steps: int | None = None,
+    times: Tensor | None = None,
+    schedule: str | Schedule | None = None,
+    final: str = "standard",
+) -> Plan:
+    """The plan of one run of ``solver`` on ``model`` for samples shaped like ``like`` (B, ...).
+
+    Exactly one of ``nfe`` (a budget met exactly: the solver's :meth:`~.Solver.budget` gives the
+    calls of each step and :meth:`~.Solver.grid_times` the times), ``steps`` (solver steps on
+    the schedule) or ``times`` (explicit decreasing process times, validated) — adaptive solvers
+    take none (their grid is the process's two ends) or ``times``. ``final`` as ``ds.sample``.
+    For a solver on the weight-table engine the plan also holds every step's rule (evaluation
+    times and rows of weights) and the evaluation points, built in one vectorised float64 pass.
+    """
+    if final not in FINALS:
+        raise ValueError(f"unknown final {final!r}; valid: {', '.join(FINALS)}")
+    process = model.process
+    solver.check_model(model)
+    clean_end = final != "tmin"
+    own = solver.planned_nfe
+    if own is not None:  # a tuned solver: its own grid and budget
+        if steps is not None or times is not None:
+            raise ValueError(f"a {solver.name} solver runs on its own grid: omit steps= and times=")
+        if solver.planned_final is not None and final != solver.planned_final:
+            raise ValueError(
+                f"this {solver.name} solver was made for final={solver.planned_final!r}, "
+                f"not {final!r}"
+            )
+        nfe = own if nfe is None else nfe
+    if solver.adaptive:
+        if nfe is not None or steps is not None:
+            raise ValueError(
+                f"solver {solver.name!r} chooses its own steps: omit nfe= and steps= "
+                "(set its rtol/atol), or give times= for the points to pass through"
+            )
+        if times is None:
+            times = torch.tensor([process.t_max_finite, process.t_min], dtype=torch.float64)
+    elif sum(v is not None for v in (nfe, steps, times)) != 1:
+        raise ValueError("give exactly one of nfe=, steps= or times=")
+    sched = get_schedule(schedule if schedule is not None else solver.default_schedule)
+    legacy = type(solver).plan_times is not Solver.plan_times
+    calls: tuple[int, ...] = ()
+    if nfe is not None:
+        nfe = _positive("nfe", nfe)
+        if legacy:
+            grid_t = solver.plan_times(process, sched, nfe, clean_end)
+        else:
+            calls = tuple(solver.budget(nfe, clean_end))
+            grid_t = solver.grid_times(process, sched, calls, clean_end)
+    elif steps is not None:
+        n = _positive("steps", steps)
+        grid_t = sched(process, n if clean_end else n + 1)
+    else:
+        grid_t = validate_times(process, times)
+        if not clean_end and grid_t.numel() < 2:
+            raise ValueError("final='tmin' needs at least two times")
+    grid = Grid.build(process, grid_t, clean_end, nfe=nfe)
+    if not calls and not legacy:
+        calls = tuple(solver.calls(grid.steps, clean_end))
+    rules, points = None, ()
+    if isinstance(solver, RowSolver):
+        rules = tuple(solver.rules(grid, calls))
+        points = eval_points(model, rules, like)
+    return Plan(
+        grid.process, grid.t, grid.alpha, grid.sigma, grid.lam, grid.clean_end, grid.nfe,
+        calls=calls, rules=rules, points=points,
+    )  # fmt: skip

@@ -1,0 +1,267 @@
+"""The differentiable few-step sampler that tuning optimises, and its export to a tuned solver.
+
+The student is UniPC (Zhao et al. 2023; :mod:`diffsolve.solvers.unipc`, B(h) = e^{−h} − 1) in
+the data form on a grid of N evaluation times, ending the standard way (the last call's x̂_0):
+UniP-p predictor rows and, with ``corrector``, UniC-p rows applied after each new call (no extra
+NFE). With p ≤ 2 and no corrector it is DPM-Solver++(2M); UniP-3 is DPM-Solver++(3M). Its
+parameters:
+
+* the grid, in λ = log(α/σ): the last point λ_{N−1} = λ_lo + (λ_hi − λ_lo)·sigmoid(φ), the
+  interior λ_i = λ_0 + (λ_{N−1} − λ_0)·Σ_{j≤i} softmax(θ)_j (LD3's parametrisation, Tong et al.
+  2025: ordered by construction, every grid reachable), and, on variance-preserving processes,
+  the start λ_0 = λ(t_max) + Δ·sigmoid(ψ) (x_T ~ N(0, I) is nearly as good a sample a little
+  below t_max; on VE/EDM paths x_T's scale fixes the start);
+* per-step corrections of the rows' x̂_0 weights (S4S, Frankel et al. 2025; GAS's additive
+  corrections): a row with gain g = α_{i+1}(1 − e^{−h_i}) gets g·(δ − mean δ) added, so every
+  corrected row still reproduces a constant x̂_0 exactly (first-order consistency), which keeps
+  the learned table from fitting the calibration noises with an inconsistent method.
+
+Everything is torch, so the loss against the teacher is differentiable in θ, φ, ψ and δ
+(through the network's time input too). :meth:`Student.export` turns the parameters into a
+:class:`~.tuned.Tuned` solver whose rows reproduce the student's run on the engine.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..denoiser import EvalPoint
+from ..solvers.engine import Row, StepRule
+from .tuned import Tuned, process_signature
+
+__all__ = ["Student", "inner_denoiser"]
+
+
+def inner_denoiser(model: Any) -> Any:
+    """The :class:`~diffsolve.Denoiser` under guidance wrappers (for its time map)."""
+    inner = model
+    while not hasattr(inner, "time_map") and hasattr(inner, "model"):
+        inner = inner.model
+    if not hasattr(inner, "time_map"):
+        raise TypeError(f"cannot find the Denoiser inside {type(model).__name__}")
+    return inner
+
+
+def _pk(k: int, h: Tensor) -> Tensor:
+    """h^k·φ_k(−h) = (−1)^k·(e^{−h} − Σ_{j<k} (−h)^j/j!) (float64; series for small h)."""
+    closed = (
+        -torch.expm1(-h)
+        if k == 1
+        else (-1) ** k * (torch.exp(-h) - sum((-h) ** j / math.factorial(j) for j in range(k)))
+    )
+    hs = torch.where(h < 0.2, h, torch.zeros_like(h))
+    series = sum((-1) ** (j - k) * hs**j / math.factorial(j) for j in range(k, k + 14))
+    return torch.where(h < 0.2, series, closed)
+
+
+def _unipc_row(
+    lam: Tensor, sig: Tensor, alp: Tensor, i: int, p: int, corrector: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(a, x̂_0 weights newest first, gain) of UniP-p or UniC-p (bh2) for step t_i → t_{i+1}:
+    the torch twin of :func:`diffsolve.solvers.unipc._row`."""
+    h = lam[i + 1] - lam[i]
+    gain = alp[i + 1] * _pk(1, h)
+    nodes = [(lam[i - k] - lam[i]) / h for k in range(1, p)]
+    if corrector:
+        nodes.append(torch.ones((), dtype=torch.float64))
+    big_b = torch.expm1(-h)
+    if len(nodes) > 1:
+        b = torch.stack(
+            [-_pk(j + 1, h) / h**j * math.factorial(j) / big_b for j in range(1, len(nodes) + 1)]
+        )
+        vander = torch.stack([torch.stack([r**j for r in nodes]) for j in range(len(nodes))])
+        rho = list(torch.linalg.solve(vander, b))
+    else:
+        rho = [torch.full((), 0.5, dtype=torch.float64)] * len(nodes)
+    w = [-alp[i + 1] * big_b * rk / r for rk, r in zip(rho, nodes)]
+    new = [w.pop()] if corrector else []
+    head = gain - sum(w, torch.zeros((), dtype=torch.float64)) - sum(new, torch.zeros(()))
+    return sig[i + 1] / sig[i], torch.stack([*new, head, *w]), gain
+
+
+class Student(nn.Module):
+    """A differentiable N-call UniPC sampler with a learnable grid and weight corrections.
+
+    Args:
+        model: the Denoiser (or a guidance wrapper of one) being tuned.
+        nfe: N, the network calls (N evaluation times; the last returns x̂_0).
+        t_start: the process time where x is given (t_max, or its finite end on flow paths).
+        lam_init: (N,) float64 initial λ grid, increasing (noise → data); its first entry is
+            replaced by λ(t_start) (plus ``start_shift`` where the start is learnable).
+        lam_hi, lam_lo: the range of the last point's λ (λ_hi: the data end λ(t_min)).
+        order: p of UniP-p / UniC-p (≤ 3; warm-up min(p, i + 1), capped by N − i at the end
+            as diffusers' ``lower_order_final``).
+        corrector: apply UniC after every call but the first and the last.
+        start_span: how far (in λ) the start may move below t_max (0: fixed start).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        nfe: int,
+        t_start: float,
+        lam_init: Tensor,
+        lam_hi: float,
+        lam_lo: float,
+        *,
+        order: int = 2,
+        corrector: bool = True,
+        start_span: float = 0.0,
+        start_shift: float = 0.0,
+    ):
+        super().__init__()
+        if nfe < 1:
+            raise ValueError(f"nfe must be >= 1, got {nfe}")
+        self.model, self.process = model, model.process
+        self.denoiser = inner_denoiser(model)
+        self.nfe, self.order, self.corrector = int(nfe), int(order), bool(corrector)
+        self.lam_lo, self.lam_hi = float(lam_lo), float(lam_hi)
+        self.t_start = float(t_start)
+        self.lam_top = float(self.process.lambda_(torch.tensor(self.t_start, dtype=torch.float64)))
+        self.start_span = float(start_span)
+        n = self.nfe
+        lam_init = torch.as_tensor(lam_init, dtype=torch.float64).clone()
+        if self.start_span > 0:
+            frac = min(max(start_shift / self.start_span, 1e-3), 1 - 1e-3)
+            psi = math.log(frac / (1 - frac))
+            lam_init[0] = self.lam_top + start_shift
+        else:
+            psi = 0.0
+            lam_init[0] = self.lam_top
+        if n > 1:
+            inc = (lam_init[1:] - lam_init[:-1]).clamp_min(1e-6)
+            theta = torch.log(inc / inc.sum())
+            frac = (float(lam_init[-1]) - self.lam_lo) / (self.lam_hi - self.lam_lo)
+            frac = min(max(frac, 1e-4), 1 - 1e-4)
+            phi = math.log(frac / (1 - frac))
+        else:
+            theta, phi = torch.zeros(0, dtype=torch.float64), 0.0
+        self.theta = nn.Parameter(theta.clone())
+        self.phi = nn.Parameter(torch.tensor(phi, dtype=torch.float64))
+        self.psi = nn.Parameter(torch.tensor(psi, dtype=torch.float64))
+        self.orders = [min(self.order, i + 1, n - i) for i in range(max(n - 1, 0))]
+        f64 = torch.float64
+        self.delta = nn.ParameterList(
+            [nn.Parameter(torch.zeros(k, dtype=f64)) for k in self.orders]
+        )
+        # UniC of step i − 1, applied after the call at t_i (i = 1 … N − 2): p_{i−1} + 1 weights
+        self.delta_c = nn.ParameterList(
+            [nn.Parameter(torch.zeros(self.orders[i - 1] + 1, dtype=f64)) for i in range(1, n - 1)]
+            if self.corrector
+            else []
+        )
+
+    def grid_parameters(self) -> list[nn.Parameter]:
+        return [self.theta, self.phi, *([self.psi] if self.start_span > 0 else [])]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        return [*self.delta, *self.delta_c]
+
+    # -- the grid ---------------------------------------------------------------------------
+    def lambdas(self) -> Tensor:
+        """The N evaluation points in λ (increasing)."""
+        lam0 = torch.full((1,), self.lam_top, dtype=torch.float64)
+        if self.start_span > 0:
+            lam0 = lam0 + self.start_span * torch.sigmoid(self.psi)
+        if self.nfe == 1:
+            return lam0
+        end = self.lam_lo + (self.lam_hi - self.lam_lo) * torch.sigmoid(self.phi)
+        frac = torch.cumsum(torch.softmax(self.theta, 0), 0)
+        return torch.cat([lam0, lam0 + (end - lam0) * frac])
+
+    def times(self) -> Tensor:
+        """The N evaluation times (decreasing); a fixed start is t_start itself."""
+        lam = self.lambdas()
+        if self.start_span > 0:
+            return self.process.t_of_lambda(lam)
+        t0 = torch.tensor([self.t_start], dtype=torch.float64)
+        return torch.cat([t0, self.process.t_of_lambda(lam[1:])]) if self.nfe > 1 else t0
+
+    # -- the rows ---------------------------------------------------------------------------
+    def rows(self, t: Tensor) -> tuple[list, list]:
+        """(predictor rows, corrector rows): (a, x̂_0 weights newest first) per step, with the
+        learned corrections; corrector row i − 1 is applied after the call at t_i."""
+        proc = self.process
+        lam, sig, alp = proc.lambda_(t), proc.sigma(t), proc.alpha(t)
+        pred, corr = [], []
+        for i in range(self.nfe - 1):
+            a, w, gain = _unipc_row(lam, sig, alp, i, self.orders[i], False)
+            d = self.delta[i]
+            pred.append((a, w + gain * (d - d.mean())))
+        for i in range(1, self.nfe - 1) if self.corrector else ():
+            a, w, gain = _unipc_row(lam, sig, alp, i - 1, self.orders[i - 1], True)
+            d = self.delta_c[i - 1]
+            corr.append((a, w + gain * (d - d.mean())))
+        return pred, corr
+
+    # -- the run ----------------------------------------------------------------------------
+    def _point(self, t: Tensor, like: Tensor) -> EvalPoint:
+        p = self.process
+        t_in = self.denoiser.time_map(t)
+        in_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        t_in = t_in.to(device=like.device, dtype=in_dtype).expand(like.shape[0])
+        velocity = getattr(self.denoiser, "prediction", "") == "velocity"
+        return EvalPoint(
+            t=t,  # type: ignore[arg-type]
+            alpha=p.alpha(t),  # type: ignore[arg-type]
+            sigma=p.sigma(t),  # type: ignore[arg-type]
+            d_alpha=float(p.d_alpha(t.detach())) if velocity else 0.0,
+            d_sigma=float(p.d_sigma(t.detach())) if velocity else 0.0,
+            t_in=t_in,
+        )
+
+    @staticmethod
+    def _apply(row: tuple[Tensor, Tensor], x: Tensor, hist: list[Tensor]) -> Tensor:
+        a, w = row
+        out = a.to(x.dtype) * x
+        for j in range(w.numel()):
+            out = out + w[j].to(x.dtype) * hist[j]
+        return out
+
+    def forward(self, x: Tensor, cond: dict[str, Any] | None = None) -> Tensor:
+        """The student's sample from x (B, ...), taken as the state at the grid's start."""
+        cond = cond or {}
+        t = self.times()
+        pred, corr = self.rows(t)
+        hist: list[Tensor] = []
+        x_prev = x
+        for i in range(self.nfe):
+            hist.insert(0, self.model(x, self._point(t[i], x), **cond).x0)
+            if i == self.nfe - 1:
+                return hist[0]
+            if self.corrector and i >= 1:
+                x = self._apply(corr[i - 1], x_prev, hist)
+            x_prev = x
+            x = self._apply(pred[i], x, hist)
+            del hist[self.order + 1 :]
+        raise AssertionError("unreachable")
+
+    # -- export -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def export(self, info: dict[str, Any] | None = None) -> Tuned:
+        """The current grid and table as a :class:`~.tuned.Tuned` solver (float64 rows)."""
+        t = self.times()
+        pred, corr = self.rows(t)
+        tl = t.tolist()
+
+        def row(r: tuple[Tensor, Tensor]) -> Row:
+            return Row(float(r[0]), tuple(r[1].tolist()))
+
+        steps = []
+        for i in range(self.nfe):
+            correct = row(corr[i - 1]) if self.corrector and 1 <= i < self.nfe - 1 else None
+            update = row(pred[i]) if i < self.nfe - 1 else None
+            steps.append(StepRule((tl[i],), update=update, correct=correct))
+        prediction = getattr(self.denoiser, "prediction", "")
+        return Tuned(
+            times=tuple(tl),
+            steps=tuple(steps),
+            final="standard",
+            prediction=prediction,
+            signature=process_signature(self.process),
+            info=dict(info or {}),
+        )

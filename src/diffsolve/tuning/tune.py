@@ -1,0 +1,200 @@
+"""``ds.tune``: calibrate a few-step sampler on the user's model and noise."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..schedules import Karras, LogSNR
+from .search import evolve, gits_grid
+from .student import Student
+from .teacher import teacher
+from .tuned import Tuned
+
+__all__ = ["METHODS", "TuningError", "tune"]
+
+METHODS = {
+    "auto": "learned grid and learned weights, alternating (LD3 times, then S4S weights, twice)",
+    "ld3": "grid by gradient through the differentiable sampler (LD3, Tong et al. 2025)",
+    "s4s": "multistep weights by gradient on a fixed grid (S4S, Frankel et al. 2025)",
+    "gits": "grid by dynamic programming on one-step costs (GITS, Chen et al. 2024)",
+    "autodiffusion": "grid by evolutionary search (AutoDiffusion, Li et al. 2023)",
+}
+
+
+class TuningError(RuntimeError):
+    """Tuning stopped: a non-finite or diverging loss (nothing is returned or saved)."""
+
+
+def _loss(out: Tensor, target: Tensor) -> Tensor:
+    """Relative mean squared error to the teacher (its square root is the relative RMSE)."""
+    return (out - target).pow(2).mean() / target.pow(2).mean()
+
+
+def _initial_grids(process: Any, nfe: int, t_start: float) -> list[tuple[str, Tensor]]:
+    """Candidate starting grids in λ (each of nfe points, from λ(t_start) to the data end)."""
+    out = []
+    for name, sched in (("logsnr", LogSNR()), ("karras", Karras(rho=7.0))):
+        t = sched(process, nfe)
+        t[0] = t_start
+        out.append((name, process.lambda_(t)))
+    return out
+
+
+def tune(
+    model: Any,
+    x_calib: Tensor,
+    nfe: int,
+    method: str = "auto",
+    *,
+    cond: Mapping[str, Any] | None = None,
+    target: Tensor | None = None,
+    order: int = 3,
+    iters: int | None = None,
+    lr: float = 0.05,
+    rtol: float = 1e-6,
+    seed: int = 0,
+    progress: Callable[[str, int, int, float], None] | None = None,
+) -> Tuned:
+    """A solver calibrated on ``model`` for a budget of ``nfe`` calls.
+
+    Args:
+        model: a :class:`~diffsolve.Denoiser` or a guidance wrapper of one (tune at the
+            guidance scale you sample with: the guided ODE is a different ODE).
+        x_calib: prior samples x_T (B, ...), the user's noise, in the process's scale.
+        nfe: the budget the tuned solver will spend (its grid has nfe evaluation times; the
+            last returns x̂_0, the standard end).
+        method: one of :data:`METHODS` (``"auto"``: learned grid and weights, alternating).
+        cond: the network's conditioning for x_calib (batch-first), as in ``ds.sample``.
+        target: the teacher's endpoints for x_calib, if you have them (else computed with
+            ``rk45`` at ``rtol``, ended the standard way, and cached).
+        order: the multistep order of the student (DPM-Solver++, ≤ 3).
+        iters: gradient iterations per phase (default 120; ``auto`` runs two rounds of two
+            phases) or generations (autodiffusion, default 15).
+        lr: Adam's learning rate on the grid logits (the weight corrections use lr/5).
+        rtol: the teacher's tolerance.
+        seed: makes the evolutionary search deterministic (the gradient methods are
+            deterministic anyway).
+        progress: ``progress(phase, i, total, loss)`` after every iteration (the CLI's bar).
+
+    Returns:
+        A :class:`~diffsolve.tuning.Tuned` solver: ``ds.sample(model, x_T, solver=tuned)``.
+        ``tuned.info`` holds the method, the calibration loss before and after, and timings.
+
+    Raises:
+        ValueError: bad arguments (before any network call).
+        TuningError: a non-finite or diverging loss.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown tuning method {method!r}; valid: {', '.join(METHODS)}")
+    if isinstance(nfe, bool) or int(nfe) != nfe or nfe < 2:
+        raise ValueError(f"nfe must be an integer >= 2 to tune, got {nfe!r}")
+    if not isinstance(x_calib, Tensor) or not x_calib.is_floating_point() or x_calib.ndim < 2:
+        raise ValueError("x_calib must be a floating-point tensor of prior samples (B, ...)")
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    nfe = int(nfe)
+    cond = dict(cond or {})
+    process = model.process
+    x = x_calib.to(torch.float64) if x_calib.dtype != torch.float64 else x_calib
+    start = time.perf_counter()
+    if target is None:
+        target = teacher(model, x, cond=cond, rtol=rtol)
+    if target.shape != x.shape:
+        raise ValueError(f"target shape {tuple(target.shape)} does not match x {tuple(x.shape)}")
+    target = target.to(x.dtype)
+    t_teacher = time.perf_counter() - start
+
+    t_start = float(process.t_max_finite)
+    lam_hi = float(process.lambda_(torch.tensor(process.t_min, dtype=torch.float64)))
+    lam0 = float(process.lambda_(torch.tensor(t_start, dtype=torch.float64)))
+    lam_lo = lam0 + 0.1 * (lam_hi - lam0)
+
+    def student(lam: Tensor) -> Student:
+        return Student(model, nfe, t_start, lam, lam_hi, lam_lo, order=order)
+
+    def loss_of(s: Student) -> float:
+        with torch.no_grad():
+            return float(_loss(s(x, cond), target))
+
+    # the best of the standard grids starts every method
+    inits = [(name, student(lam)) for name, lam in _initial_grids(process, nfe, t_start)]
+    scored = [(loss_of(s), name, s) for name, s in inits]
+    loss0, init_name, s = min(scored, key=lambda r: r[0])
+    if not math.isfinite(loss0):
+        raise TuningError(f"the initial grids give a non-finite loss ({loss0}) on this model")
+    n_it = iters if iters is not None else (15 if method == "autodiffusion" else 120)
+
+    def descend(params: list[torch.nn.Parameter], rate: float, phase: str) -> None:
+        opt = torch.optim.Adam(params, lr=rate)
+        best = (loss_of(s), [p.detach().clone() for p in params])
+        for i in range(n_it):
+            opt.zero_grad()
+            loss = _loss(s(x, cond), target)
+            value = float(loss.detach())
+            if not math.isfinite(value) or value > 1e3 * max(loss0, 1e-30):
+                raise TuningError(
+                    f"{phase}: the calibration loss diverged ({value:.3g} at iteration {i}; "
+                    f"it started at {loss0:.3g}); try a smaller lr"
+                )
+            if value < best[0]:  # the parameters that gave this loss, before the step
+                best = (value, [p.detach().clone() for p in params])
+            loss.backward()
+            opt.step()
+            if progress is not None:
+                progress(phase, i + 1, n_it, value)
+        with torch.no_grad():  # keep the best iterate, so tuning never makes the start worse
+            for p, v in zip(params, best[1]):
+                p.copy_(v)
+            final = loss_of(s)
+            if final > best[0] * (1 + 1e-9):
+                raise TuningError(f"{phase}: restoring the best iterate failed")
+
+    grid_params = [s.theta, s.phi]
+    weight_params = list(s.delta)
+    if method == "ld3":
+        descend(grid_params, lr, "grid")
+    elif method == "s4s":
+        descend(weight_params, lr / 5, "weights")
+    elif method == "auto":
+        for _ in range(2):
+            descend(grid_params, lr, "grid")
+            descend(weight_params, lr / 5, "weights")
+    elif method == "gits":
+        lam = gits_grid(
+            model, x, nfe, t_start=t_start, lam_hi=lam_hi, target=target, cond=cond, rtol=rtol
+        )
+        s = student(lam)
+    else:  # autodiffusion
+        vec0 = torch.cat([s.theta.detach(), s.phi.detach().reshape(1)])
+
+        def fitness(v: Tensor) -> float:
+            with torch.no_grad():
+                s.theta.copy_(v[:-1])
+                s.phi.copy_(v[-1])
+            out = loss_of(s)
+            return out if math.isfinite(out) else float("inf")
+
+        best, _ = evolve(fitness, vec0, generations=n_it, seed=seed)
+        fitness(best)
+    loss1 = loss_of(s)
+    if not math.isfinite(loss1):
+        raise TuningError(f"tuning ended with a non-finite loss ({loss1})")
+    info = {
+        "method": method,
+        "nfe": nfe,
+        "order": order,
+        "init_grid": init_name,
+        "calib_samples": int(x.shape[0]),
+        "calib_rel_rmse_before": math.sqrt(loss0),
+        "calib_rel_rmse_after": math.sqrt(loss1),
+        "teacher_seconds": t_teacher,
+        "seconds": time.perf_counter() - start,
+        "iters": n_it,
+    }
+    return s.export(info)
