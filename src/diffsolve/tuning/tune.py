@@ -36,14 +36,24 @@ def _loss(out: Tensor, target: Tensor) -> Tensor:
     return (out - target).pow(2).mean() / target.pow(2).mean()
 
 
-def _initial_grids(process: Any, nfe: int, t_start: float) -> list[tuple[str, Tensor]]:
-    """Candidate starting grids in λ (each of nfe points, from λ(t_start) to the data end)."""
+def _initial_grids(process: Any, nfe: int) -> list[tuple[str, Tensor]]:
+    """Candidate starting grids (nfe process times each): the standard grids and the grid of
+    the untuned ``auto`` rule for this budget."""
+    from ..auto import recommend
+
     out = []
-    for name, sched in (("logsnr", LogSNR()), ("karras", Karras(rho=7.0))):
-        t = sched(process, nfe)
-        t[0] = t_start
-        out.append((name, process.lambda_(t)))
+    for name, sched in (
+        ("logsnr", LogSNR()),
+        ("karras", Karras(rho=7.0)),
+        ("auto", recommend(process, nfe).schedule),
+    ):
+        out.append((name, sched(process, nfe)))
     return out
+
+
+def _variance_preserving(process: Any) -> bool:
+    t = torch.linspace(process.t_min, process.t_max_finite, 5, dtype=torch.float64)
+    return bool(((process.alpha(t) ** 2 + process.sigma(t) ** 2 - 1).abs() < 1e-6).all())
 
 
 def tune(
@@ -54,7 +64,8 @@ def tune(
     *,
     cond: Mapping[str, Any] | None = None,
     target: Tensor | None = None,
-    order: int = 3,
+    order: int = 2,
+    corrector: bool = True,
     iters: int | None = None,
     lr: float = 0.05,
     rtol: float = 1e-6,
@@ -73,7 +84,8 @@ def tune(
         cond: the network's conditioning for x_calib (batch-first), as in ``ds.sample``.
         target: the teacher's endpoints for x_calib, if you have them (else computed with
             ``rk45`` at ``rtol``, ended the standard way, and cached).
-        order: the multistep order of the student (DPM-Solver++, ≤ 3).
+        order: the order p of the student's UniP-p / UniC-p rows (≤ 3).
+        corrector: whether the student applies UniC after each call (no extra NFE).
         iters: gradient iterations per phase (default 120; ``auto`` runs two rounds of two
             phases) or generations (autodiffusion, default 15).
         lr: Adam's learning rate on the grid logits (the weight corrections use lr/5).
@@ -112,19 +124,28 @@ def tune(
 
     t_start = float(process.t_max_finite)
     lam_hi = float(process.lambda_(torch.tensor(process.t_min, dtype=torch.float64)))
-    lam0 = float(process.lambda_(torch.tensor(t_start, dtype=torch.float64)))
-    lam_lo = lam0 + 0.1 * (lam_hi - lam0)
+    lam_top = float(process.lambda_(torch.tensor(t_start, dtype=torch.float64)))
+    lam_lo = lam_top + 0.1 * (lam_hi - lam_top)
+    # x_T ~ N(0, I) is nearly a sample a little below t_max on a variance-preserving path
+    span = 1.0 if _variance_preserving(process) else 0.0
 
-    def student(lam: Tensor) -> Student:
-        return Student(model, nfe, t_start, lam, lam_hi, lam_lo, order=order)
+    def student(t: Tensor) -> Student:
+        lam = process.lambda_(t)
+        shift = min(max(float(lam[0]) - lam_top, 0.0), 0.9 * span) if span else 0.0
+        return Student(
+            model, nfe, t_start, lam, lam_hi, lam_lo, order=order, corrector=corrector,
+            start_span=span, start_shift=shift,
+        )  # fmt: skip
 
     def loss_of(s: Student) -> float:
         with torch.no_grad():
             return float(_loss(s(x, cond), target))
 
     # the best of the standard grids starts every method
-    inits = [(name, student(lam)) for name, lam in _initial_grids(process, nfe, t_start)]
-    scored = [(loss_of(s), name, s) for name, s in inits]
+    scored = []
+    for name, t in _initial_grids(process, nfe):
+        cand = student(t)
+        scored.append((loss_of(cand), name, cand))
     loss0, init_name, s = min(scored, key=lambda r: r[0])
     if not math.isfinite(loss0):
         raise TuningError(f"the initial grids give a non-finite loss ({loss0}) on this model")
@@ -155,8 +176,8 @@ def tune(
             if final > best[0] * (1 + 1e-9):
                 raise TuningError(f"{phase}: restoring the best iterate failed")
 
-    grid_params = [s.theta, s.phi]
-    weight_params = list(s.delta)
+    grid_params = s.grid_parameters()
+    weight_params = s.weight_parameters()
     if method == "ld3":
         descend(grid_params, lr, "grid")
     elif method == "s4s":
@@ -169,14 +190,15 @@ def tune(
         lam = gits_grid(
             model, x, nfe, t_start=t_start, lam_hi=lam_hi, target=target, cond=cond, rtol=rtol
         )
-        s = student(lam)
+        s = student(process.t_of_lambda(lam))
     else:  # autodiffusion
-        vec0 = torch.cat([s.theta.detach(), s.phi.detach().reshape(1)])
+        vec0 = torch.cat([p.detach().reshape(-1) for p in grid_params])
+        sizes = [p.numel() for p in grid_params]
 
         def fitness(v: Tensor) -> float:
             with torch.no_grad():
-                s.theta.copy_(v[:-1])
-                s.phi.copy_(v[-1])
+                for p, part in zip(grid_params, torch.split(v, sizes)):
+                    p.copy_(part.reshape(p.shape))
             out = loss_of(s)
             return out if math.isfinite(out) else float("inf")
 
@@ -189,6 +211,7 @@ def tune(
         "method": method,
         "nfe": nfe,
         "order": order,
+        "corrector": corrector,
         "init_grid": init_name,
         "calib_samples": int(x.shape[0]),
         "calib_rel_rmse_before": math.sqrt(loss0),
