@@ -4,9 +4,12 @@ For gmm2d, gmm64 and gmm3072 on the SD scaled-linear process (``--process`` for 
 ``auto`` and every diffusers / k-diffusion configuration of ``diffsolve bench --peers`` at each
 NFE, and prints, per model and NFE, auto's error (continued to σ = 0, against the trajectory of
 x_T from t_max), the best peer configuration and the ratio auto / best peer. Writes the rows to
-``--out`` as JSON.
+``--out`` as JSON. ``--models`` also takes the held-out mixtures (``heldout16``, ``heldout48``,
+``heldout128``; ``diffsolve.bench.gmm.HELDOUT``), batch 64: test data for the rule, never a
+source for it.
 
     python benchmarks/auto_rule.py [--nfe 4,5,6,8,10,12,15,20,25] [--process sd] [--out F.json]
+    python benchmarks/auto_rule.py --models heldout16,heldout48,heldout128 --nfe 5,10,20
 
 About 10 minutes on 2 CPU cores (the peers dominate).
 """
@@ -18,6 +21,7 @@ import json
 
 import torch
 
+from diffsolve.bench.gmm import HELDOUT, get_heldout
 from diffsolve.bench.runner import run_benchmark
 
 BATCH = {"gmm2d": 64, "gmm64": 64, "gmm3072": 16}
@@ -34,11 +38,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     nfes = [int(n) for n in args.nfe.split(",")]
     out = {}
-    head = f"{'model':8s} {'NFE':>3s} {'auto':>9s} {'best peer':>9s} {'ratio':>6s}"
+    head = f"{'model':10s} {'NFE':>3s} {'auto':>9s} {'best peer':>9s} {'ratio':>6s}"
     print(head + "  best peer config")
     for model in args.models.split(","):
+        mix = get_heldout(model) if model in HELDOUT else model
         res = run_benchmark(
-            model, args.process, solver_names=["auto"], nfes=nfes, batch=BATCH[model], peers=True
+            mix,
+            args.process,
+            solver_names=["auto"],
+            nfes=nfes,
+            batch=BATCH.get(model, 64),
+            peers=True,
         )
         out[model] = res.to_json()
         for n in nfes:
@@ -47,7 +57,7 @@ def main() -> None:
             best = min((r for r in rows if r["kind"] == "peer"), key=lambda r: r["err_continued"])
             ratio = ours["err_continued"] / best["err_continued"]
             print(
-                f"{model:8s} {n:3d} {ours['err_continued']:9.3e} {best['err_continued']:9.3e} "
+                f"{model:10s} {n:3d} {ours['err_continued']:9.3e} {best['err_continued']:9.3e} "
                 f"{ratio:6.3f}  {best['label']}",
                 flush=True,
             )

@@ -21,9 +21,7 @@ from diffsolve.tuning import Tuned
 
 from .conftest import rel_err, sd_process
 
-ENGINE = sorted(
-    n for n in ds.solvers() if isinstance(ds.get_solver(n), RowSolver) and n != "tuned"
-)
+ENGINE = sorted(n for n in ds.solvers() if isinstance(ds.get_solver(n), RowSolver) and n != "tuned")
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +41,12 @@ def test_the_engine_holds_the_exponential_integrators():
 
 @pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_3m", "unipc", "dpm_fast", "deis", "heun"])
 def test_plan_rows_applied_by_hand_reproduce_sample(setup, name):
-    p, model, x = setup
+    _p, model, x = setup
     solver = ds.get_solver(name)
     plan = ds.make_plan(model, x, solver, nfe=7)
     assert sum(plan.calls) == 7 == sum(r.calls for r in plan.rules)
     hist, xc, x_prev = [], x, None
-    for i, rule in enumerate(plan.rules):
+    for _i, rule in enumerate(plan.rules):
         hist.insert(0, model(xc, float(rule.t[0])))
         if rule.correct is not None and x_prev is not None:
             xc = combine(rule.correct, x_prev, hist, None)
@@ -65,7 +63,7 @@ def test_plan_rows_applied_by_hand_reproduce_sample(setup, name):
 
 @pytest.mark.parametrize("name", ["dpmpp_3m", "unipc", "dpmpp_3s", "sa_solver", "heun"])
 def test_a_table_rebuilt_from_plain_data_is_the_same_solver(setup, name):
-    p, model, x = setup
+    _p, model, x = setup
     solver = ds.get_solver(name)
     if name == "sa_solver":
         solver = ds.get_solver(name, tau=0.0)
@@ -88,7 +86,7 @@ def test_a_table_rebuilt_from_plain_data_is_the_same_solver(setup, name):
 
 
 def test_reused_solver_and_plan_give_identical_runs(setup):
-    p, model, x = setup
+    _p, model, x = setup
     solver = ds.get_solver("dpmpp_3m")
     a = ds.sample(model, x, solver, nfe=6)
     b = ds.sample(model, x[:3], solver, nfe=6)
@@ -108,7 +106,7 @@ def test_reused_solver_and_plan_give_identical_runs(setup):
 
 @pytest.mark.parametrize("name", ENGINE)
 def test_every_engine_solver_spends_its_budget_through_the_plan(setup, name):
-    p, model, x = setup
+    _p, model, x = setup
     solver = ds.get_solver(name)
     for nfe in (3, 4, 7, 10):
         try:
@@ -122,7 +120,7 @@ def test_every_engine_solver_spends_its_budget_through_the_plan(setup, name):
 
 
 def test_plan_validates_before_any_work(setup):
-    p, model, x = setup
+    _p, model, x = setup
     solver = ds.get_solver("dpmpp_2m")
     with pytest.raises(ValueError, match="exactly one"):
         ds.make_plan(model, x, solver, nfe=5, steps=5)

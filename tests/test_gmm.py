@@ -4,7 +4,9 @@
   direct Bayes computation with torch.distributions.MultivariateNormal (mixtures);
 - all five prediction types round-trip through the Denoiser to the same x̂_0 on six processes;
 - the PF-ODE reference matches the closed-form flow of a Gaussian data distribution, and the two
-  independent integrators (scipy DOP853, our Dormand–Prince 5(4)) agree and are converged.
+  independent integrators (scipy DOP853, our Dormand–Prince 5(4)) agree and are converged;
+- the held-out mixtures (test data for rules and tuned solvers) are valid mixtures, not built
+  in, and their exact denoisers agree with Bayes and across the five prediction types.
 """
 
 from __future__ import annotations
@@ -16,7 +18,17 @@ import torch
 from torch.distributions import MultivariateNormal
 
 import diffsolve as ds
-from diffsolve.bench import GaussianMixture, check_reference, dopri5, solve_exact, solve_pf_ode
+from diffsolve.bench import (
+    GMMS,
+    HELDOUT,
+    GaussianMixture,
+    check_reference,
+    dopri5,
+    get_heldout,
+    heldout_mixtures,
+    solve_exact,
+    solve_pf_ode,
+)
 from diffsolve.denoiser import PREDICTIONS
 
 from .conftest import rel_err, sd_process
@@ -204,3 +216,63 @@ def test_dopri5_meets_its_tolerance_with_fifth_order_work():
         assert abs(float(y[0]) - exact) < 10 * tol
         work.append(nfev)
     assert 6 < work[2] / work[0] < 40
+
+
+# -- the held-out mixtures (test data for rules and tuned solvers) --------------------------------
+@pytest.mark.parametrize("name", list(HELDOUT))
+def test_heldout_mixtures_are_valid_and_not_built_in(name):
+    g = get_heldout(name)
+    assert g.name == name and name not in GMMS
+    assert math.prod(g.shape) == g.dim
+    k = g.weights.numel()
+    assert bool((g.weights > 0).all()) and abs(float(g.weights.sum()) - 1) < 1e-12
+    assert g.means.shape == (k, g.dim) and g.eigvals.shape == (k, g.dim)
+    assert bool((g.eigvals > 0).all())
+    if g.eigvecs is not None:
+        eye = torch.eye(g.dim, dtype=torch.float64).expand(k, -1, -1)
+        assert torch.allclose(g.eigvecs.transpose(1, 2) @ g.eigvecs, eye, atol=1e-12)
+    covs = _covs(g)
+    assert torch.allclose(covs, covs.transpose(1, 2), atol=1e-14)
+    assert float(torch.linalg.eigvalsh(covs).min()) > 0  # positive definite
+    # deterministic: the same numbers on every call
+    h = get_heldout(name)
+    assert torch.equal(g.means, h.means) and torch.equal(g.eigvals, h.eigvals)
+    # exact samples have the mixture's first moment
+    x = g.sample(20000, generator=torch.Generator().manual_seed(10)).reshape(20000, -1)
+    mean = (g.weights[:, None] * g.means).sum(0)
+    var = (g.weights[:, None] * (torch.diagonal(covs, dim1=1, dim2=2) + g.means**2)).sum(0)
+    assert float(((x.mean(0) - mean).abs() / (var - mean**2).sqrt()).max()) < 0.05
+
+
+def test_heldout_mixtures_list_and_unknown_name():
+    assert [g.name for g in heldout_mixtures()] == list(HELDOUT)
+    with pytest.raises(ValueError, match="held-out"):
+        get_heldout("gmm64")
+
+
+@pytest.mark.parametrize("name", list(HELDOUT))
+def test_heldout_posterior_mean_is_exact_bayes(name):
+    g = get_heldout(name)
+    x = 1.3 * torch.randn(6, *g.shape, generator=torch.Generator().manual_seed(11)).double()
+    for a, s in ((0.99, 0.14), (0.7, 0.71), (0.2, 0.98), (1.0, 0.03)):
+        assert rel_err(g.x0_mean(x, a, s), _bayes_x0(g, x, a, s)) < 1e-9, (a, s)
+
+
+@pytest.mark.parametrize("name", list(HELDOUT))
+@pytest.mark.parametrize("proc_name", ["sd", "flow", "edm"])
+def test_heldout_predictions_round_trip_to_the_same_x0(name, proc_name):
+    g = get_heldout(name)
+    proc = PROCESSES[proc_name]()
+    gen = torch.Generator().manual_seed(12)
+    lo, hi = proc.t_min, proc.t_max_finite
+    for u in (0.05, 0.5, 0.9):
+        t = lo + u * (hi - lo)
+        a, s = float(proc.alpha(t)), float(proc.sigma(t))
+        x0 = g.sample(4, generator=gen)
+        x = a * x0 + s * torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+        expect = g.x0_mean(x, a, s)
+        for pred in PREDICTIONS:
+            got = g.denoiser(proc, pred)(x, t)
+            assert got.x0.shape == x.shape
+            assert rel_err(got.x0, expect) < 1e-9, (pred, t)
+            assert rel_err(got.eps, (x - a * expect) / s) < 1e-9, (pred, t)

@@ -32,7 +32,7 @@ def sd64():
 
 @pytest.fixture(scope="module")
 def tuned10(sd64):
-    p, model, calib, _, target, _ = sd64
+    _p, model, calib, _, target, _ = sd64
     return ds.tune(model, calib, 10, target=target, iters=40)
 
 
@@ -40,7 +40,7 @@ def test_tuned_beats_the_untuned_auto_rule_on_held_out_noise(sd64, tuned10):
     """Measured (96 calibration / 96 held-out noises, 40 iterations a phase): held-out relative
     error 0.0179 untuned auto → 0.0095 tuned at NFE 10 on gmm64 + SD (calibration 0.021 →
     0.0052)."""
-    p, model, _, held, _, ref = sd64
+    _p, model, _, held, _, ref = sd64
     auto = rel_err(ds.sample(model, held, "auto", nfe=10), ref)
     tuned = rel_err(ds.sample(model, held, solver=tuned10), ref)
     assert tuned < 0.7 * auto, (tuned, auto)
@@ -49,7 +49,7 @@ def test_tuned_beats_the_untuned_auto_rule_on_held_out_noise(sd64, tuned10):
 
 
 def test_the_engine_runs_exactly_the_students_rows(sd64):
-    p, model, calib, held, target, _ = sd64
+    p, model, _calib, held, _target, _ = sd64
     lam = p.lambda_(ds.LogSNR()(p, 6))
     s = Student(model, 6, p.t_max_finite, lam, float(lam[-1]), float(lam[1]), start_span=1.0,
                 start_shift=0.3)  # fmt: skip
@@ -74,7 +74,7 @@ def test_unlearned_student_is_unipc(sd64):
 
 
 def test_tuning_is_deterministic(sd64):
-    p, model, calib, _, target, _ = sd64
+    _p, model, calib, _, target, _ = sd64
     a = ds.tune(model, calib[:32], 5, target=target[:32], iters=5)
     b = ds.tune(model, calib[:32], 5, target=target[:32], iters=5)
     assert a.times == b.times and a.steps == b.steps
@@ -85,7 +85,7 @@ def test_tuning_is_deterministic(sd64):
 
 @pytest.mark.parametrize("method", ["ld3", "s4s", "gits", "autodiffusion"])
 def test_every_method_runs_and_never_worsens_calibration(sd64, method):
-    p, model, calib, _, target, _ = sd64
+    _p, model, calib, _, target, _ = sd64
     kw = {"iters": 3} if method != "gits" else {}
     tuned = ds.tune(model, calib[:24], 5, method=method, target=target[:24], **kw)
     assert tuned.nfe == 5 and tuned.info["method"] == method
@@ -122,7 +122,7 @@ def test_save_load_round_trip_and_validation(tmp_path, sd64, tuned10):
 
 
 def test_sampling_with_a_tuned_solver_checks_its_budget(sd64, tuned10):
-    p, model, _, held, _, _ = sd64
+    _p, model, _, held, _, _ = sd64
     assert ds.sample(model, held, tuned10, nfe=10, return_info=True)[1].nfe == 10
     with pytest.raises(ValueError, match="makes 10 network calls"):
         ds.sample(model, held, tuned10, nfe=8)

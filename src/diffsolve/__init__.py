@@ -53,7 +53,7 @@ from .schedules import (
 from .solvers import *  # noqa: F403  (solver classes: ds.UniPC, ds.DPMSolverPP2M, ...)
 from .solvers import Grid, Plan, Solver, State, get_solver, solvers
 from .solvers.engine import Row, StepRule
-from .tuning import Tuned, TunedFileError, TuningError, load_tuned, tune
+from .tuning import Tuned, TunedFileError, TunedV3, TuningError, V3Statistics, load_tuned, tune
 
 __version__ = "0.1.0"
 
@@ -117,8 +117,10 @@ __all__ = [
     "Trailing",
     "Tuned",
     "TunedFileError",
+    "TunedV3",
     "TuningError",
     "Uniform",
+    "V3Statistics",
     "VPCosine",
     "VPDiscrete",
     "VPLinear",

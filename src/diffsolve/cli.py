@@ -1,16 +1,22 @@
-"""The ``diffsolve`` command line: ``diffsolve bench`` and ``diffsolve list``.
+"""The ``diffsolve`` command line: ``diffsolve bench``, ``tune``, ``sample`` and ``list``.
 
 ``diffsolve bench`` runs the exact benchmark (DESIGN §4): every deterministic solver on an analytic
 Gaussian-mixture model, scored against the exact probability-flow ODE solution; it prints a table,
-writes ``bench.json`` and ``bench.png`` to ``--out``.
+writes ``bench.json`` and ``bench.png`` to ``--out``. ``--tuned DIR`` adds the solvers that
+``diffsolve tune`` wrote to DIR.
+
+``diffsolve tune`` calibrates one solver per NFE budget on a shipped network or an analytic
+mixture (``ds.tune``) and writes ``DIR/<model>-nfe<N>.json`` and ``DIR/summary.json``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,6 +36,10 @@ QUICK_NFES = (4, 6, 10, 15)
 QUICK_BATCH = 16
 DEFAULT_BATCH = 64
 DEFAULT_OUT = "bench-out"
+TUNE_NFES = "4,5,6,8,10"
+# the calibration noise of `diffsolve tune --seed S` comes from manual_seed(CALIB_SEED_OFFSET + S),
+# so it never coincides with the x_T of a benchmark or a `diffsolve sample` run (seed S < 1e6)
+CALIB_SEED_OFFSET = 1_000_000
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -70,19 +80,19 @@ def _run_with_status(console: Any, what: str, run: Callable[..., Any]) -> Any:
 def bench(
     model: str = typer.Option(
         None,
-        help="analytic model: gmm2d, gmm64 or gmm3072 [default: gmm64; gmm2d with --stochastic]",
+        help="analytic model: gmm2d, gmm64 or gmm3072 (default: gmm64; gmm2d with --stochastic)",
     ),
     process: str = typer.Option("sd", help="process (see `diffsolve list`)"),
     nfe: str = typer.Option(
-        None, help="comma-separated NFE budgets [default: 4,5,6,8,10,12,15,20,25]"
+        None, help="comma-separated NFE budgets (default: 4,5,6,8,10,12,15,20,25)"
     ),
     solvers: str = typer.Option(
-        None, help="comma-separated solver names [default: every deterministic solver]"
+        None, help="comma-separated solver names (default: every deterministic solver)"
     ),
     schedule: str = typer.Option(
-        None, help="comma-separated schedules to run every solver on [default: each solver's own]"
+        None, help="comma-separated schedules to run every solver on (default: each solver's own)"
     ),
-    batch: int = typer.Option(None, min=1, help=f"samples in the batch [default: {DEFAULT_BATCH}]"),
+    batch: int = typer.Option(None, min=1, help=f"samples in the batch (default: {DEFAULT_BATCH})"),
     seed: int = typer.Option(0, help="seed of x_T"),
     out: str = typer.Option(DEFAULT_OUT, help="output folder for bench.json and bench.png"),
     quick: bool = typer.Option(
@@ -95,12 +105,17 @@ def bench(
         False, help="show the error continued to σ=0 next to the standard-endpoint one"
     ),
     check: bool = typer.Option(
-        None, "--check/--no-check", help="cross-check the reference [default: on unless --quick]"
+        None, "--check/--no-check", help="cross-check the reference (default: on unless --quick)"
     ),
     stochastic: bool = typer.Option(
         False,
         help="the SDE samplers: sliced W2, MMD and mean log-likelihood against the exact mixture, "
         "next to ODE solvers (and the peers' SDE samplers with --peers)",
+    ),
+    tuned: str = typer.Option(
+        None,
+        help="a folder written by `diffsolve tune` (its <model>-nfe<N>.json files) or one tuned "
+        "file: a row tuned:<method> per file, at its own NFE, on the benchmark's x_T",
     ),
 ) -> None:
     """Every solver × NFE against the exact PF-ODE solution of an analytic model."""
@@ -109,6 +124,11 @@ def bench(
     from .solvers.base import solvers as ds_solvers
 
     console = _console(stderr=as_json)
+    if tuned is not None and stochastic:
+        raise typer.BadParameter(
+            "tuned solvers are ODE solvers: not with --stochastic", param_hint="--tuned"
+        )
+    tuned_files = _tuned_files(tuned, model or "gmm64") if tuned is not None else []
     if stochastic:
         _bench_stochastic(
             console,
@@ -127,7 +147,18 @@ def bench(
     model = model or "gmm64"
     if model.startswith("digits"):
         _bench_network(
-            console, model, nfe, solvers, schedule, batch, seed, out, quick, peers, as_json
+            console,
+            model,
+            nfe,
+            solvers,
+            schedule,
+            batch,
+            seed,
+            out,
+            quick,
+            peers,
+            as_json,
+            tuned_files,
         )
         return
     nfes = _nfes(nfe, QUICK_NFES if quick else DEFAULT_NFES)
@@ -147,6 +178,7 @@ def bench(
             seed=seed,
             peers=peers,
             check=do_check,
+            tuned=tuned_files,
         ),
     )
     json_path = report.write_json(result, out)
@@ -197,6 +229,7 @@ def _bench_network(
     quick: bool,
     peers: bool,
     as_json: bool,
+    tuned_files: list[Path],
 ) -> None:
     from .bench import report
     from .bench.networks import NETWORK_NFES, run_network_benchmark
@@ -214,6 +247,7 @@ def _bench_network(
             n=batch if batch is not None else (64 if quick else 256),
             seed=seed,
             peers=peers,
+            tuned=tuned_files,
         ),
     )
     json_path = report.write_json(result, out, name=f"bench-{model}.json")
@@ -275,6 +309,335 @@ def _bench_stochastic(
     console.print(f"wrote {json_path}, {md_path} in {result.meta['wall_seconds']:.1f} s")
 
 
+def _tuned_files(path: str, model: str) -> list[Path]:
+    """``bench --tuned``: one file, or a folder's ``<model>-nfe<N>.json`` files by NFE."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise typer.BadParameter(f"{path} is neither a folder nor a file", param_hint="--tuned")
+    found = [f for f in p.glob(f"{model}-nfe*.json") if f.stem[len(model) + 4 :].isdigit()]
+    if not found:
+        there = sorted(f.name for f in p.glob("*-nfe*.json"))
+        raise typer.BadParameter(
+            f"no tuned files for {model} in {path} (looked for {model}-nfe<N>.json; "
+            f"found: {', '.join(there) or 'none'}); make them with "
+            f"`diffsolve tune --model {model} --out {path}`",
+            param_hint="--tuned",
+        )
+    return sorted(found, key=lambda f: int(f.stem[len(model) + 4 :]))
+
+
+def _tune_nfes(text: str) -> list[int]:
+    items = _split(text)
+    if items is None:
+        raise typer.BadParameter("give at least one budget, e.g. 4,5,6,8,10", param_hint="--nfe")
+    try:
+        out = [int(s) for s in items]
+    except ValueError:
+        raise typer.BadParameter(
+            f"comma-separated integers, got {text!r}", param_hint="--nfe"
+        ) from None
+    if any(n < 2 for n in out):
+        raise typer.BadParameter(
+            f"a tuned solver makes at least 2 network calls, got {text!r}", param_hint="--nfe"
+        )
+    if len(set(out)) != len(out):
+        raise typer.BadParameter(f"a budget is repeated in {text!r}", param_hint="--nfe")
+    return out
+
+
+def _tune_networks() -> list[str]:
+    from .nets import available
+
+    return [k for k in available() if not k.endswith("classifier")]
+
+
+class _TuneBar:
+    """``ds.tune``'s ``progress(phase, i, total, loss)`` on one rich task over all budgets: a
+    budget of n calls weighs n (an iteration costs about n network calls), so the ETA holds
+    across budgets."""
+
+    def __init__(self, bar: Any, nfes: list[int], method: str):
+        self.bar, self.nfes = bar, nfes
+        self.phases = 4 if method == "auto" else 1  # auto: (grid, weights) twice
+        self.task = bar.add_task("tuning", total=float(sum(nfes)), start=False, status="")
+        self.done = 0.0
+        self.last: tuple[str, int] | None = None
+
+    def start(self, k: int) -> None:
+        if k == 0:
+            self.bar.start_task(self.task)
+        n = self.nfes[k]
+        self.k, self.n, self.phase_done, self.last = k, n, 0, None
+        what = f"NFE {n} ({k + 1}/{len(self.nfes)})"
+        self.bar.update(self.task, completed=self.done, description=what, status="")
+
+    def __call__(self, phase: str, i: int, total: int, loss: float) -> None:
+        if self.last is not None and (phase != self.last[0] or i <= self.last[1]):
+            self.phase_done += 1
+        self.last = (phase, i)
+        frac = min((self.phase_done + i / max(total, 1)) / self.phases, 1.0)
+        step = f"phase {self.phase_done + 1}/{self.phases} " if self.phases > 1 else ""
+        where = f"NFE {self.n} ({self.k + 1}/{len(self.nfes)})"
+        self.bar.update(
+            self.task,
+            completed=self.done + self.n * frac,
+            description=f"{where} · {step}{phase} {i}/{total}",
+            status=f"calib. rel. RMSE {math.sqrt(max(loss, 0.0)):.3g}",
+        )
+
+    def finish(self) -> None:
+        self.done += self.n
+        self.bar.update(self.task, completed=self.done)
+
+
+@app.command()
+def tune(
+    model: str = typer.Option(
+        ...,
+        help="a shipped network (digits-vp, digits-flow) or an analytic mixture (gmm2d, gmm64, "
+        "gmm3072)",
+    ),
+    nfe: str = typer.Option(TUNE_NFES, help="comma-separated NFE budgets (≥ 2), one solver each"),
+    out: str = typer.Option("tuned", help="folder for <model>-nfe<N>.json and summary.json"),
+    method: str = typer.Option("auto", help="auto, ld3, s4s, gits or autodiffusion"),
+    process: str = typer.Option(
+        None, help="a mixture's process, see `diffsolve list` (default: sd); a network has its own"
+    ),
+    calib: int = typer.Option(256, min=1, help="calibration samples x_T"),
+    seed: int = typer.Option(
+        0,
+        help=f"the calibration noise: x_T ~ prior from torch.Generator().manual_seed("
+        f"{CALIB_SEED_OFFSET} + SEED), float64 (never a benchmark's or `sample`'s x_T)",
+    ),
+    guidance: float = typer.Option(
+        None, help="networks: tune the classifier-free-guided ODE at scale w (sample with it)"
+    ),
+    label: str = typer.Option(
+        None,
+        help="networks: calibration classes, 0…9, a comma list (cycled), 'all' or 'none' "
+        "(default: none, or all if guided)",
+    ),
+    iters: int = typer.Option(
+        None, min=1, help="iterations per phase (default: 120; autodiffusion: 15 generations)"
+    ),
+    rtol: float = typer.Option(1e-6, min=0.0, help="the teacher's tolerance (rk45)"),
+    threads: int = typer.Option(
+        1, min=0, help="torch intra-op threads (0: torch's default; the digits nets are tiny)"
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
+) -> None:
+    """Tune one solver per NFE budget on a model's own ODE; write DIR/<model>-nfe<N>.json."""
+    from .bench.gmm import GMMS
+    from .bench.runner import PROCESSES
+    from .cli_sample import parse_labels
+    from .tuning import METHODS
+
+    # every argument is checked before any work
+    nfes = _tune_nfes(nfe)
+    if method not in METHODS:
+        raise typer.BadParameter(
+            f"unknown method {method!r}; valid: {', '.join(METHODS)}", param_hint="--method"
+        )
+    networks = _tune_networks()
+    is_net = model in networks
+    if not is_net and model not in GMMS:
+        raise typer.BadParameter(
+            f"unknown model {model!r}; valid: {', '.join([*networks, *GMMS])}",
+            param_hint="--model",
+        )
+    if is_net and process is not None:
+        raise typer.BadParameter(f"{model} has its own process; omit it", param_hint="--process")
+    if not is_net:
+        process = process or "sd"
+        if process not in PROCESSES:
+            raise typer.BadParameter(
+                f"unknown process {process!r}; valid: {', '.join(PROCESSES)}",
+                param_hint="--process",
+            )
+        if guidance is not None or label is not None:
+            raise typer.BadParameter(
+                f"{model} is an analytic mixture: no classes to guide toward",
+                param_hint="--guidance/--label",
+            )
+    if not rtol > 0:
+        raise typer.BadParameter(f"must be positive, got {rtol}", param_hint="--rtol")
+    guided = guidance is not None and guidance != 1.0
+    labels = parse_labels(label, calib, guided) if is_net else None
+    _tune(
+        model, is_net, process, nfes, method, calib, seed, guidance if guided else None,
+        label, labels, iters, rtol, threads, progress, Path(out),
+    )  # fmt: skip
+
+
+def _tune(
+    name: str,
+    is_net: bool,
+    process: str | None,
+    nfes: list[int],
+    method: str,
+    calib: int,
+    seed: int,
+    guidance: float | None,
+    label: str | None,
+    labels: list[int] | None,
+    iters: int | None,
+    rtol: float,
+    threads: int,
+    show: bool,
+    out: Path,
+) -> None:
+    import torch
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        SpinnerColumn,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.table import Table
+
+    from .tuning import TuningError
+    from .tuning import tune as ds_tune
+    from .tuning.teacher import teacher
+
+    if threads:
+        torch.set_num_threads(threads)
+    console = _console(stderr=True)
+    if is_net:
+        from . import nets
+
+        try:
+            den = nets.model(name, guidance=guidance)
+        except (ValueError, nets.WeightsError) as e:
+            console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2) from None
+        shape: tuple[int, ...] = nets.SAMPLE_SHAPE
+    else:
+        from .bench.gmm import get_gmm
+        from .bench.runner import get_process, prediction_for
+
+        gmm = get_gmm(name)
+        proc = get_process(process or "sd")
+        den = gmm.denoiser(proc, prediction_for(proc))
+        shape = gmm.shape
+    noise_seed = CALIB_SEED_OFFSET + seed
+    gen = torch.Generator().manual_seed(noise_seed)
+    x = den.process.prior((calib, *shape), generator=gen, dtype=torch.float64)
+    cond = {"label": torch.tensor(labels, dtype=torch.long)} if labels is not None else {}
+    calibration = {
+        "model": name,
+        "process": process,
+        "guidance": guidance,
+        "label": label,
+        "calib": calib,
+        "seed": seed,
+        "noise_seed": noise_seed,
+        "rtol": rtol,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+    )
+    entries: list[dict[str, Any]] = []
+    failed: list[str] = []
+    with Progress(*columns, console=console, disable=not show, transient=True) as bar:
+        what = f"teacher: rk45 at rtol {rtol:g} on {calib} samples"
+        t_task = bar.add_task(what, total=None, status="")
+        try:
+            target = teacher(den, x, cond=cond, rtol=rtol)
+        except ValueError as e:
+            console.print(f"[red]error:[/red] teacher: {e}")
+            raise typer.Exit(1) from None
+        teacher_seconds = time.perf_counter() - started
+        bar.update(t_task, total=1, completed=1)
+        tracker = _TuneBar(bar, nfes, method)
+        for k, n in enumerate(nfes):
+            tracker.start(k)
+            path = out / f"{name}-nfe{n}.json"
+            t0 = time.perf_counter()
+            entry: dict[str, Any] = {"file": path.name, "nfe": n, "method": method, **calibration}
+            try:
+                tuned = ds_tune(
+                    den, x, n, method, cond=cond, target=target, iters=iters, rtol=rtol,
+                    seed=seed, progress=tracker,
+                )  # fmt: skip
+            except (TuningError, ValueError) as e:
+                entry.update(error=str(e), seconds=time.perf_counter() - t0)
+                failed.append(f"NFE {n}: {e}")
+                console.print(f"[red]NFE {n} failed:[/red] {e}")
+            else:
+                info = {
+                    **tuned.info,
+                    "calibration": calibration,
+                    "teacher_seconds": teacher_seconds,
+                }
+                tuned = replace(tuned, info=info)
+                tuned.save(path)
+                entry.update(
+                    calib_rel_rmse_before=info["calib_rel_rmse_before"],
+                    calib_rel_rmse_after=info["calib_rel_rmse_after"],
+                    seconds=time.perf_counter() - t0,
+                    teacher_seconds=teacher_seconds,
+                    iters=info.get("iters"),
+                    init_grid=info.get("init_grid"),
+                    error=None,
+                )
+            entries.append(entry)
+            summary = _write_summary(out, entries)  # after every budget: a stopped run keeps it
+            tracker.finish()
+    total = time.perf_counter() - started
+    t = Table(
+        title=f"{name} tuned by {method} on {calib} calibration samples "
+        f"(teacher {teacher_seconds:.1f} s)",
+        title_justify="left",
+    )
+    for c in ("NFE", "calib. rel. RMSE before", "after", "seconds", "file"):
+        t.add_column(c, justify="left" if c == "file" else "right")
+    for row in entries:
+        secs = f"{row['seconds']:.1f}"
+        if row.get("error"):
+            t.add_row(str(row["nfe"]), "[red]failed[/red]", "", secs, "")
+            continue
+        before, after = row["calib_rel_rmse_before"], row["calib_rel_rmse_after"]
+        t.add_row(str(row["nfe"]), f"{before:.3g}", f"{after:.3g}", secs, row["file"])
+    console.print(t)
+    written = len(entries) - len(failed)
+    console.print(f"wrote {written} tuned file(s) and {summary} in {total:.1f} s")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _write_summary(out: Path, entries: list[dict[str, Any]]) -> Path:
+    """``summary.json``: one entry per tuned file; entries of other files already in the folder
+    (another model, other budgets) are kept."""
+    path = out / "summary.json"
+    kept: list[dict[str, Any]] = []
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+            kept = [e for e in old.get("entries", []) if isinstance(e, dict) and "file" in e]
+        except (OSError, ValueError, AttributeError):
+            kept = []
+    mine = {e["file"] for e in entries}
+    merged = [e for e in kept if e["file"] not in mine] + entries
+    merged.sort(key=lambda e: (str(e.get("model")), int(e.get("nfe", 0))))
+    doc = {"format": "diffsolve-tune-summary", "version": 1, "entries": merged}
+    path.write_text(json.dumps(doc, indent=1))
+    return path
+
+
 @app.command("list")
 def list_(
     as_json: bool = typer.Option(False, "--json", help="print as JSON"),
@@ -325,14 +688,17 @@ def list_(
     sched = schedules()
     procs = {k: v[1] for k, v in PROCESSES.items()}
     from .nets import available as shipped_networks
+    from .tuning import METHODS
 
     networks = shipped_networks()
+    methods = dict(METHODS)
     data = {
         "solvers": solver_rows,
         "schedules": sched,
         "processes": procs,
         "models": models,
         "networks": networks,
+        "tuning_methods": methods,
     }
     if as_json:
         sys.stdout.write(json.dumps(data, indent=1) + "\n")
@@ -346,7 +712,11 @@ def list_(
         shown = "" if s["order"] is None else str(s["order"])
         t.add_row(str(s["name"]), shown, kind, str(s["default_schedule"]), str(s["description"]))
     console.print(t)
-    for title, mapping in (("schedules", sched), ("processes (diffsolve bench --process)", procs)):
+    for title, mapping in (
+        ("schedules", sched),
+        ("processes (diffsolve bench / tune --process)", procs),
+        ("tuning methods (diffsolve tune --method)", methods),
+    ):
         t = Table(title=title, title_justify="left")
         t.add_column("name")
         t.add_column("description")

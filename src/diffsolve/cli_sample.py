@@ -6,6 +6,10 @@
 x_T comes from ``--seed`` (and stochastic solvers' noise from ``--seed`` too), so a command
 line always gives the same samples. ``--guidance w`` applies classifier-free guidance (one NFE per
 guided call: the conditional and null-class branches run as one doubled batch).
+
+``--tuned FILE`` samples with a solver that ``diffsolve tune`` (or ``Tuned.save``) wrote, on its
+own grid and NFE: the file is validated against the network (``ds.load_tuned(path,
+model=...)``), so one made for another model or process is refused.
 """
 
 from __future__ import annotations
@@ -104,21 +108,50 @@ def _planned_steps(model: Any, solver: Any, schedule: Any, nfe: int) -> int | No
         return None
 
 
+def _load_tuned(
+    path: str, den: Any, model: str, nfe: int | None, guidance: float | None, console: Any
+) -> Any:
+    """``--tuned``: the file validated against the network (process, prediction type, NFE and,
+    for a file written by ``diffsolve tune``, the model it was tuned on); a different guidance
+    scale is allowed with a warning (the tuned ODE is the guided one)."""
+    from .tuning import TunedFileError, load_tuned
+
+    tuned = load_tuned(path, model=den, nfe=nfe)
+    cal = tuned.info.get("calibration") or {}
+    if cal.get("model") not in (None, model):
+        raise TunedFileError(f"{path}: tuned for the model {cal['model']!r}, not {model!r}")
+    if "model" in cal and cal.get("guidance") != guidance:
+        console.print(
+            f"[yellow]warning:[/yellow] {path} was tuned at guidance {cal.get('guidance') or 1:g}, "
+            f"sampling at {guidance or 1:g}"
+        )
+    return tuned
+
+
 def sample(
     model: str = typer.Option("digits-vp", help="shipped network (digits-vp, digits-flow)"),
-    solver: str = typer.Option("unipc", help="solver name (see `diffsolve list`)"),
-    nfe: int = typer.Option(10, min=1, help="network evaluations per sample"),
-    schedule: str = typer.Option(None, help="timestep schedule [default: the solver's own]"),
+    solver: str = typer.Option(None, help="solver name (see `diffsolve list`) (default: unipc)"),
+    nfe: int = typer.Option(
+        None, min=1, help="network evaluations per sample (default: 10, or the tuned file's)"
+    ),
+    schedule: str = typer.Option(None, help="timestep schedule (default: the solver's own)"),
+    tuned: str = typer.Option(
+        None,
+        help="a tuned-solver file (`diffsolve tune`): sample on its grid and NFE "
+        "(instead of --solver)",
+    ),
     guidance: float = typer.Option(None, help="classifier-free guidance scale w (1 = none)"),
     label: str = typer.Option(
-        None, help="class 0…9, a comma list, 'all' or 'none' [default: none, or all if guided]"
+        None, help="class 0…9, a comma list, 'all' or 'none' (default: none, or all if guided)"
     ),
     n: int = typer.Option(64, min=1, help="number of samples"),
     seed: int = typer.Option(0, help="seed of x_T (and of a stochastic solver's noise)"),
     batch: int = typer.Option(256, min=1, help="samples per network batch"),
     out: str = typer.Option("grid.png", help="PNG grid path; the .npz goes next to it"),
-    npz: str = typer.Option(None, help="path of the .npz [default: --out with .npz]"),
-    final: str = typer.Option("standard", help="standard, extrapolate or tmin"),
+    npz: str = typer.Option(None, help="path of the .npz (default: --out with .npz)"),
+    final: str = typer.Option(
+        None, help="standard, extrapolate or tmin (default: standard, or the tuned file's)"
+    ),
     score: bool = typer.Option(False, help="print FD-digits (and class accuracy with labels)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
     threads: int = typer.Option(
@@ -138,19 +171,36 @@ def sample(
         torch.set_num_threads(threads)
     console = Console(stderr=True)
     guided = guidance is not None and guidance != 1.0
+    if tuned is not None:
+        for given, flag in ((solver, "--solver"), (schedule, "--schedule")):
+            if given is not None:
+                raise typer.BadParameter(
+                    "a tuned solver runs on its own grid: give --tuned or --solver/--schedule",
+                    param_hint=flag,
+                )
     try:
         labels = parse_labels(label, n, guided)
         den = nets.model(model, guidance=guidance if guided else None)
-        solver_obj = get_solver(solver)
+        if tuned is not None:
+            solver_obj = _load_tuned(tuned, den, model, nfe, guidance if guided else None, console)
+            solver = f"tuned:{solver_obj.info.get('method', '?')}"
+            nfe = solver_obj.nfe
+        else:
+            solver = solver or "unipc"
+            solver_obj = get_solver(solver)
     except (ValueError, nets.WeightsError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
+    nfe = 10 if nfe is None else nfe
     process = den.process
     shape = (n, *nets.SAMPLE_SHAPE)
     g = torch.Generator().manual_seed(seed)
     x_T = process.prior(shape, generator=g, dtype=torch.float32)
     lab = torch.tensor(labels, dtype=torch.long) if labels is not None else None
-    steps = _planned_steps(den, solver_obj, schedule, nfe)
+    if tuned is not None:
+        steps: int | None = len(solver_obj.steps)
+    else:
+        steps = _planned_steps(den, solver_obj, schedule, nfe)
     chunks = list(range(0, n, batch))
     outs = []
     nfe_done = 0
@@ -198,7 +248,8 @@ def sample(
         "label": label,
         "n": n,
         "seed": seed,
-        "final": final,
+        "final": final or getattr(solver_obj, "planned_final", None) or "standard",
+        "tuned": tuned,
         "seconds": seconds,
     }
     png = save_grid(x0.numpy(), out)

@@ -291,6 +291,13 @@ class DenoiserWrapper:
     def point(self, t: float | Tensor, like: Tensor) -> EvalPoint:
         return self.model.point(t, like)
 
+    def points(self, ts: Tensor, like: Tensor) -> list[EvalPoint]:
+        """:meth:`point` for every time of ``ts``: the wrapped model's vectorised points where
+        this wrapper keeps them as they are, else one by one (wrappers that map times)."""
+        if type(self).point is DenoiserWrapper.point and hasattr(self.model, "points"):
+            return self.model.points(ts, like)
+        return [self.point(t, like) for t in ts]
+
     @property
     def nfe(self) -> int:
         return self.model.nfe

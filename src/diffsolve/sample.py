@@ -41,8 +41,10 @@ class SampleInfo:
 class _Evaluator:
     """The model as the loop hands it to a solver: counts calls and watches for NaN/Inf.
 
-    Finiteness is accumulated on the device and read once after the loop (no host sync per
-    step); ``check_finite="step"`` reads it after every call instead, stopping at once.
+    What is watched is each call's network output (``Prediction.sources``; both views only for
+    an eager prediction built by a wrapper), so a view no solver reads is neither formed nor
+    checked. Finiteness is accumulated on the device and read once after the loop (no host sync
+    per step); ``check_finite="step"`` reads it after every call instead, stopping at once.
     """
 
     def __init__(self, model: Any, cond: Mapping[str, Any], check: str | bool, keep: int):
@@ -67,6 +69,10 @@ class _Evaluator:
         if type(inner) is Denoiser and ts.numel():
             self._points = {p.t: p for p in inner.points(ts, like)}
 
+    def points(self, ts: Tensor, like: Tensor) -> list[EvalPoint]:
+        many = getattr(self.model, "points", None)  # user models may offer only ``point``
+        return many(ts, like) if many is not None else [self.model.point(t, like) for t in ts]
+
     def point(self, t: float | Tensor, like: Tensor) -> EvalPoint:
         hit = self._points.get(float(t))
         if hit is not None and hit.t_in.shape[0] == like.shape[0]:
@@ -77,9 +83,7 @@ class _Evaluator:
         pred = self.model(x, t, **self.cond)
         self.nfe += 1
         if self.check:
-            # the network output itself (pred.sources), before any view is formed: a view the
-            # solver never reads is neither formed nor checked
-            first, *more = pred.sources
+            first, *more = pred.sources  # the output itself, before any view is formed
             probe = self._probe(first)
             for v in more:  # an eager prediction from a wrapper: both views
                 probe = probe + self._probe(v)
@@ -99,18 +103,20 @@ class _Evaluator:
         (a float32 Σv would overflow; a float64 one copies v first), and a BLAS dot against a
         kept zero vector reads v once and allocates nothing (cheaper than Σ(0·v) or
         isfinite(v).all(), which write a temporary of v's size)."""
-        f = v.detach().reshape(-1)  # no autograd graph kept alive by the flags
+        f = v.reshape(-1)
+        if f.requires_grad:
+            f = f.detach()  # no autograd graph kept alive by the flags
         n, z = f.numel(), self._zeros
         if z is None or z.numel() < n or z.dtype != f.dtype or z.device != f.device:
             z = self._zeros = torch.zeros(n, dtype=f.dtype, device=f.device)
-        return torch.dot(f, z[:n])
+        return torch.dot(f, z if z.numel() == n else z[:n])
 
     def _raise(self, step: int, t: float) -> None:
         raise NonFiniteError(f"network output is NaN/Inf at step {step} (t={t:.6g})")
 
     def raise_if_nonfinite(self) -> None:
         if self._flags:
-            ok = torch.stack([f.to(torch.float64) for f in self._flags]) == 0
+            ok = torch.stack(self._flags) == 0  # (promotes mixed float dtypes)
             if not bool(ok.all()):  # the run's single host sync
                 first = int((~ok).nonzero()[0])
                 self._raise(*self._where[first])

@@ -1,6 +1,20 @@
 """The exact benchmark: analytic models, exact references, metrics, tables and plots."""
 
-from .gmm import GMMS, GaussianMixture, get_gmm, gmm2d, gmm64, gmm3072, gmm_conditional
+from .gmm import (
+    GMMS,
+    HELDOUT,
+    GaussianMixture,
+    get_gmm,
+    get_heldout,
+    gmm2d,
+    gmm64,
+    gmm3072,
+    gmm_conditional,
+    heldout16,
+    heldout48,
+    heldout128,
+    heldout_mixtures,
+)
 from .metrics import (
     mean_log_likelihood,
     mmd_rbf,
@@ -13,15 +27,21 @@ from .reference import check_reference, dopri5, exact_x0_at, solve_exact, solve_
 
 __all__ = [
     "GMMS",
+    "HELDOUT",
     "GaussianMixture",
     "check_reference",
     "dopri5",
     "exact_x0_at",
     "get_gmm",
+    "get_heldout",
     "gmm2d",
     "gmm64",
     "gmm3072",
     "gmm_conditional",
+    "heldout16",
+    "heldout48",
+    "heldout128",
+    "heldout_mixtures",
     "mean_log_likelihood",
     "mmd_rbf",
     "nfe_to_reach",

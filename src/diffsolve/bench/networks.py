@@ -22,7 +22,7 @@ from ..denoiser import Denoiser
 from ..sample import sample
 from ..solvers.base import get_solver
 from .metrics import per_sample_rel_err, rel_rmse
-from .runner import BenchResult, peer_rows, scored_row
+from .runner import BenchResult, _tuned_row, peer_rows, scored_row, tuned_solvers
 
 __all__ = ["NETWORK_NFES", "NETWORK_SOLVERS", "run_network_benchmark"]
 
@@ -63,6 +63,7 @@ def run_network_benchmark(
     peers: bool = False,
     rtol: float = 1e-6,
     progress: Callable[[str], None] | None = None,
+    tuned: Sequence[Any] = (),
 ) -> BenchResult:
     """Every solver × NFE on a shipped network, against its converged ODE solution.
 
@@ -76,6 +77,9 @@ def run_network_benchmark(
         peers: add diffusers / k-diffusion configurations (``bench.peers``) where installed.
         rtol: the converged reference's rk45 tolerance (atol = rtol / 10).
         progress: called with a short message before each configuration.
+        tuned: tuned solvers (files or ``Tuned`` objects;
+            :func:`~diffsolve.bench.runner.tuned_solvers`), validated against the network before
+            any work; each adds a row ``tuned:<method>`` at its own NFE, on this x_T.
 
     Returns:
         :class:`~diffsolve.bench.runner.BenchResult` whose rows follow the exact benchmark's
@@ -94,6 +98,7 @@ def run_network_benchmark(
             get_solver(s)  # unknown names fail before any work
     labels = torch.arange(n) % 10
     model = Denoiser(_Labelled(net, labels), process, info.prediction, sample_shape=(1, 8, 8))
+    tuned_list = tuned_solvers(tuned, model, name, seed)
     say = progress or (lambda _msg: None)
     gen = torch.Generator().manual_seed(seed)
     x_T = process.prior((n, 1, 8, 8), generator=gen, dtype=torch.float32)
@@ -131,6 +136,12 @@ def run_network_benchmark(
                 run = partial(sample, model, x_T, s, return_info=True, **how)
                 done, _ = scored_row(row, run, lambda res: score(res[0]), lambda res: res[1].nfe)
                 rows.append(done)
+    for label, obj, record in tuned_list:
+        say(f"{label} nfe={obj.nfe}")
+        run = partial(sample, model, x_T, obj, nfe=obj.nfe, return_info=True)
+        row = _tuned_row(label, obj, record)
+        done, _ = scored_row(row, run, lambda res: score(res[0]), lambda res: res[1].nfe)
+        rows.append(done)
 
     note = None
     if peers:
@@ -155,6 +166,7 @@ def run_network_benchmark(
         "schedules": list(schedules) if schedules else None,
         "reference": {"method": "rk45", "rtol": rtol, "nfe": ref_info.nfe, "fd": ref_fd},
         "peers": note,
+        "tuned": [record for _, _, record in tuned_list],
         "seconds": time.perf_counter() - started,
         "torch": torch.__version__,
     }

@@ -49,6 +49,7 @@ __all__ = [
     "default_solvers",
     "get_process",
     "run_benchmark",
+    "tuned_solvers",
 ]
 
 DEFAULT_NFES = (4, 5, 6, 8, 10, 12, 15, 20, 25)
@@ -196,7 +197,7 @@ def _run_ours(
     ref: ExactReference,
     model: Denoiser,
     x_T: Tensor,
-    solver: str,
+    solver: Any,
     options: dict[str, Any],
     **how: Any,
 ) -> dict[str, Any]:
@@ -212,6 +213,62 @@ def _run_ours(
         "t_start": float(t[0]),
         "t_last": float(t[-2]),
         "error": None,
+    }
+
+
+def tuned_solvers(
+    tuned: Sequence[Any], model: Any, model_name: str, seed: int
+) -> list[tuple[str, Any, dict[str, Any]]]:
+    """Tuned solvers for a benchmark, each validated against the benchmark's model before any
+    work: ``(label, solver, record)`` per item of ``tuned`` (paths of files written by
+    ``Tuned.save`` / ``diffsolve tune``, or :class:`~diffsolve.tuning.Tuned` objects).
+
+    The label is ``tuned:<method>`` (`` (w=…)`` added for a file tuned under guidance); the
+    record (the row's ``tuned`` field) names the file, the method and how it was calibrated.
+    A file made for another process or prediction type, or by ``diffsolve tune`` for another
+    model, raises :class:`~diffsolve.tuning.TunedFileError`; one calibrated on the noise of
+    this ``seed`` raises ``ValueError`` (a benchmark never scores on the calibration noise).
+    """
+    from ..tuning import Tuned, TunedFileError, load_tuned
+
+    out: list[tuple[str, Any, dict[str, Any]]] = []
+    for item in tuned:
+        if isinstance(item, Tuned):
+            obj, source = item, None
+            obj.check_model(model)
+        else:
+            obj, source = load_tuned(item, model=model), str(item)
+        cal = dict(obj.info.get("calibration") or {})
+        where = source or "tuned solver"
+        if cal.get("model") not in (None, model_name):
+            raise TunedFileError(
+                f"{where}: tuned for the model {cal['model']!r}, not {model_name!r}"
+            )
+        if cal.get("noise_seed") is not None and int(cal["noise_seed"]) == int(seed):
+            raise ValueError(
+                f"{where}: calibrated on the noise of seed {seed}, the benchmark's own x_T; "
+                "run the benchmark with another --seed"
+            )
+        method = str(obj.info.get("method", "?"))
+        label = f"tuned:{method}"
+        w = cal.get("guidance")
+        if w is not None and float(w) != 1.0:
+            label += f" (w={float(w):g})"
+        record = {"file": source, "method": method, "nfe": obj.nfe, "calibration": cal}
+        out.append((label, obj, record))
+    return out
+
+
+def _tuned_row(label: str, solver: Any, record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "kind": "diffsolve",
+        "label": label,
+        "library": "diffsolve",
+        "solver": "tuned",
+        "options": {},
+        "schedule": "tuned",
+        "nfe": int(solver.nfe),
+        "tuned": record,
     }
 
 
@@ -233,6 +290,7 @@ def run_benchmark(
     check: bool = False,
     progress: Callable[[str], None] | None = None,
     peer_labels: Sequence[str] | None = None,
+    tuned: Sequence[Any] = (),
 ) -> BenchResult:
     """Run the exact benchmark.
 
@@ -250,6 +308,9 @@ def run_benchmark(
             ``meta["reference_check"]``.
         progress: called with a short message before each configuration.
         peer_labels: run only the peer configurations with these labels (default: all).
+        tuned: tuned solvers (files written by ``diffsolve tune`` / ``Tuned.save``, or
+            ``Tuned`` objects; :func:`tuned_solvers`), validated before any work; each adds a
+            row ``tuned:<method>`` at its own NFE, on this benchmark's x_T.
 
     Returns:
         :class:`BenchResult`; each row has ``kind`` (``diffsolve`` | ``peer``), ``label``,
@@ -267,6 +328,7 @@ def run_benchmark(
     for name in names:
         if name != "auto":
             get_solver(name)  # unknown names fail here, before any work
+    tuned_list = tuned_solvers(tuned, den, gmm.name, seed)
     gen = torch.Generator().manual_seed(seed)
     x_T = proc.prior((batch, *gmm.shape), generator=gen, dtype=torch.float64)
     ref = ExactReference(gmm, proc, x_T)
@@ -300,6 +362,10 @@ def run_benchmark(
                         **res,
                     }
                 )
+    for label, obj, record in tuned_list:
+        say(f"{label} nfe={obj.nfe}")
+        res = _run_ours(ref, den, x_T, obj, {}, nfe=obj.nfe)
+        rows.append({**_tuned_row(label, obj, record), **res})
 
     peer_note = None
     if peers:
@@ -318,6 +384,7 @@ def run_benchmark(
         "schedules": list(schedules) if schedules else None,
         "reference": {"method": "DOP853 in log(σ/α)", "rtol": ref.rtol, "solves": ref.solves},
         "peers": peer_note,
+        "tuned": [record for _, _, record in tuned_list],
         "seconds": time.perf_counter() - started,
         "torch": torch.__version__,
     }

@@ -11,6 +11,7 @@ from .base import Grid, Plan, Solver, State, get_solver, register, solvers
 from .ddpm import DDPM
 from .dpm_adaptive import DPMAdaptive
 from .dpm_solver import DPMSolver
+from .dpm_solver_v3 import DPMSolverV3
 from .dpmpp import DPMSolverPP2M, DPMSolverPP2S, DPMSolverPP3M, DPMSolverPP3S
 from .dpmpp_sde import DPMSolverPP2MSDE, DPMSolverPP3MSDE, DPMSolverPPSDE, SDEDPMSolver
 from .euler import Euler
@@ -41,6 +42,7 @@ __all__ = [
     "DPMSolverPP3MSDE",
     "DPMSolverPP3S",
     "DPMSolverPPSDE",
+    "DPMSolverV3",
     "Euler",
     "EulerMaruyama",
     "Grid",

@@ -122,7 +122,7 @@ class RowState(State):
     x_prev: Tensor | None = None
 
     def select(self, index: Tensor) -> RowState:
-        hist = tuple(Prediction(p.x0[index], p.eps[index]) for p in self.history)
+        hist = tuple(p.select(index) for p in self.history)
         x_prev = self.x_prev[index] if self.x_prev is not None else None
         return self.replace(history=hist, x_prev=x_prev)
 

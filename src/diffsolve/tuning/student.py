@@ -97,6 +97,11 @@ class Student(nn.Module):
             as diffusers' ``lower_order_final``).
         corrector: apply UniC after every call but the first and the last.
         start_span: how far (in λ) the start may move below t_max (0: fixed start).
+        final_width: the output is Σ_j f_j·x̂_0[j] over the last ``final_width`` calls, f
+            learnable with Σ f = 1 (1: the standard end, x̂_0 of the last call; more: a learned
+            continuation towards σ = 0 at no extra call, never used for guided models).
+        final_init: the initial f (newest first), e.g. the ρ-extrapolation weights of
+            ``final="extrapolate"``; default the standard end.
     """
 
     def __init__(
@@ -112,6 +117,8 @@ class Student(nn.Module):
         corrector: bool = True,
         start_span: float = 0.0,
         start_shift: float = 0.0,
+        final_width: int = 1,
+        final_init: Tensor | None = None,
     ):
         super().__init__()
         if nfe < 1:
@@ -148,6 +155,12 @@ class Student(nn.Module):
         self.delta = nn.ParameterList(
             [nn.Parameter(torch.zeros(k, dtype=f64)) for k in self.orders]
         )
+        k_f = max(1, min(int(final_width), n))
+        f0 = torch.zeros(k_f, dtype=f64)
+        f0[0] = 1.0
+        if final_init is not None:
+            f0 = torch.as_tensor(final_init, dtype=f64)[:k_f].clone()
+        self.final = nn.Parameter(f0 - torch.eye(k_f, dtype=f64)[0])  # δ_f: f = e_0 + δ_f − mean
         # UniC of step i − 1, applied after the call at t_i (i = 1 … N − 2): p_{i−1} + 1 weights
         self.delta_c = nn.ParameterList(
             [nn.Parameter(torch.zeros(self.orders[i - 1] + 1, dtype=f64)) for i in range(1, n - 1)]
@@ -159,7 +172,12 @@ class Student(nn.Module):
         return [self.theta, self.phi, *([self.psi] if self.start_span > 0 else [])]
 
     def weight_parameters(self) -> list[nn.Parameter]:
-        return [*self.delta, *self.delta_c]
+        return [*self.delta, *self.delta_c, *([self.final] if self.final.numel() > 1 else [])]
+
+    def final_weights(self) -> Tensor:
+        """f, the output's weights on the last calls' x̂_0 (newest first; Σ f = 1)."""
+        k = self.final.numel()
+        return torch.eye(k, dtype=torch.float64)[0] + self.final - self.final.mean()
 
     # -- the grid ---------------------------------------------------------------------------
     def lambdas(self) -> Tensor:
@@ -232,12 +250,15 @@ class Student(nn.Module):
         for i in range(self.nfe):
             hist.insert(0, self.model(x, self._point(t[i], x), **cond).x0)
             if i == self.nfe - 1:
-                return hist[0]
+                f = self.final_weights()
+                if f.numel() == 1:
+                    return hist[0]
+                return sum(f[j].to(x.dtype) * hist[j] for j in range(min(f.numel(), len(hist))))
             if self.corrector and i >= 1:
                 x = self._apply(corr[i - 1], x_prev, hist)
             x_prev = x
             x = self._apply(pred[i], x, hist)
-            del hist[self.order + 1 :]
+            del hist[max(self.order + 1, self.final.numel()) :]
         raise AssertionError("unreachable")
 
     # -- export -----------------------------------------------------------------------------
@@ -255,6 +276,9 @@ class Student(nn.Module):
         for i in range(self.nfe):
             correct = row(corr[i - 1]) if self.corrector and 1 <= i < self.nfe - 1 else None
             update = row(pred[i]) if i < self.nfe - 1 else None
+            if i == self.nfe - 1 and self.final.numel() > 1:
+                f = self.final_weights()[: min(self.final.numel(), self.nfe)]
+                update = Row(0.0, tuple(f.tolist()))
             steps.append(StepRule((tl[i],), update=update, correct=correct))
         prediction = getattr(self.denoiser, "prediction", "")
         return Tuned(

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..auto import is_guided
 from ..schedules import Karras, LogSNR
 from .search import evolve, gits_grid
 from .student import Student
@@ -24,6 +25,8 @@ METHODS = {
     "s4s": "multistep weights by gradient on a fixed grid (S4S, Frankel et al. 2025)",
     "gits": "grid by dynamic programming on one-step costs (GITS, Chen et al. 2024)",
     "autodiffusion": "grid by evolutionary search (AutoDiffusion, Li et al. 2023)",
+    "dc": "UniPC with DC-Solver's compensation ratios, searched then refined (Zhao et al. 2024)",
+    "v3": "DPM-Solver-v3: empirical statistics of the model's own samples (Zheng et al. 2023)",
 }
 
 
@@ -51,6 +54,24 @@ def _initial_grids(process: Any, nfe: int) -> list[tuple[str, Tensor]]:
     return out
 
 
+def _extrapolation(process: Any, t: Tensor, width: int) -> Tensor:
+    """The weights of ``final="extrapolate"`` on the last ``width`` x̂_0's (newest first): the
+    fit in ρ = σ/α with the basis {1, ρ², ρ³} evaluated at ρ = 0."""
+    rho = (process.sigma(t) / process.alpha(t)).flip(0)[:width]
+    basis = torch.stack([torch.ones_like(rho), rho**2, rho**3][:width], dim=1)
+    return torch.linalg.inv(basis)[0]
+
+
+def _split(
+    x: Tensor, target: Tensor, cond: dict[str, Any], lo: int, hi: int | None
+) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    part = {
+        k: v[lo:hi] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == x.shape[0] else v
+        for k, v in cond.items()
+    }
+    return x[lo:hi], target[lo:hi], part
+
+
 def _variance_preserving(process: Any) -> bool:
     t = torch.linspace(process.t_min, process.t_max_finite, 5, dtype=torch.float64)
     return bool(((process.alpha(t) ** 2 + process.sigma(t) ** 2 - 1).abs() < 1e-6).all())
@@ -68,6 +89,7 @@ def tune(
     corrector: bool = True,
     iters: int | None = None,
     lr: float = 0.05,
+    validation: float = 0.25,
     rtol: float = 1e-6,
     seed: int = 0,
     progress: Callable[[str, int, int, float], None] | None = None,
@@ -86,9 +108,11 @@ def tune(
             ``rk45`` at ``rtol``, ended the standard way, and cached).
         order: the order p of the student's UniP-p / UniC-p rows (≤ 3).
         corrector: whether the student applies UniC after each call (no extra NFE).
-        iters: gradient iterations per phase (default 120; ``auto`` runs two rounds of two
+        iters: gradient iterations per phase (default 60; ``auto`` runs two rounds of two
             phases) or generations (autodiffusion, default 15).
         lr: Adam's learning rate on the grid logits (the weight corrections use lr/5).
+        validation: the fraction of x_calib (its last samples; none below 32 samples) held out
+            to choose the iterate kept (early stopping against overfitting).
         rtol: the teacher's tolerance.
         seed: makes the evolutionary search deterministic (the gradient methods are
             deterministic anyway).
@@ -108,10 +132,26 @@ def tune(
         raise ValueError(f"nfe must be an integer >= 2 to tune, got {nfe!r}")
     if not isinstance(x_calib, Tensor) or not x_calib.is_floating_point() or x_calib.ndim < 2:
         raise ValueError("x_calib must be a floating-point tensor of prior samples (B, ...)")
+    if not 0 <= validation < 1:
+        raise ValueError(f"validation must be a fraction in [0, 1), got {validation!r}")
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
     nfe = int(nfe)
+    if method == "v3":
+        from .v3 import tune_v3
+
+        return tune_v3(  # type: ignore[return-value]
+            model, x_calib, nfe, cond=cond, target=target, order=order, corrector=corrector,
+            rtol=rtol, seed=seed, progress=progress,
+        )  # fmt: skip
     cond = dict(cond or {})
+    if method == "dc":  # its own grid and the teacher's path on it (``target`` is not used)
+        from .dc_solver import fit_dc
+
+        return fit_dc(
+            model, x_calib, nfe, cond=cond, order=order, corrector=corrector,
+            iters=20 if iters is None else iters, rtol=rtol, progress=progress,
+        )  # fmt: skip
     process = model.process
     x = x_calib.to(torch.float64) if x_calib.dtype != torch.float64 else x_calib
     start = time.perf_counter()
@@ -129,51 +169,69 @@ def tune(
     # x_T ~ N(0, I) is nearly a sample a little below t_max on a variance-preserving path
     span = 1.0 if _variance_preserving(process) else 0.0
 
-    def student(t: Tensor) -> Student:
+    # unguided: the output may be a learned combination of the last x̂_0's (a continuation to
+    # σ = 0 at no extra call); a guided x̂_0 is never extrapolated
+    width = 1 if is_guided(model) else min(3, nfe)
+
+    def student(t: Tensor, end: str = "standard") -> Student:
         lam = process.lambda_(t)
         shift = min(max(float(lam[0]) - lam_top, 0.0), 0.9 * span) if span else 0.0
+        init = _extrapolation(process, t, width) if end == "extrapolate" else None
         return Student(
             model, nfe, t_start, lam, lam_hi, lam_lo, order=order, corrector=corrector,
-            start_span=span, start_shift=shift,
+            start_span=span, start_shift=shift, final_width=width, final_init=init,
         )  # fmt: skip
 
-    def loss_of(s: Student) -> float:
+    # a validation part of the calibration noise picks the iterate kept (early stopping):
+    # per-step weights fitted to a few hundred trajectories overfit the hardest of them
+    n_val = round(validation * x.shape[0]) if x.shape[0] >= 32 else 0
+    cut = x.shape[0] - n_val
+    parts = {"train": _split(x, target, cond, 0, cut), "val": _split(x, target, cond, cut, None)}
+    parts["all"] = (x, target, cond)
+
+    def loss_of(s: Student, part: str = "all") -> float:
+        xs, ts, cs = parts[part]
         with torch.no_grad():
-            return float(_loss(s(x, cond), target))
+            return float(_loss(s(xs, cs), ts))
 
     # the best of the standard grids starts every method
     scored = []
     for name, t in _initial_grids(process, nfe):
-        cand = student(t)
-        scored.append((loss_of(cand), name, cand))
+        for end in ("standard", "extrapolate") if width > 1 else ("standard",):
+            cand = student(t, end)
+            scored.append((loss_of(cand), f"{name}/{end}", cand))
     loss0, init_name, s = min(scored, key=lambda r: r[0])
     if not math.isfinite(loss0):
         raise TuningError(f"the initial grids give a non-finite loss ({loss0}) on this model")
-    n_it = iters if iters is not None else (15 if method == "autodiffusion" else 120)
+    n_it = iters if iters is not None else (15 if method == "autodiffusion" else 60)
+
+    select = "val" if n_val else "train"
+    xt, tt, ct = parts["train"]
 
     def descend(params: list[torch.nn.Parameter], rate: float, phase: str) -> None:
         opt = torch.optim.Adam(params, lr=rate)
-        best = (loss_of(s), [p.detach().clone() for p in params])
+        best = (loss_of(s, select), [p.detach().clone() for p in params])
         for i in range(n_it):
             opt.zero_grad()
-            loss = _loss(s(x, cond), target)
+            loss = _loss(s(xt, ct), tt)
             value = float(loss.detach())
             if not math.isfinite(value) or value > 1e3 * max(loss0, 1e-30):
                 raise TuningError(
                     f"{phase}: the calibration loss diverged ({value:.3g} at iteration {i}; "
                     f"it started at {loss0:.3g}); try a smaller lr"
                 )
-            if value < best[0]:  # the parameters that gave this loss, before the step
-                best = (value, [p.detach().clone() for p in params])
+            # the parameters that gave this loss, before the step
+            score = loss_of(s, "val") if n_val else value
+            if score < best[0]:
+                best = (score, [p.detach().clone() for p in params])
             loss.backward()
             opt.step()
             if progress is not None:
                 progress(phase, i + 1, n_it, value)
-        with torch.no_grad():  # keep the best iterate, so tuning never makes the start worse
+        with torch.no_grad():  # keep the best iterate: tuning never makes the start worse
             for p, v in zip(params, best[1]):
                 p.copy_(v)
-            final = loss_of(s)
-            if final > best[0] * (1 + 1e-9):
+            if loss_of(s, select) > best[0] * (1 + 1e-9):
                 raise TuningError(f"{phase}: restoring the best iterate failed")
 
     grid_params = s.grid_parameters()
@@ -190,7 +248,7 @@ def tune(
         lam = gits_grid(
             model, x, nfe, t_start=t_start, lam_hi=lam_hi, target=target, cond=cond, rtol=rtol
         )
-        s = student(process.t_of_lambda(lam))
+        s = student(process.t_of_lambda(lam), init_name.split("/")[1])
     else:  # autodiffusion
         vec0 = torch.cat([p.detach().reshape(-1) for p in grid_params])
         sizes = [p.numel() for p in grid_params]
@@ -213,9 +271,11 @@ def tune(
         "order": order,
         "corrector": corrector,
         "init_grid": init_name,
+        "final_weights": s.final_weights().tolist(),
         "calib_samples": int(x.shape[0]),
         "calib_rel_rmse_before": math.sqrt(loss0),
         "calib_rel_rmse_after": math.sqrt(loss1),
+        "validation_samples": n_val,
         "teacher_seconds": t_teacher,
         "seconds": time.perf_counter() - start,
         "iters": n_it,

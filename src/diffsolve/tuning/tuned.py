@@ -220,6 +220,10 @@ def load_tuned(
     and, when given, the ``model`` (its process and prediction type), the ``process`` and the
     ``nfe`` it must fit. Raises :class:`TunedFileError` naming the file and the problem."""
     path = Path(path)
+    from .v3 import is_v3_file, load_v3
+
+    if is_v3_file(path):  # a tuned DPM-Solver-v3 (statistics file)
+        return load_v3(path, model, nfe=nfe, process=process)  # type: ignore[return-value]
     try:
         doc = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

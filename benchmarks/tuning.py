@@ -1,0 +1,343 @@
+"""Tuned solvers on held-out noise: error ÷ the best-peer envelope, next to untuned ``auto``.
+
+For each model, process, NFE and tuning method, ``ds.tune`` calibrates on ``--calib`` prior
+noises drawn from one seed (``--seed-calib``) and the tuned solver is evaluated on *other* noises
+(``--seed-eval``) against the exact answer:
+
+- mixtures (gmm2d, gmm64, gmm3072 and the held-out mixtures of ``diffsolve.bench.gmm``, on the
+  processes of ``--processes``): the benchmark's exact reference (DOP853 at 1e-12) from t_max
+  continued to σ = 0, the ``err_continued`` of ``bench.runner`` and ``auto_rule.py``; the tuning
+  target is that same exact reference on the calibration noises (passed as ``target=``, so
+  tuning spends no time on ``rk45``);
+- the shipped networks (digits-vp, digits-flow; ``ds.nets.model``, class labels
+  ``arange(B) % 10`` bound to the batch positions as in ``bench.networks``): the network's own
+  ODE solution ended the standard way (``diffsolve.tuning.teacher.teacher``, ``rk45`` at
+  ``--rtol``), on the calibration noises as the target and on the evaluation noises as the truth.
+
+Every row reports the held-out relative RMSE of the tuned solver, its ratio to the best-peer
+envelope (the least error of every diffusers / k-diffusion configuration of
+``diffsolve.bench.peers`` on the same evaluation noise and NFE, as ``auto_rule.py`` computes it),
+the same ratio for untuned ``solver="auto"``, the calibration error and the tuning wall time
+(``ds.tune`` alone; the teacher is timed separately, per model). ``--also-calib 64,1024`` adds
+the held-out error when calibrating on 64 and on 1024 noises (nested subsets of one draw).
+
+Rows are printed as they finish and written to ``--out`` after each one; a rerun with the same
+``--out`` skips the rows already there (resumable); ``--cache DIR`` keeps the exact answers
+(the costly part on the networks) between runs. ``--md`` writes the markdown table.
+
+    python benchmarks/tuning.py --models gmm64,heldout16 --processes sd --nfe 5,10 \\
+        --methods auto --out tuning.json --md tuning.md
+
+The defaults are the whole study (every model, SD and DDPM-linear for the mixtures, NFE 4, 5,
+6, 8, 10, every method): hours on 2 CPU cores; choose a part with the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import diffsolve as ds
+from diffsolve.bench.gmm import GMMS, HELDOUT, get_gmm, get_heldout
+from diffsolve.bench.metrics import per_sample_rel_err, rel_rmse
+from diffsolve.bench.runner import ExactReference, get_process, prediction_for
+from diffsolve.tuning import METHODS
+from diffsolve.tuning.teacher import teacher
+
+NETWORKS = ("digits-vp", "digits-flow")
+EVAL_BATCH = {"gmm3072": 16}  # everything else: --eval
+ALL_MODELS = (*GMMS, *HELDOUT, *NETWORKS)
+
+
+class _Labelled(torch.nn.Module):
+    """The network with its class labels bound to the batch positions, so that the peers (which
+    call ``net(x, t)``) and ``ds.tune`` see the same conditional model."""
+
+    def __init__(self, net: torch.nn.Module, labels: Tensor):
+        super().__init__()
+        self.net, self.labels = net, labels
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.net(x, t, label=self.labels[: x.shape[0]])
+
+
+class Case:
+    """One (model, process): its Denoiser, calibration and evaluation noises, their exact
+    answers (computed when first needed) and the baselines on the evaluation noise."""
+
+    def __init__(self, model: str, process: str, args: argparse.Namespace):
+        self.model, self.process_name, self.args = model, process, args
+        self.network = model in NETWORKS
+        if self.network:
+            den = ds.nets.model(model)
+            labels = torch.arange(max(*args.calib_sizes, args.eval)) % 10
+            self.den = ds.Denoiser(
+                _Labelled(den.net, labels), den.process, den.prediction, sample_shape=(1, 8, 8)
+            )
+            self.gmm = None
+            shape: tuple[int, ...] = (1, 8, 8)
+        else:
+            self.gmm = get_heldout(model) if model in HELDOUT else get_gmm(model)
+            proc = get_process(process)
+            self.den = self.gmm.denoiser(proc, prediction_for(proc))
+            shape = self.gmm.shape
+        self.proc = self.den.process
+        n_cal = max(args.calib_sizes)
+        n_eval = EVAL_BATCH.get(model, args.eval)
+        self.x_calib = self._prior(n_cal, shape, args.seed_calib)
+        self.x_eval = self._prior(n_eval, shape, args.seed_eval)
+        self._truth: dict[str, Tensor] = {}
+        self.truth_seconds: dict[str, float] = {}
+
+    def _prior(self, n: int, shape: tuple[int, ...], seed: int) -> Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return self.proc.prior((n, *shape), generator=gen, dtype=torch.float64)
+
+    def truth(self, which: str) -> Tensor:
+        """The exact answer on the ``calib`` or ``eval`` noises (cached)."""
+        if which not in self._truth:
+            x = self.x_calib if which == "calib" else self.x_eval
+            seed = self.args.seed_calib if which == "calib" else self.args.seed_eval
+            tag = "exact" if self.gmm is not None else f"rk45-{self.args.rtol:g}"
+            name = f"{self.model}-{self.process_name}-{tag}-seed{seed}-n{x.shape[0]}.pt"
+            path = Path(self.args.cache) / name if self.args.cache else None
+            t0 = time.perf_counter()
+            if path is not None and path.exists():
+                self._truth[which] = torch.load(path)
+            elif self.gmm is not None:
+                ref = ExactReference(self.gmm, self.proc, x)
+                self._truth[which] = ref.continued(float(self.proc.t_max_finite))
+            else:
+                self._truth[which] = teacher(self.den, x, rtol=self.args.rtol)
+            self.truth_seconds[which] = time.perf_counter() - t0
+            if path is not None and not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(self._truth[which], path)
+        return self._truth[which]
+
+    def baselines(self, nfe: int) -> dict[str, Any]:
+        """Untuned auto and every peer configuration on the evaluation noise at ``nfe``."""
+        from diffsolve.bench import peers
+
+        ref = self.truth("eval")
+        x = ds.sample(self.den, self.x_eval, "auto", nfe=nfe)
+        out: dict[str, Any] = {
+            "err_auto": rel_rmse(x, ref),
+            "err_auto_median": float(per_sample_rel_err(x, ref).median()),
+            "peers": {},
+        }
+        for cfg in peers.peer_configs(self.proc):
+            try:
+                res = peers.run_peer(cfg, self.den, self.x_eval, nfe)
+                err = rel_rmse(res.x.to(torch.float64), ref)
+            except Exception as e:  # a peer's own failure is a result, not a crash
+                out["peers"][cfg.label] = {"err": None, "error": repr(e)}
+                continue
+            out["peers"][cfg.label] = {"err": err if math.isfinite(err) else None, "nfe": res.nfe}
+        finite = [(v["err"], k) for k, v in out["peers"].items() if v.get("err") is not None]
+        if finite:
+            out["envelope"], out["best_peer"] = min(finite)
+        else:
+            out["envelope"], out["best_peer"] = None, None
+        return out
+
+
+def _key(row: dict[str, Any]) -> str:
+    return "|".join(str(row[k]) for k in ("model", "process", "nfe", "method", "calib", "iters"))
+
+
+def _load(path: Path) -> dict[str, Any]:
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"rows": [], "baselines": {}, "meta": {}}
+
+
+def _save(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(path)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The rows as a markdown table: one line per model, process, NFE and method at ``--calib``
+    noises, with a column per other calibration size found in the rows (``--also-calib``)."""
+    rows = doc["rows"]
+    also = sorted({r["calib"] for r in rows if not r.get("main")})
+    order = {m: i for i, m in enumerate((*ALL_MODELS, *METHODS))}
+    main = sorted(
+        (r for r in rows if r.get("main")),
+        key=lambda r: (order[r["model"]], r["process"], r["nfe"], order[r["method"]]),
+    )
+    head = (
+        "| model | process | NFE | method | iters | tuned err | tuned ÷ env | auto ÷ env "
+        "| calib err | tune s |"
+    )
+    sep = "|---|---|--:|---|--:|--:|--:|--:|--:|--:|"
+    for n in also:
+        head += f" ÷ env @{n} |"
+        sep += "--:|"
+    head += " best peer |"
+    sep += "---|"
+    lines = [head, sep]
+    for r in main:
+        line = (
+            f"| {r['model']} | {r['process']} | {r['nfe']} | {r['method']} "
+            f"| {r['iters'] or 'default'} | {_fmt(r['err_tuned'], '.3e')} "
+            f"| {_fmt(r['ratio_tuned'], '.3f')} "
+            f"| {_fmt(r['ratio_auto'], '.3f')} | {_fmt(r['err_calib'], '.3e')} "
+            f"| {_fmt(r['tune_seconds'], '.1f')} |"
+        )
+        for n in also:
+            other = next(
+                (
+                    o
+                    for o in rows
+                    if o["calib"] == n
+                    and all(o[k] == r[k] for k in ("model", "process", "nfe", "method", "iters"))
+                ),
+                None,
+            )
+            line += f" {_fmt(other['ratio_tuned'] if other else None, '.3f')} |"
+        line += f" {r['best_peer']} |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default=",".join(ALL_MODELS))
+    ap.add_argument("--processes", default="sd,ddpm", help="for the mixtures (bench PROCESSES)")
+    ap.add_argument("--nfe", default="4,5,6,8,10")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--calib", type=int, default=256, help="calibration noises")
+    ap.add_argument("--also-calib", default="", help="e.g. 64,1024: also tune on these counts")
+    ap.add_argument("--eval", type=int, default=64, help="evaluation noises (gmm3072: 16)")
+    ap.add_argument("--iters", type=int, default=None, help="ds.tune's iters (default its own)")
+    ap.add_argument("--seed-calib", type=int, default=1)
+    ap.add_argument("--seed-eval", type=int, default=2)
+    ap.add_argument("--rtol", type=float, default=1e-6, help="the networks' rk45 teacher")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cache", default=None, help="folder keeping the exact answers between runs")
+    ap.add_argument("--out", default="tuning.json")
+    ap.add_argument("--md", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.seed_calib == args.seed_eval:
+        ap.error("--seed-calib and --seed-eval must differ (held-out means other noises)")
+    models = args.models.split(",")
+    for m in models:
+        if m not in ALL_MODELS:
+            ap.error(f"unknown model {m!r}; valid: {', '.join(ALL_MODELS)}")
+    methods = args.methods.split(",")
+    for m in methods:
+        if m not in METHODS:
+            ap.error(f"unknown method {m!r}; valid: {', '.join(METHODS)}")
+    nfes = [int(n) for n in args.nfe.split(",")]
+    also = [int(n) for n in args.also_calib.split(",") if n]
+    args.calib_sizes = [args.calib, *[n for n in also if n != args.calib]]
+
+    out = Path(args.out)
+    doc = _load(out)
+    doc["meta"].update(
+        seed_calib=args.seed_calib, seed_eval=args.seed_eval, torch=torch.__version__
+    )
+    done = {_key(r) for r in doc["rows"]}
+    print(
+        f"{'model':11s} {'proc':5s} {'NFE':>3s} {'method':13s} {'calib':>5s} {'tuned':>9s} "
+        f"{'÷env':>6s} {'auto÷env':>8s} {'calib err':>9s} {'tune s':>7s}  best peer",
+        flush=True,
+    )
+    for model in models:
+        procs = ["own"] if model in NETWORKS else args.processes.split(",")
+        for pname in procs:
+            case: Case | None = None
+            for nfe in nfes:
+                for method in methods:
+                    for n_cal in args.calib_sizes:
+                        row: dict[str, Any] = {
+                            "model": model,
+                            "process": pname,
+                            "nfe": nfe,
+                            "method": method,
+                            "calib": n_cal,
+                            "iters": args.iters,
+                        }
+                        if _key(row) in done:
+                            continue
+                        if case is None:
+                            case = Case(model, pname, args)
+                        bkey = f"{model}|{pname}|{nfe}|{args.seed_eval}|{case.x_eval.shape[0]}"
+                        if bkey not in doc["baselines"]:
+                            doc["baselines"][bkey] = case.baselines(nfe)
+                        base = doc["baselines"][bkey]
+                        target = case.truth("calib")[:n_cal]
+                        x_cal = case.x_calib[:n_cal]
+                        t0 = time.perf_counter()
+                        try:
+                            tuned = ds.tune(
+                                case.den, x_cal, nfe, method=method, target=target,
+                                iters=args.iters, rtol=args.rtol,
+                            )  # fmt: skip
+                        except ds.TuningError as e:
+                            row.update(error=repr(e), err_tuned=None, err_calib=None)
+                            tuned = None
+                        secs = time.perf_counter() - t0
+                        if tuned is not None:
+                            x = ds.sample(case.den, case.x_eval, solver=tuned)
+                            row.update(
+                                err_tuned=rel_rmse(x, case.truth("eval")),
+                                err_tuned_median=float(
+                                    per_sample_rel_err(x, case.truth("eval")).median()
+                                ),
+                                err_calib=tuned.info["calib_rel_rmse_after"],
+                                err_calib_before=tuned.info["calib_rel_rmse_before"],
+                                init_grid=tuned.info["init_grid"],
+                                times=list(tuned.times),
+                                error=None,
+                            )
+                        env = base["envelope"]
+                        row.update(
+                            main=n_cal == args.calib,
+                            eval=int(case.x_eval.shape[0]),
+                            tune_seconds=secs,
+                            err_auto=base["err_auto"],
+                            envelope=env,
+                            best_peer=base["best_peer"],
+                            ratio_tuned=_ratio(row["err_tuned"], env),
+                            ratio_auto=_ratio(base["err_auto"], env),
+                            truth_seconds=dict(case.truth_seconds),
+                        )
+                        doc["rows"].append(row)
+                        done.add(_key(row))
+                        _save(out, doc)
+                        print(
+                            f"{model:11s} {pname:5s} {nfe:3d} {method:13s} {n_cal:5d} "
+                            f"{_fmt(row['err_tuned'], '9.3e')} {_fmt(row['ratio_tuned'], '6.3f')} "
+                            f"{_fmt(row['ratio_auto'], '8.3f')} {_fmt(row['err_calib'], '9.3e')} "
+                            f"{secs:7.1f}  {base['best_peer']}",
+                            flush=True,
+                        )
+            if case is not None and case.truth_seconds:
+                secs = ", ".join(f"{k} {v:.1f} s" for k, v in case.truth_seconds.items())
+                print(f"  ({model} {pname}: exact answers {secs})", flush=True)
+    if args.md:
+        Path(args.md).write_text(markdown(doc))
+
+
+if __name__ == "__main__":
+    main()
