@@ -18,7 +18,7 @@ import torch
 
 import diffsolve as ds
 from diffsolve.noise import NoiseSource
-from diffsolve.schedules import Leading
+from diffsolve.schedules import Leading, Uniform
 
 from .conftest import rel_err
 
@@ -363,7 +363,17 @@ def test_flow_matching_config():
     assert 0 < float(sched.timesteps[-1]) < float(sched.timesteps[0]) <= 1000
     x_T = torch.randn(3, 4, generator=torch.Generator().manual_seed(9))
     model = ds.Denoiser(flow_net, sched.process, "velocity", time_map=lambda t: 1000 * t)
-    assert rel_err(flow_loop(sched, x_T), ds.sample(model, x_T, "unipc", nfe=6)) <= TOL
+    # a named solver on a flow config steps on diffusers' shifted flow grid (not its λ grid)
+    grid = Uniform(trailing=True)
+    ours = ds.sample(model, x_T, "unipc", nfe=6, schedule=grid)
+    assert rel_err(flow_loop(sched, x_T), ours) <= TOL
+    shifted = (1000 * grid(sched.process, 6)).tolist()
+    assert sched.timesteps.tolist() == pytest.approx(shifted, rel=1e-6)
+    plain = DiffsolveScheduler.from_config(
+        diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0).config, solver="dpmpp_2m"
+    )
+    plain.set_timesteps(6)
+    assert float(plain.timesteps[2]) < float(sched.timesteps[2]) - 50  # the shift is followed
 
 
 def test_custom_sigmas_and_timesteps():
@@ -409,13 +419,15 @@ def test_misuse_gives_clear_errors(unet):
         sched.step(x, 999, x)
     sched.set_timesteps(4)
     with pytest.raises(ValueError, match="timestep"):
-        sched.step(x, 500, x)  # not the first call's time (e.g. img2img's sliced schedule)
-    with pytest.raises(NotImplementedError, match="t_max"):
-        sched.set_begin_index(2)
+        sched.step(x, 500, x)  # on no entry of the schedule
+    with pytest.raises(ValueError, match="outside"):
+        sched.set_begin_index(9)
+    heun = DiffsolveScheduler(solver="heun")
+    heun.set_timesteps(5)
+    with pytest.raises(ValueError, match="intermediate stage"):
+        heun.set_begin_index(1)
     with pytest.raises(ValueError, match="positive integer"):
         sched.set_timesteps(0)
-    with pytest.raises(ValueError, match="zero"):
-        DiffsolveScheduler(rescale_betas_zero_snr=True)
     with pytest.raises(ValueError, match="prediction_type"):
         DiffsolveScheduler(prediction_type="score")
     edm = diffusers.EDMEulerScheduler()

@@ -83,7 +83,7 @@ def test_tuning_is_deterministic(sd64):
     assert c.times == d.times
 
 
-@pytest.mark.parametrize("method", ["ld3", "s4s", "gits", "autodiffusion"])
+@pytest.mark.parametrize("method", ["ld3", "s4s", "gits", "autodiffusion", "usf"])
 def test_every_method_runs_and_never_worsens_calibration(sd64, method):
     _p, model, calib, _, target, _ = sd64
     kw = {"iters": 3} if method != "gits" else {}

@@ -37,38 +37,70 @@ solver's noise is seeded by one draw from the ``generator`` given to its first `
 (what DDPM/DDIM pipelines pass; None: torch's global RNG), a list of generators giving one seed
 per sample (``NoiseSource.from_generator``, as ``ds.sample(..., generator=...)`` does).
 
+**Mid-schedule starts** (img2img, inpainting, SDEdit with ``strength < 1``; an SDXL refiner's
+``denoising_start``). Pipelines call ``set_timesteps(n)``, keep ``timesteps[t_start:]``, call
+``set_begin_index(t_start)`` and noise the image to the first kept timestep (``add_noise``, or
+``scale_noise`` on flow paths: (1 − t)·x_0 + t·ε). The run then starts at that grid point with an
+empty history: the solver on the rest of the grid, exactly ``ds.sample(model, x, solver,
+times=<the remaining grid>)``. Without ``set_begin_index`` (``begin_index`` is None) the timestep
+handed to the first ``step`` places the run (``index_for_timestep``). The start must be the first
+call of a solver step; a solver whose restarted calls would differ from the rest of
+``timesteps`` (singlestep solvers that plan their calls from the whole budget, PNDM's warm-up) is
+refused there with a clear error.
+
+**Config keys of the stock schedulers.** ``rescale_betas_zero_snr``: ᾱ_T = 0 held as 2⁻²⁴, as
+diffusers' DPM-Solver and UniPC hold it. ``use_karras_sigmas`` / ``use_exponential_sigmas`` /
+``use_lu_lambdas``: the ``karras`` / ``exponential`` / ``logsnr`` schedule (``use_beta_sigmas``:
+refused). ``clip_sample`` (``clip_sample_range``) and ``thresholding``
+(``dynamic_thresholding_ratio``, ``sample_max_value``): x̂_0 clipped on every call as
+:class:`~diffsolve.StaticThreshold` / :class:`~diffsolve.DynamicThreshold` do in ``ds.sample``.
+LCM/TCD configs (consistency-distilled networks) are refused. On flow configs a named solver
+without an explicit schedule steps on diffusers' flow grid, shifted by ``shift`` and by Flux's
+``mu`` (``Uniform(trailing=True)``), as ``solver="auto"`` does. Schedule objects and
+solver-valued options are stored in the config as their name and fields (JSON).
+
 **Limits.** Adaptive solvers (``rk45``, ``dpm_adaptive``) choose their steps from the values
-they see, so their evaluation times cannot be listed in advance: rejected. Starting mid-schedule
-(img2img with strength < 1, ``set_begin_index(k > 0)``) is rejected: a solver starts at t_max. A
-solver whose first network call is not at x_T itself cannot be driven (the pipeline has already
-evaluated x_T): the first ``step`` raises. The original scheduler's ``clip_sample`` /
-``thresholding`` settings are not applied (use diffsolve's thresholding Denoiser wrappers with
-``ds.sample``). Edits a pipeline makes to the latents between calls (inpainting blends) are
+they see, so their evaluation times cannot be listed in advance: rejected. A solver whose first
+network call is not at x_T itself cannot be driven (the pipeline has already evaluated x_T): the
+first ``step`` raises. Edits a pipeline makes to the latents between calls (inpainting blends) are
 honoured where the next call starts a solver step, and ignored at a solver's intermediate stages.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
 from ..auto import recommend
 from ..denoiser import Denoiser, EvalPoint, Prediction
+from ..guidance.thresholding import DynamicThreshold, StaticThreshold
 from ..noise import NoiseSource
 from ..plan import FINALS, make_plan
 from ..processes.base import GaussianProcess
 from ..processes.flow import FlowMatching
 from ..processes.vp import VPDiscrete
 from ..sample import continue_to_zero
-from ..schedules import Leading, Linspace, Trailing, get_schedule, validate_times
+from ..schedules import (
+    Exponential,
+    Karras,
+    Leading,
+    Linspace,
+    LogSNR,
+    Schedule,
+    Trailing,
+    Uniform,
+    get_schedule,
+    validate_times,
+)
 from ..solvers.base import Grid, Solver, get_solver
-from .diffusers import process_from_scheduler_config, require_diffusers
+from .diffusers import _betas, is_flow_scheduler, process_from_scheduler_config, require_diffusers
 
 require_diffusers()
 
@@ -89,6 +121,59 @@ _PREDICTIONS = {
 _SPACINGS = {"leading": Leading, "trailing": Trailing, "linspace": Linspace}
 # schedulers whose σ-parameterisation (EDM preconditioning, VE) has no VP/flow reading here
 _UNSUPPORTED = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "ScoreSdeVeScheduler")
+# consistency-distilled models (LCM, TCD): their network is not a denoiser an ODE solver can
+# integrate with; their keys tell them apart from a plain VP config
+_CONSISTENCY = ("LCMScheduler", "TCDScheduler")
+_CONSISTENCY_KEYS = ("original_inference_steps", "timestep_scaling")
+# diffusers' σ-spacing flags → the diffsolve schedule that builds the same kind of grid
+_SIGMA_FLAGS: dict[str, type[Schedule]] = {
+    "use_karras_sigmas": Karras,
+    "use_exponential_sigmas": Exponential,
+    "use_lu_lambdas": LogSNR,
+}
+
+
+def _encode(v: Any) -> Any:
+    """A solver option or schedule as JSON-ready data: objects become their name and fields."""
+    if isinstance(v, Solver):
+        return {"__solver__": v.name, **{f.name: _encode(getattr(v, f.name)) for f in fields(v)}}
+    if isinstance(v, Schedule):
+        names = [f.name for f in fields(cast(Any, v))]  # schedules are frozen dataclasses
+        return {"__schedule__": v.name, **{k: _encode(getattr(v, k)) for k in names}}
+    if isinstance(v, dict):
+        return {k: _encode(u) for k, u in v.items()}
+    return v
+
+
+def _decode(v: Any) -> Any:
+    """The inverse of :func:`_encode`."""
+    if isinstance(v, dict):
+        d = {k: _decode(u) for k, u in v.items() if k not in ("__solver__", "__schedule__")}
+        if "__solver__" in v:
+            return get_solver(v["__solver__"], **d)
+        if "__schedule__" in v:
+            return type(get_schedule(v["__schedule__"]))(**d)
+        return d
+    return v
+
+
+def _zero_snr_process(cfg: Any) -> VPDiscrete:
+    """The VP table of a ``rescale_betas_zero_snr`` config: diffusers' rescaled betas, with
+    ᾱ_T = 0 replaced by 2⁻²⁴ as diffusers' DPM-Solver, UniPC and Euler schedulers do (a finite
+    first σ; the prior at t_max is N(0, I) to 6e-8)."""
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+
+    abar = torch.cumprod(1.0 - rescale_zero_terminal_snr(_betas(cfg)), dim=0).to(torch.float64)
+    # where the table's second-to-last ᾱ is already below 2⁻²⁴ (short linear tables), half of
+    # it instead, so that the table stays strictly decreasing
+    abar[-1] = min(2.0**-24, 0.5 * float(abar[-2]))
+    return VPDiscrete(abar)
+
+
+def _process_of(cfg: Any) -> VPDiscrete | FlowMatching:
+    if cfg.get("rescale_betas_zero_snr") and not is_flow_scheduler(cfg):
+        return _zero_snr_process(cfg)
+    return process_from_scheduler_config(cfg)
 
 
 @dataclass
@@ -141,23 +226,36 @@ class _Dry:
         return Prediction(torch.zeros_like(x), torch.zeros_like(x))
 
 
-def _plan_points(solver: Solver, grid: Grid, denoiser: Denoiser) -> list[EvalPoint]:
-    """Every network call of a run on ``grid``, in order (a run on a one-element sample)."""
+def _plan_points(
+    solver: Solver, grid: Grid, denoiser: Denoiser
+) -> tuple[list[EvalPoint], list[int]]:
+    """Every network call of a run on ``grid``, in order (a run on a one-element sample), and
+    the solver step each call belongs to."""
     dry = _Dry(denoiser)
     x = torch.zeros(1, 1, dtype=torch.float64)
     noise = NoiseSource(0) if solver.stochastic else None
     state = solver.init(x, grid, dry, noise)
+    step_of: list[int] = []
     for i in range(grid.steps):
         x, state = solver.step(x, i, state, dry)
-    return dry.seen
+        step_of += [i] * (len(dry.seen) - len(step_of))
+    return dry.seen, step_of
 
 
 class _Run:
     """One sampling run: the solver's (x, state) at the start of step ``i``, the tape of that
     step, and the evaluation the pipeline is making now (``pending``)."""
 
-    def __init__(self, solver: Solver, grid: Grid, denoiser: Denoiser, final: str):
+    def __init__(
+        self,
+        solver: Solver,
+        grid: Grid,
+        denoiser: Denoiser,
+        final: str,
+        clip: Callable[[Tensor], Tensor] | None = None,
+    ):
         self.solver, self.grid, self.denoiser, self.final = solver, grid, denoiser, final
+        self.clip = clip
         self.tape = _Tape(denoiser)
         self.i = 0
         self.calls = 0
@@ -168,6 +266,7 @@ class _Run:
         self.returned: Tensor | None = None
         self.recent: deque[tuple[float, Tensor]] = deque(maxlen=6)
         self.done = False
+        self.offset = 0  # index of this run's first call in the scheduler's timesteps
 
     def start(self, sample: Tensor, generator: Any) -> None:
         xc = sample.to(torch.float32) if sample.dtype in (torch.float16, torch.bfloat16) else sample
@@ -212,6 +311,9 @@ class _Run:
             if not self.tape.preds and x_eval is self.x:
                 self.x = x_eval = sample.to(self.x.dtype)
         pred = self.denoiser.convert(x_eval, out, point)
+        if self.clip is not None:  # clip_sample / thresholding: as StaticThreshold and co.
+            x0 = self.clip(pred.x0)
+            pred = Prediction(x0, (x_eval.to(x0.dtype) - point.alpha * x0) / point.sigma)
         self.tape.preds.append(pred)
         self.calls += 1
         if self.final == "extrapolate":
@@ -223,6 +325,31 @@ class _Run:
         if self.final == "extrapolate":
             x = continue_to_zero(self.recent, min(max(self.solver.order, 2), 3), x)
         return x, pred
+
+
+def _pipeline_guided() -> bool:
+    """Whether the diffusers pipeline calling ``set_timesteps`` runs classifier-free guidance:
+    the first ``DiffusionPipeline`` found as ``self`` up the call stack, read through its
+    ``do_classifier_free_guidance`` property (SD, SDXL, SD3, PixArt, ...: set from
+    ``guidance_scale`` before the pipeline plans its timesteps), else its ``_guidance_scale``
+    > 1 (Flux and other guidance-distilled pipelines have neither CFG flag: unguided)."""
+    from diffusers import DiffusionPipeline
+
+    frame: Any = sys._getframe(2)
+    depth = 0
+    while frame is not None and depth < 16:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, DiffusionPipeline):
+            try:
+                flag = getattr(owner, "do_classifier_free_guidance", None)
+            except Exception:  # a property reading state the pipeline has not set
+                flag = None
+            if flag is None:
+                scale = getattr(owner, "_guidance_scale", None)
+                flag = scale is not None and float(scale) > 1.0
+            return bool(flag)
+        frame, depth = frame.f_back, depth + 1
+    return False
 
 
 def _net_placeholder(*args: Any, **kwargs: Any) -> Tensor:
@@ -241,7 +368,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
         rescale_betas_zero_snr: the VP table, read exactly as diffusers reads it
             (:func:`~diffsolve.interop.diffusers.process_from_scheduler_config`; a zero-SNR
-            table is rejected).
+            table with ᾱ_T = 2⁻²⁴, as diffusers' DPM-Solver holds it).
         prediction_type: ``epsilon``, ``sample``, ``v_prediction`` (or ``flow_prediction``).
         timestep_spacing, steps_offset: used when ``schedule="timestep_spacing"`` (diffusers'
             ``leading``/``trailing``/``linspace`` indices of the original config).
@@ -251,13 +378,30 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             name and fields), or ``"auto"``: the solver, schedule and end rule ``ds.sample``
             recommends for each run's NFE budget (an explicit ``schedule``/``final`` wins).
         solver_options: the solver's options as a dict (JSON-serialisable).
-        schedule: a diffsolve schedule name (``ds.schedules()``); None: the solver's default.
+        schedule: a diffsolve schedule name (``ds.schedules()``) or object (stored as its name
+            and fields); None: the solver's default (flow configs: the shifted flow grid).
         guided: the pipeline runs classifier-free guidance (``solver="auto"`` then uses its
-            guided rule; other solvers ignore it).
+            guided rule; other solvers ignore it). None (default): detected at
+            ``set_timesteps`` from the calling pipeline (the ``DiffusionPipeline`` up the call
+            stack: its ``do_classifier_free_guidance``, else ``_guidance_scale > 1``); False
+            outside a pipeline.
+        variance_type: accepted and unused (IF and Kandinsky pipelines read it).
+        use_karras_sigmas, use_exponential_sigmas, use_lu_lambdas, use_beta_sigmas,
+        clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
+        sample_max_value: honoured or refused, as the module docstring says.
         final: ``standard`` (default), ``extrapolate`` or ``tmin``, as in ``ds.sample``.
     """
 
     order = 1  # timesteps hold one entry per network call
+    # the stock schedulers whose configs this one reads (VP tables and flow matching)
+    _compatibles = [  # noqa: RUF012 (diffusers reads and declares it per instance)
+        "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
+        "EulerDiscreteScheduler", "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+        "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler",
+        "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler",
+        "DPMSolverSDEScheduler", "FlowMatchEulerDiscreteScheduler",
+        "FlowMatchHeunDiscreteScheduler",
+    ]  # fmt: skip
 
     @register_to_config
     def __init__(
@@ -275,24 +419,36 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         flow_shift: float = 1.0,
         solver: str | Solver = "dpmpp_2m",
         solver_options: dict[str, Any] | None = None,
-        schedule: str | None = None,
+        schedule: str | Schedule | dict[str, Any] | None = None,
         final: str | None = None,
-        guided: bool = False,
+        guided: bool | None = None,
+        variance_type: str | None = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_lu_lambdas: bool = False,
+        use_beta_sigmas: bool = False,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
     ):
         # "auto" resolves per run from the NFE budget (set_timesteps); until then, its solver
         self._auto = isinstance(solver, str) and solver == "auto"
         if self._auto:
             if solver_options:
                 raise ValueError("solver='auto' takes no solver options; name a solver instead")
-            proc = process_from_scheduler_config(dict(self.config))
-            self.solver = recommend(proc, 10, guided).solver
+            proc = _process_of(dict(self.config))
+            self.solver = recommend(proc, 10, bool(guided)).solver
         else:
             if isinstance(solver, Solver):
                 options = {f.name: getattr(solver, f.name) for f in fields(solver)}
                 solver_options = {**options, **(solver_options or {})}
                 solver = solver.name
-                self.register_to_config(solver=solver, solver_options=solver_options)
-            self.solver = get_solver(solver, **(solver_options or {}))
+            # objects (a solver-valued option, a schedule) stored as name + fields: JSON-ready
+            solver_options = _encode(dict(solver_options or {}))
+            self.register_to_config(solver=solver, solver_options=solver_options)
+            self.solver = get_solver(solver, **_decode(solver_options))
         if self.solver.adaptive:
             raise ValueError(
                 f"solver {self.solver.name!r} chooses its own steps from the values it sees, so "
@@ -305,9 +461,37 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             )
         if final is not None and final not in FINALS:
             raise ValueError(f"unknown final {final!r}; valid: {', '.join(FINALS)}")
-        self.process: GaussianProcess = process_from_scheduler_config(dict(self.config))
-        self._schedule = self._make_schedule(schedule, timestep_spacing, steps_offset)
+        self.process: GaussianProcess = _process_of(dict(self.config))
+        chosen: str | Schedule | None
+        if isinstance(schedule, (Schedule, dict)):
+            self.register_to_config(schedule=_encode(schedule))
+            chosen = _decode(schedule)
+        else:
+            chosen = schedule
+        if use_beta_sigmas:
+            raise ValueError(
+                "use_beta_sigmas (a Beta-distribution σ grid) has no diffsolve schedule; use "
+                "schedule='karras', 'logsnr', 'uniform', ... or explicit sigmas"
+            )
+        flagged = [k for k in _SIGMA_FLAGS if self.config[k]]
+        if len(flagged) > 1:
+            raise ValueError(f"at most one σ-spacing flag may be set, got {flagged}")
+        want = _SIGMA_FLAGS[flagged[0]] if flagged else None
+        if want is not None and chosen is None:
+            chosen = want()
+        self._schedule = self._make_schedule(chosen, timestep_spacing, steps_offset)
+        if want is not None and not isinstance(self._schedule, want):
+            raise ValueError(
+                f"{flagged[0]}=True asks for a {want.name} grid but schedule={schedule!r} "
+                "was given: drop one of them"
+            )
         self._flow = isinstance(self.process, FlowMatching)
+        if clip_sample and thresholding:
+            raise ValueError("clip_sample and thresholding are exclusive, as in diffusers")
+        if schedule is None and self._flow:
+            # diffusers' flow grid (uniform σ ending at 1/n), shifted by the config's shift and
+            # by Flux's dynamic μ (set_timesteps(mu=...)): a λ grid would ignore both
+            self._schedule = Uniform(trailing=True)
         if self._flow != (prediction_type == "flow_prediction"):
             raise ValueError(
                 "flow-matching configs need prediction_type='flow_prediction' and VP configs one "
@@ -320,10 +504,24 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self._denoiser = Denoiser(
             _net_placeholder, self.process, _PREDICTIONS[prediction_type], time_map=time_map
         )
+        # x̂_0 clipping as diffsolve's thresholding wrappers do it (ε̂ recomputed from the
+        # clipped x̂_0), applied to every network output the pipeline hands in
+        self._clip: Callable[[Tensor], Tensor] | None = None
+        if clip_sample:
+            self._clip = StaticThreshold(self._denoiser, float(clip_sample_range))._clip
+        elif thresholding:
+            self._clip = DynamicThreshold(
+                self._denoiser, float(dynamic_thresholding_ratio), 1.0, float(sample_max_value)
+            )._clip
         self.init_noise_sigma = float(self.process.prior_std())
         self.timesteps = torch.zeros(0, dtype=torch.float32)
+        self._timesteps_host = self.timesteps
         self.num_inference_steps: int | None = None
         self._run: _Run | None = None
+        self._begin_index: int | None = None
+        self._step_of: list[int] = []  # the solver step of each entry of timesteps
+        self._planned: tuple[Solver, Grid, Denoiser, str] | None = None
+        self.sigmas = self._sigmas_of(self._train_times())
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -344,6 +542,12 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
                 f"{name or 'this scheduler'} uses a σ-parameterisation (EDM preconditioning / "
                 "VE) that DiffsolveScheduler does not map; use a VP or flow-matching pipeline"
             )
+        if name in _CONSISTENCY or any(k in cfg for k in _CONSISTENCY_KEYS):
+            raise ValueError(
+                f"{name or 'this scheduler'} samples a consistency-distilled model (LCM/TCD), "
+                "whose network maps noise to data in one call rather than predicting along "
+                "the path; ODE solvers do not apply: keep the model's own scheduler"
+            )
         if (isinstance(name, str) and name.startswith("FlowMatch")) or (
             "shift" in cfg and "beta_schedule" not in cfg
         ):
@@ -361,7 +565,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             kwargs["solver_options"] = {**saved, **kwargs.get("solver_options", {}), **options}
         return super().from_config(cfg, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
-    def _make_schedule(self, schedule: str | None, spacing: str, offset: int) -> Any:
+    def _make_schedule(self, schedule: str | Schedule | None, spacing: str, offset: int) -> Any:
         if schedule is None:
             return get_schedule(self.solver.default_schedule)
         if schedule == "timestep_spacing":
@@ -389,21 +593,95 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         return self.process.alphas_cumprod.to(torch.float32)
 
     @property
-    def step_index(self) -> int | None:
-        """Network calls handed to ``step`` so far in this run (None before the first)."""
-        return None if self._run is None or not self._run.started else self._run.calls
+    def betas(self) -> Tensor:
+        """β of the VP table (float32): 1 − ᾱ_k/ᾱ_{k−1}."""
+        return 1.0 - self.alphas
 
     @property
-    def begin_index(self) -> int:
-        return 0
+    def alphas(self) -> Tensor:
+        """α_k = ᾱ_k/ᾱ_{k−1} of the VP table (float32, as diffusers holds it)."""
+        abar = self.alphas_cumprod.to(torch.float64)
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        return (abar / prev).to(torch.float32)
+
+    @property
+    def step_index(self) -> int | None:
+        """Index in ``timesteps`` of the next network call (None before the first ``step``)."""
+        run = self._run
+        return None if run is None or not run.started else run.offset + run.calls
+
+    @property
+    def begin_index(self) -> int | None:
+        """The entry of ``timesteps`` a run starts at (``set_begin_index``); None: from the
+        timestep handed to the first ``step`` (``index_for_timestep``), as in diffusers."""
+        return self._begin_index
 
     def set_begin_index(self, begin_index: int = 0) -> None:
-        """Only 0: a solver run starts at t_max (img2img with strength < 1 is unsupported)."""
-        if begin_index != 0:
-            raise NotImplementedError(
-                "DiffsolveScheduler starts every run at t_max; starting mid-schedule "
-                "(img2img strength < 1) is not supported"
+        """Start the run at entry ``begin_index`` of ``timesteps`` (img2img / inpainting with
+        ``strength < 1``: ``timesteps[t_start * order:]``). The run is the solver on the rest of
+        the grid from that point with an empty history, ``ds.sample(..., times=<the remaining
+        grid>)``; the entry must be the first call of a solver step."""
+        k = int(begin_index)
+        if self._planned is not None:
+            self._check_begin(k)
+        self._begin_index = k
+
+    def _check_begin(self, k: int) -> int:
+        """The solver step that starts at call ``k`` (a clear error if none does)."""
+        n = len(self._step_of)
+        if not 0 <= k < n:
+            raise ValueError(f"begin index {k} is outside this run's {n} timesteps")
+        i = self._step_of[k]
+        if k > 0 and self._step_of[k - 1] == i:
+            raise ValueError(
+                f"timestep entry {k} is an intermediate stage of solver step {i} "
+                f"({self.solver.name!r} makes several calls per step): a run can start only at "
+                "the first call of a step; use a multistep solver for img2img/inpainting"
             )
+        return i
+
+    def index_for_timestep(
+        self, timestep: float | Tensor, schedule_timesteps: Tensor | None = None
+    ) -> int:
+        """The entry of ``schedule_timesteps`` (default ``timesteps``) at ``timestep``. Among
+        repeated entries (several calls of a step at one time) the first that starts a solver
+        step; for another schedule, diffusers' rule (the second of several)."""
+        own = schedule_timesteps is None
+        ts = self._timesteps_host if schedule_timesteps is None else schedule_timesteps
+        tau = float(timestep)
+        ts64 = ts.detach().to("cpu", torch.float64).reshape(-1)
+        hits = (ts64 - tau).abs() <= 1e-4 * max(1.0, abs(tau))
+        idx = [int(j) for j in hits.nonzero().reshape(-1)]
+        if not idx:
+            raise ValueError(f"timestep {tau:.6g} is not in the schedule ({ts64.numel()} entries)")
+        if own:
+            for j in idx:
+                if j == 0 or self._step_of[j - 1] != self._step_of[j]:
+                    return j
+            return idx[0]
+        return idx[1] if len(idx) > 1 else idx[0]
+
+    def _start_at(self, k: int) -> _Run:
+        """The run from call ``k``: the solver on the remaining grid, history empty."""
+        assert self._planned is not None
+        solver, grid, denoiser, final = self._planned
+        i = self._check_begin(k)
+        if i == 0:
+            return _Run(solver, grid, denoiser, final, self._clip)
+        end = grid.steps if grid.clean_end else grid.steps + 1
+        like = torch.zeros(1, 1, dtype=torch.float64)
+        plan = make_plan(denoiser, like, solver, times=grid.t[i:end], final=final)
+        points, _ = _plan_points(solver, plan, denoiser)
+        rest = torch.tensor([float(p.t_in[0]) for p in points], dtype=torch.float32)
+        if not torch.equal(rest, self._timesteps_host[k:]):
+            raise NotImplementedError(
+                f"solver {solver.name!r} started at call {k} makes other calls than the rest of "
+                "this run's timesteps (its calls per step depend on the whole budget); use a "
+                "multistep solver for img2img/inpainting"
+            )
+        run = _Run(solver, plan, denoiser, final, self._clip)
+        run.offset = k
+        return run
 
     def set_timesteps(
         self,
@@ -442,7 +720,9 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         if self._auto and timesteps is None and sigmas is None:
             budget = nfe if nfe is not None else num_inference_steps
             if budget is not None and int(budget) == budget and budget >= 1:
-                rec = recommend(process, int(budget), bool(self.config["guided"]))
+                guided = self.config["guided"]
+                guided = _pipeline_guided() if guided is None else bool(guided)
+                rec = recommend(process, int(budget), guided)
                 solver = rec.solver
                 schedule = schedule if self.config["schedule"] is not None else rec.schedule
                 final = final if final is not None else rec.final
@@ -462,12 +742,30 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             grid = make_plan(
                 denoiser, like, solver, nfe=int(budget), schedule=schedule, final=final
             )
-        points = _plan_points(solver, grid, denoiser)
+        points, self._step_of = _plan_points(solver, grid, denoiser)
         model_times = [float(p.t_in[0]) for p in points]
-        self.timesteps = torch.tensor(model_times, dtype=torch.float32, device=device)
+        self._timesteps_host = torch.tensor(model_times, dtype=torch.float32)
+        self.timesteps = self._timesteps_host.to(device)
+        self.sigmas = self._sigmas_of(torch.tensor([p.t for p in points], dtype=torch.float64))
+        self.sigmas = self.sigmas.to(device)
         self.num_inference_steps = len(model_times)
         self.solver = solver
-        self._run = _Run(solver, grid, denoiser, final)
+        self._planned = (solver, grid, denoiser, final)
+        self._begin_index = None
+        self._run = _Run(solver, grid, denoiser, final, self._clip)
+
+    def _train_times(self) -> Tensor:
+        """Process times of the training timesteps, noise end first."""
+        n = int(self.config["num_train_timesteps"])
+        tau = torch.arange(n - 1, -1, -1, dtype=torch.float64)
+        if self._flow:  # FlowMatch's σ = 1 … 1/N, shifted
+            return self.process.shift_time(tau.add(1.0).div(n))  # type: ignore[attr-defined]
+        return self._time_of_model(tau)
+
+    def _sigmas_of(self, t: Tensor) -> Tensor:
+        """diffusers' σ of process times (VP: sqrt((1 − ᾱ)/ᾱ) = σ/α; flow: σ = t), then 0."""
+        rho = self.process.sigma(t) / self.process.alpha(t) if not self._flow else t
+        return torch.cat([rho, torch.zeros(1, dtype=torch.float64)]).to(torch.float32)
 
     def _custom_times(self, process: GaussianProcess, timesteps: Any, sigmas: Any) -> Tensor:
         """Process times of diffusers-style custom ``timesteps`` or ``sigmas`` (see above)."""
@@ -523,8 +821,13 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
                 f"this run made all its {run.calls} network calls; call set_timesteps again"
             )
         if not run.started:
+            k = self._begin_index
+            if k is None:
+                k = self.index_for_timestep(timestep) if self._offschedule(timestep) else 0
+            if k:
+                self._run = run = self._start_at(k)
             run.start(sample, generator)
-        self._check_timestep(timestep, run.calls)
+        self._check_timestep(timestep, run.offset + run.calls)
         x, pred = run.feed(model_output, sample)
         prev = x.to(sample.dtype)
         run.returned = prev
@@ -532,6 +835,14 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         if not return_dict:
             return prev, x0
         return DiffsolveSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def _offschedule(self, timestep: Any) -> bool:
+        """Whether the first ``step`` got a timestep other than ``timesteps[0]`` (read once per
+        run, a host sync where the timestep lives on an accelerator)."""
+        if isinstance(timestep, Tensor) and timestep.numel() != 1:
+            return False
+        first = float(self._timesteps_host[0])
+        return abs(float(timestep) - first) > 1e-4 * max(1.0, first)
 
     def _check_timestep(self, timestep: Any, k: int) -> None:
         # compared only where it costs no device sync; a pipeline iterates ``timesteps`` anyway
@@ -544,7 +855,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             raise ValueError(
                 f"step got timestep {float(timestep):.6g} but network call {k} of this run is at "
                 f"{expected:.6g}: call step once per entry of scheduler.timesteps, in order "
-                "(starting mid-schedule, e.g. img2img strength < 1, is not supported)"
+                "(a run starting mid-schedule starts at set_begin_index or at the timestep of "
+                "its first step)"
             )
 
     # -- training-side helpers -------------------------------------------------------------
@@ -560,6 +872,13 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         """x_τ = α_τ·x_0 + σ_τ·ε at model times τ (shape (B,) or a scalar)."""
         alpha, sigma = self._coefficients(timesteps, original_samples)
         return alpha * original_samples + sigma * noise
+
+    def scale_noise(self, sample: Tensor, timestep: Any, noise: Tensor | None = None) -> Tensor:
+        """The forward noising at model times τ (flow pipelines' img2img, SD3/Flux):
+        x_τ = α_τ·x_0 + σ_τ·ε, i.e. (1 − t)·x_0 + t·ε on a flow path (``add_noise``)."""
+        if noise is None:
+            raise ValueError("scale_noise needs the noise tensor")
+        return self.add_noise(sample, noise, timestep)
 
     def get_velocity(self, sample: Tensor, noise: Tensor, timesteps: Any) -> Tensor:
         """v = α_τ·ε − σ_τ·x_0 (the v-prediction target)."""

@@ -102,6 +102,10 @@ class Student(nn.Module):
             continuation towards σ = 0 at no extra call, never used for guided models).
         final_init: the initial f (newest first), e.g. the ρ-extrapolation weights of
             ``final="extrapolate"``; default the standard end.
+        orders: the predictor order of each step (overrides ``order``'s default rule; USF's
+            per-step decisions), each ≤ i + 1.
+        correctors: whether UniC corrects after each call t_1 … t_{N−2} (overrides
+            ``corrector`` per call).
     """
 
     def __init__(
@@ -119,6 +123,8 @@ class Student(nn.Module):
         start_shift: float = 0.0,
         final_width: int = 1,
         final_init: Tensor | None = None,
+        orders: list[int] | None = None,
+        correctors: list[bool] | None = None,
     ):
         super().__init__()
         if nfe < 1:
@@ -151,6 +157,19 @@ class Student(nn.Module):
         self.phi = nn.Parameter(torch.tensor(phi, dtype=torch.float64))
         self.psi = nn.Parameter(torch.tensor(psi, dtype=torch.float64))
         self.orders = [min(self.order, i + 1, n - i) for i in range(max(n - 1, 0))]
+        if orders is not None:
+            if len(orders) != len(self.orders) or any(
+                not 1 <= k <= min(3, i + 1) for i, k in enumerate(orders)
+            ):
+                raise ValueError(f"orders must give 1 ≤ p_i ≤ min(3, i + 1) per step, got {orders}")
+            self.orders = [int(k) for k in orders]
+        self.correctors = (
+            [bool(c) for c in correctors]
+            if correctors is not None
+            else [self.corrector] * max(n - 2, 0)
+        )
+        if len(self.correctors) != max(n - 2, 0):
+            raise ValueError(f"correctors needs {max(n - 2, 0)} flags, got {len(self.correctors)}")
         f64 = torch.float64
         self.delta = nn.ParameterList(
             [nn.Parameter(torch.zeros(k, dtype=f64)) for k in self.orders]
@@ -164,15 +183,14 @@ class Student(nn.Module):
         # UniC of step i − 1, applied after the call at t_i (i = 1 … N − 2): p_{i−1} + 1 weights
         self.delta_c = nn.ParameterList(
             [nn.Parameter(torch.zeros(self.orders[i - 1] + 1, dtype=f64)) for i in range(1, n - 1)]
-            if self.corrector
-            else []
         )
 
     def grid_parameters(self) -> list[nn.Parameter]:
         return [self.theta, self.phi, *([self.psi] if self.start_span > 0 else [])]
 
     def weight_parameters(self) -> list[nn.Parameter]:
-        return [*self.delta, *self.delta_c, *([self.final] if self.final.numel() > 1 else [])]
+        used = [d for d, on in zip(self.delta_c, self.correctors) if on]
+        return [*self.delta, *used, *([self.final] if self.final.numel() > 1 else [])]
 
     def final_weights(self) -> Tensor:
         """f, the output's weights on the last calls' x̂_0 (newest first; Σ f = 1)."""
@@ -210,7 +228,10 @@ class Student(nn.Module):
             a, w, gain = _unipc_row(lam, sig, alp, i, self.orders[i], False)
             d = self.delta[i]
             pred.append((a, w + gain * (d - d.mean())))
-        for i in range(1, self.nfe - 1) if self.corrector else ():
+        for i in range(1, self.nfe - 1):
+            if not self.correctors[i - 1]:
+                corr.append(None)
+                continue
             a, w, gain = _unipc_row(lam, sig, alp, i - 1, self.orders[i - 1], True)
             d = self.delta_c[i - 1]
             corr.append((a, w + gain * (d - d.mean())))
@@ -254,7 +275,7 @@ class Student(nn.Module):
                 if f.numel() == 1:
                     return hist[0]
                 return sum(f[j].to(x.dtype) * hist[j] for j in range(min(f.numel(), len(hist))))
-            if self.corrector and i >= 1:
+            if 1 <= i and corr[i - 1] is not None:
                 x = self._apply(corr[i - 1], x_prev, hist)
             x_prev = x
             x = self._apply(pred[i], x, hist)
@@ -274,7 +295,9 @@ class Student(nn.Module):
 
         steps = []
         for i in range(self.nfe):
-            correct = row(corr[i - 1]) if self.corrector and 1 <= i < self.nfe - 1 else None
+            correct = (
+                row(corr[i - 1]) if 1 <= i < self.nfe - 1 and corr[i - 1] is not None else None
+            )
             update = row(pred[i]) if i < self.nfe - 1 else None
             if i == self.nfe - 1 and self.final.numel() > 1:
                 f = self.final_weights()[: min(self.final.numel(), self.nfe)]
