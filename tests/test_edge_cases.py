@@ -198,3 +198,19 @@ def test_the_suite_covers_every_family():
     assert families | {"lms", "ipndm", "rk", "rk4", "dpmpp_2s"} <= set(DETERMINISTIC)
     assert "rk45" in ALL and "rk45" not in FIXED  # adaptive: chooses its own steps
     assert "ddpm" in FIXED and "ddpm" not in DETERMINISTIC  # stochastic: seed test only
+
+
+def test_times_accept_float32_rounding_and_refuse_real_excursions():
+    """Issue 11: a float32 σ list (k-diffusion's own grids) mapped to t lands a few ulps outside
+    [t_min, t_max]; validate_times clamps within a relative 1e-5 and still refuses more."""
+    import diffsolve as ds
+    from diffsolve.schedules import validate_times
+
+    p = ds.EDM(0.002, 80.0)
+    sig = torch.tensor([80.0 * (1 + 3e-6), 10.0, 1.0, 0.002 * (1 - 3e-6)], dtype=torch.float32)
+    t = validate_times(p, sig)
+    assert t.dtype == torch.float64
+    assert float(t[0]) == p.t_max and float(t.min()) >= p.t_min - 1e-7
+    for bad in ([80.5, 1.0, 0.01], [80.0, 1.0, 0.0019]):
+        with pytest.raises(ValueError, match="must lie in"):
+            validate_times(p, torch.tensor(bad, dtype=torch.float64))

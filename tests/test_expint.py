@@ -49,7 +49,7 @@ def test_lagrange_and_extrapolation_weights():
         w @ torch.tensor([0.0, 1.0, 9.0], dtype=torch.float64),
         torch.tensor(4.0, dtype=torch.float64),
     )
-    # x̂0(ρ) = a + b·ρ² + c·ρ³ is recovered exactly at ρ = 0 from three points
+    # x̂0(ρ) = a + b·ρ² + c·ρ⁴ (even in ρ) is recovered exactly at ρ = 0 from three points
     rhos = [0.05, 0.1, 0.2]
-    vals = [torch.tensor([1.0 + 3 * r**2 - 2 * r**3], dtype=torch.float64) for r in rhos]
+    vals = [torch.tensor([1.0 + 3 * r**2 - 2 * r**4], dtype=torch.float64) for r in rhos]
     assert abs(float(extrapolate_to_zero(rhos, vals)) - 1.0) < 1e-12

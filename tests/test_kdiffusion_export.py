@@ -148,3 +148,13 @@ def test_denoiser_from_kdiffusion(sampling, g64, x_T):
     wrapped = type("Wrapped", (Model,), {"sigma_min": 0.03, "sigma_max": 14.6})(g64)
     edm = kd.denoiser_from_kdiffusion(wrapped).process
     assert (edm.sigma_min, edm.sigma_max) == (0.03, 14.6)
+
+
+@pytest.mark.parametrize("name", ["rk45", "dpm_adaptive"])
+def test_adaptive_solvers_are_refused_for_export(name):
+    """Issue 11: to_kdiffusion_sampler("rk45") was accepted; an adaptive solver cannot step
+    exactly on k-diffusion's sigmas, so export refuses it up front."""
+    from diffsolve.interop.kdiffusion import to_kdiffusion_sampler
+
+    with pytest.raises(ValueError, match="chooses its own steps"):
+        to_kdiffusion_sampler(name)

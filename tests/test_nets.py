@@ -153,6 +153,7 @@ def _rewrite(src: Path, dst: Path, tensors=None, **header_changes) -> Path:
 
     with safe_open(str(src), framework="pt") as f:
         header = dict(f.metadata())
+    header.pop("sha256", None)  # a hand-made file: no digest (checked only where present)
     header.update(header_changes)
     header = {k: v for k, v in header.items() if v is not None}
     save_file(tensors if tensors is not None else t, str(dst), metadata=header)
@@ -350,3 +351,89 @@ def test_fd_digits_against_the_requested_classes():
     # all-7 real digits are far from the 10-class distribution, close to the real 7s
     assert fd_digits(sevens, 7) < 0.2 * fd_digits(sevens)
     assert fd_digits(sevens, torch.full((sevens.shape[0],), 7)) == fd_digits(sevens, 7)
+
+
+# -- issue 11: digests and conditioning checked before any work ---------------------------------
+def _data_offset(raw: bytes) -> int:
+    return 8 + int.from_bytes(raw[:8], "little")
+
+
+def test_shipped_weights_carry_a_matching_sha256():
+    from diffsolve.nets._io import _split, digest
+
+    for name in nets.available():
+        path = nets.WEIGHTS_DIR / f"{name}.safetensors"
+        header, data = _split(path.read_bytes())
+        recorded = header["__metadata__"]["sha256"]
+        assert len(recorded) == 64 and recorded == digest(header, data)
+        assert nets.load(name)[2].sha256 == recorded
+
+
+def test_zeroed_bytes_are_detected(shipped_copy):
+    raw = bytearray(shipped_copy.read_bytes())
+    at = _data_offset(bytes(raw)) + 4096
+    assert any(raw[at : at + 64])
+    raw[at : at + 64] = bytes(64)  # 16 float32 weights set to 0.0: still a valid safetensors file
+    shipped_copy.write_bytes(bytes(raw))
+    with pytest.raises(WeightsError, match=r"digits-vp\.safetensors is corrupted: its SHA-256"):
+        nets.load(shipped_copy)
+    with pytest.raises(WeightsError, match="corrupted"):
+        read_weights(shipped_copy)
+
+
+def test_stamping_a_digest_keeps_the_tensors_bit_for_bit(shipped_copy, tmp_path):
+    from safetensors.torch import load_file
+
+    from diffsolve.nets._io import _split, stamp_digest
+
+    bare = _rewrite(shipped_copy, tmp_path / "bare.safetensors")  # written without a digest
+    before = bare.read_bytes()
+    value = stamp_digest(bare)
+    after = bare.read_bytes()
+    assert before[_data_offset(before) :] == after[_data_offset(after) :]
+    old, new = load_file(str(shipped_copy)), load_file(str(bare))
+    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+    assert _split(after)[0]["__metadata__"]["sha256"] == value
+    assert nets.load(bare)[2].sha256 == value
+
+
+def test_save_weights_writes_a_digest_and_a_shipped_name_needs_one(tmp_path, monkeypatch):
+    net, _, info = nets.load("digits-classifier")
+    meta = {"name": "c", "arch": "DigitsClassifier", "config": info.config}
+    p = save_weights(tmp_path / "c.safetensors", net, meta)
+    assert len(read_weights(p)[1]["sha256"]) == 64
+    # a path without a digest loads (made by hand), a shipped name without one does not
+    bare = _rewrite(p, tmp_path / "digits-classifier.safetensors")
+    assert nets.load(bare)[2].sha256 is None
+    monkeypatch.setattr(nets, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(WeightsError, match="shipped network without its SHA-256"):
+        nets.load("digits-classifier")
+
+
+@pytest.mark.parametrize("guidance", [None, 3.0])
+@pytest.mark.parametrize(
+    ("cond", "match"),
+    [
+        ({"labels": torch.arange(4)}, r"unknown key\(s\) \['labels'\] \(did you mean 'label'\?\)"),
+        ({"label": torch.tensor([1, 2, 3, 12])}, r"label 12 out of range.*0…9 \(−1: no label\)"),
+        ({"label": torch.tensor([-2, 0, 0, 0])}, "label -2 out of range"),
+        ({"label": torch.ones(4)}, "label must be integer classes"),
+        ({"label": torch.zeros(4, 1, dtype=torch.long)}, r"one per sample \(shape \(4,\)\)"),
+    ],
+)
+def test_bad_conditioning_raises_before_the_first_call(cond, match, guidance):
+    den = nets.model("digits-vp", guidance=guidance)
+    inner = den.model if guidance else den
+    calls = []
+    inner.net.register_forward_hook(lambda *a: calls.append(1))
+    x_T = torch.randn(4, 1, 8, 8)
+    with pytest.raises(ValueError, match=match):
+        ds.sample(den, x_T, "unipc", nfe=5, cond=cond)
+    assert calls == []
+    ds.sample(den, x_T, "unipc", nfe=5, cond={"label": torch.tensor([0, 9, -1, 3])})
+    assert len(calls) == 5
+
+
+def test_negative_guidance_is_refused():
+    with pytest.raises(ValueError, match="negative"):
+        nets.model("digits-vp", guidance=-2.0)

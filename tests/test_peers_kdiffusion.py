@@ -207,3 +207,26 @@ def test_peers_agree_with_each_other(g64):
     )
     assert kd_model.calls == run.nfe == 10
     assert rel_err(x, run.x) <= TOL
+
+
+def test_load_external_needs_no_package_init():
+    """Issue 11: ``import k_diffusion.external`` fails without scikit-image (the package's
+    ``__init__``); ``load_external`` loads the wrappers alone, and a wrapped network samples
+    through ``denoiser_from_kdiffusion``."""
+    code = (
+        "import sys, torch, diffsolve as ds\n"
+        "from diffsolve.interop.kdiffusion import load_external, denoiser_from_kdiffusion\n"
+        "ext = load_external()\n"
+        "assert load_external() is ext\n"
+        "ac = torch.cumprod(1 - torch.linspace(1e-4, 2e-2, 1000, dtype=torch.float64), 0)\n"
+        "net = lambda x, t: 0.1 * x\n"
+        "w = ext.DiscreteEpsDDPMDenoiser(net, ac, quantize=False)\n"
+        "m = denoiser_from_kdiffusion(w)\n"
+        "x = torch.randn(4, 2, dtype=torch.float64) * float(w.sigma_max)\n"
+        "out = ds.sample(m, x, 'dpmpp_2m', nfe=6)\n"
+        "assert out.shape == (4, 2) and torch.isfinite(out).all()\n"
+        "bad = [k for k in sys.modules if k == 'k_diffusion' or k.startswith('k_diffusion.') "
+        "or k.split('.')[0] in ('skimage', 'torchvision', 'clip', 'wandb')]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

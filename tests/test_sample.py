@@ -283,3 +283,50 @@ def test_prefetched_points_equal_points_built_one_by_one(process, g2):
         fast = ds.sample(m, x, solver, nfe=9, schedule="logsnr")
         slow = ds.sample(_PerPoint(m), x, solver, nfe=9, schedule="logsnr")
         assert rel_err(fast, slow) < 1e-13, solver
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_x_T_raises_before_any_network_call(bad):
+    net = CountingNet()
+    x = torch.randn(3, 4)
+    x[1, 2] = bad
+    for model in (_model(net), ds.CFG(_model(net), 2.0, uncond={})):
+        with pytest.raises(ValueError, match=r"x_T has 1 NaN/Inf value\(s\) of 12") as err:
+            ds.sample(model, x, "euler", nfe=4)
+        assert not isinstance(err.value, ds.NonFiniteError)  # not blamed on the network
+    assert net.calls == 0
+    ds.sample(_model(net), x, "euler", nfe=4, check_finite=False)  # off: no check at all
+    assert net.calls == 4
+
+
+def test_the_model_check_cond_hook_runs_through_wrappers_before_any_call():
+    net = CountingNet()
+    seen = []
+
+    def check_cond(x, cond):
+        seen.append(sorted(cond))
+        if "labels" in cond:
+            raise ValueError("unknown key 'labels'")
+
+    inner = _model(net)
+    inner.check_cond = check_cond
+    wrapped = ds.DynamicThreshold(ds.CFG(inner, 3.0, uncond={"labels": torch.zeros(2)}))
+    with pytest.raises(ValueError, match="unknown key 'labels'"):
+        ds.sample(wrapped, torch.randn(2, 3), "euler", nfe=3, cond={"labels": torch.ones(2)})
+    assert net.calls == 0 and seen == [["labels"]]
+    ds.sample(inner, torch.randn(2, 3), "euler", nfe=3)
+    assert seen == [["labels"], []] and net.calls == 3
+
+
+def test_cfg_guidance_scale_is_checked():
+    m = _model()
+    for w in (-1.0, -0.01):
+        with pytest.raises(ValueError, match="negative, which steers away"):
+            ds.CFG(m, w, uncond={})
+    for w in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="must be finite"):
+            ds.CFG(m, w, uncond={})
+    with pytest.raises(ValueError, match="must be a number"):
+        ds.CFG(m, "strong", uncond={})
+    assert ds.CFG(m, -1.0, uncond={}, allow_negative=True).scale == -1.0
+    assert ds.CFG(m, 0.0, uncond={}).scale == 0.0  # w = 0: the unconditional model

@@ -34,12 +34,37 @@ app = typer.Typer(
 
 QUICK_NFES = (4, 6, 10, 15)
 QUICK_BATCH = 16
+# `bench --quick` on a shipped network: its reference at this rk45 tolerance (≈ 600 instead of
+# ≈ 1900 NFE); the errors it ranks at NFE 5 and 10 are 1e-2 or more, far above it
+QUICK_NET_RTOL = 1e-4
+PEERS_INSTALL = 'pip install -e ".[peers]" && pip install --no-deps k-diffusion==0.1.1.post1'
 DEFAULT_BATCH = 64
 DEFAULT_OUT = "bench-out"
 TUNE_NFES = "4,5,6,8,10"
 # the calibration noise of `diffsolve tune --seed S` comes from manual_seed(CALIB_SEED_OFFSET + S),
 # so it never coincides with the x_T of a benchmark or a `diffsolve sample` run (seed S < 1e6)
 CALIB_SEED_OFFSET = 1_000_000
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"diffsolve {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_version,
+        is_eager=True,
+        help="print diffsolve's version and exit",
+    ),
+) -> None:
+    """diffsolve: fast diffusion sampling, measured against exact solutions."""
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -96,7 +121,14 @@ def bench(
     seed: int = typer.Option(0, help="seed of x_T"),
     out: str = typer.Option(DEFAULT_OUT, help="output folder for bench.json and bench.png"),
     quick: bool = typer.Option(
-        False, help=f"NFE {','.join(map(str, QUICK_NFES))} and batch {QUICK_BATCH} (< 1 minute)"
+        False,
+        help=f"NFE {','.join(map(str, QUICK_NFES))} and batch {QUICK_BATCH} (< 1 minute); on "
+        f"a network: NFE 5,10, 64 samples, reference at rtol {QUICK_NET_RTOL:g}",
+    ),
+    threads: int = typer.Option(
+        None,
+        min=0,
+        help="torch intra-op threads (default: 1 on a shipped network, else torch's; 0: torch's)",
     ),
     peers: bool = typer.Option(False, help="add diffusers / k-diffusion peers where installed"),
     as_json: bool = typer.Option(False, "--json", help="print the JSON on stdout, no tables"),
@@ -124,6 +156,17 @@ def bench(
     from .solvers.base import solvers as ds_solvers
 
     console = _console(stderr=as_json)
+    _check_schedules(schedule, stochastic)
+    if peers:
+        _check_peers(console)
+    if (model or "").startswith("digits") and not stochastic:
+        require_digits_extra(f"bench --model {model}")
+    if threads is None and (model or "").startswith("digits"):
+        threads = 1  # the digits nets are tiny: more threads only add overhead
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     if tuned is not None and stochastic:
         raise typer.BadParameter(
             "tuned solvers are ODE solvers: not with --stochastic", param_hint="--tuned"
@@ -217,6 +260,62 @@ def bench(
     )
 
 
+def require_digits_extra(what: str) -> None:
+    """Refuse (exit code 2) before any work when FD-digits cannot be computed: it needs the
+    ``digits`` extra (scikit-learn's digits data, scipy), which ``[bench]`` does not bring."""
+    import importlib.util
+
+    missing = [m for m in ("sklearn", "scipy") if importlib.util.find_spec(m) is None]
+    if missing:
+        names = ", ".join("scikit-learn" if m == "sklearn" else m for m in missing)
+        raise typer.BadParameter(
+            f'{what} scores FD-digits, which needs {names}: pip install -e ".[digits]" '
+            "(or the dev extra)",
+            param_hint="--model" if what.startswith("bench") else "--score",
+        )
+
+
+def _check_peers(console: Any) -> None:
+    """``bench --peers``: refuse (exit code 2) when no peer library is installed, say which are
+    missing otherwise, before any work."""
+    from .bench.peers import available
+
+    have = available()
+    missing = [k for k, ok in have.items() if not ok]
+    if len(missing) == len(have):
+        raise typer.BadParameter(
+            f"no peer library is installed ({', '.join(missing)}); install them with "
+            f"`{PEERS_INSTALL}`, or omit --peers",
+            param_hint="--peers",
+        )
+    if missing:
+        console.print(
+            f"[yellow]--peers: {', '.join(missing)} not installed, its rows are left out "
+            f"(`{PEERS_INSTALL}`)[/yellow]"
+        )
+
+
+def _check_schedules(schedule: str | None, stochastic: bool) -> None:
+    """``bench --schedule``: every name valid, checked before any work or file (exit code 2)."""
+    from .schedules import schedules
+
+    names = _split(schedule)
+    if names is None:
+        return
+    if stochastic:
+        raise typer.BadParameter(
+            "the stochastic benchmark runs each sampler on its own schedule; omit --schedule",
+            param_hint="--schedule",
+        )
+    valid = schedules()
+    bad = [s for s in names if s not in valid]
+    if bad:
+        raise typer.BadParameter(
+            f"unknown schedule(s) {', '.join(map(repr, bad))}; valid: {', '.join(valid)}",
+            param_hint="--schedule",
+        )
+
+
 def _bench_network(
     console: Any,
     model: str,
@@ -235,6 +334,13 @@ def _bench_network(
     from .bench.networks import NETWORK_NFES, run_network_benchmark
 
     nfes = _nfes(nfe, (5, 10) if quick else NETWORK_NFES)
+    n = batch if batch is not None else (64 if quick else 256)
+    rtol = QUICK_NET_RTOL if quick else 1e-6
+    console.print(
+        f"{model}: the converged reference first (rk45 at rtol {rtol:g} on {n} samples, "
+        f"{'about 10 s' if quick else 'about a minute'} on one core), then every solver at NFE "
+        f"{', '.join(map(str, nfes))}"
+    )
     result = _run_with_status(
         console,
         "running the network benchmark…",
@@ -244,9 +350,10 @@ def _bench_network(
             solver_names=_split(solvers),
             nfes=nfes,
             schedules=_split(schedule),
-            n=batch if batch is not None else (64 if quick else 256),
+            n=n,
             seed=seed,
             peers=peers,
+            rtol=rtol,
             tuned=tuned_files,
         ),
     )
@@ -755,8 +862,8 @@ def _console(stderr: bool = False):
 
 
 def main() -> None:
-    """Console-script entry point (``diffsolve``)."""
-    app()
+    """Console-script entry point (``diffsolve``, ``python -m diffsolve``)."""
+    app(prog_name="diffsolve")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ x_T comes from ``--seed`` (and stochastic solvers' noise from ``--seed`` too), s
 line always gives the same samples. ``--guidance w`` applies classifier-free guidance (one NFE per
 guided call: the conditional and null-class branches run as one doubled batch).
 
+``--solver auto`` takes the solver, schedule and end rule ``ds.sample(..., solver="auto")``
+recommends for the budget, the process and the guidance. The adaptive solvers (``rk45``,
+``dpm_adaptive``) choose their own steps: give ``--rtol`` / ``--atol`` instead of ``--nfe``.
+
 ``--tuned FILE`` samples with a solver that ``diffsolve tune`` (or ``Tuned.save``) wrote, on its
 own grid and NFE: the file is validated against the network (``ds.load_tuned(path,
 model=...)``), so one made for another model or process is refused.
@@ -108,6 +112,26 @@ def _planned_steps(model: Any, solver: Any, schedule: Any, nfe: int) -> int | No
         return None
 
 
+def _tolerances(solver: str, tolerances: dict[str, float], nfe: int | None) -> dict[str, float]:
+    """``--rtol``/``--atol`` for an adaptive solver (which takes no ``--nfe``); refused for the
+    others, whose steps come from ``--nfe``."""
+    from .solvers.base import get_solver
+
+    default = get_solver(solver)
+    adaptive = bool(getattr(default, "adaptive", False))
+    if adaptive and nfe is not None:
+        raise ValueError(
+            f"{solver} chooses its own steps: omit --nfe and set --rtol/--atol "
+            f"(default rtol {getattr(default, 'rtol', '?')})"
+        )
+    if tolerances and not adaptive:
+        raise ValueError(
+            f"--rtol/--atol are for the adaptive solvers (rk45, dpm_adaptive); {solver} takes "
+            "its steps from --nfe"
+        )
+    return tolerances
+
+
 def _load_tuned(
     path: str, den: Any, model: str, nfe: int | None, guidance: float | None, console: Any
 ) -> Any:
@@ -130,10 +154,19 @@ def _load_tuned(
 
 def sample(
     model: str = typer.Option("digits-vp", help="shipped network (digits-vp, digits-flow)"),
-    solver: str = typer.Option(None, help="solver name (see `diffsolve list`) (default: unipc)"),
-    nfe: int = typer.Option(
-        None, min=1, help="network evaluations per sample (default: 10, or the tuned file's)"
+    solver: str = typer.Option(
+        None, help="solver name or 'auto' (see `diffsolve list`) (default: unipc)"
     ),
+    nfe: int | None = typer.Option(
+        None,
+        min=1,
+        help="network evaluations per sample (default: 10, or the tuned file's; adaptive "
+        "solvers choose their own)",
+    ),
+    rtol: float = typer.Option(
+        None, help="adaptive solvers (rk45, dpm_adaptive): relative tolerance (instead of --nfe)"
+    ),
+    atol: float = typer.Option(None, help="adaptive solvers: absolute tolerance"),
     schedule: str = typer.Option(None, help="timestep schedule (default: the solver's own)"),
     tuned: str = typer.Option(
         None,
@@ -164,15 +197,27 @@ def sample(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from . import nets
+    from .auto import is_guided, recommend
     from .sample import sample as ds_sample
     from .solvers.base import get_solver
 
+    if score:
+        from .cli import require_digits_extra
+
+        require_digits_extra("sample --score")
     if threads:
         torch.set_num_threads(threads)
     console = Console(stderr=True)
     guided = guidance is not None and guidance != 1.0
+    rec: Any = None  # solver "auto": the recommendation ds.sample follows
+    tolerances = {k: v for k, v in (("rtol", rtol), ("atol", atol)) if v is not None}
     if tuned is not None:
-        for given, flag in ((solver, "--solver"), (schedule, "--schedule")):
+        for given, flag in (
+            (solver, "--solver"),
+            (schedule, "--schedule"),
+            (rtol, "--rtol"),
+            (atol, "--atol"),
+        ):
             if given is not None:
                 raise typer.BadParameter(
                     "a tuned solver runs on its own grid: give --tuned or --solver/--schedule",
@@ -185,13 +230,20 @@ def sample(
             solver_obj = _load_tuned(tuned, den, model, nfe, guidance if guided else None, console)
             solver = f"tuned:{solver_obj.info.get('method', '?')}"
             nfe = solver_obj.nfe
+        elif solver == "auto":  # resolved by ds.sample; the same recommendation shown here
+            if tolerances:
+                raise ValueError("--rtol/--atol are for the adaptive solvers (rk45, dpm_adaptive)")
+            nfe = 10 if nfe is None else nfe
+            rec = recommend(den.process, nfe, guided=is_guided(den))
+            solver_obj = rec.solver
         else:
             solver = solver or "unipc"
-            solver_obj = get_solver(solver)
+            solver_obj = get_solver(solver, **_tolerances(solver, tolerances, nfe))
     except (ValueError, nets.WeightsError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
-    nfe = 10 if nfe is None else nfe
+    adaptive = bool(getattr(solver_obj, "adaptive", False))
+    nfe = None if adaptive else (10 if nfe is None else nfe)
     process = den.process
     shape = (n, *nets.SAMPLE_SHAPE)
     g = torch.Generator().manual_seed(seed)
@@ -199,14 +251,24 @@ def sample(
     lab = torch.tensor(labels, dtype=torch.long) if labels is not None else None
     if tuned is not None:
         steps: int | None = len(solver_obj.steps)
+    elif solver == "auto":
+        steps = _planned_steps(den, rec.solver, schedule or rec.schedule, nfe)
+    elif adaptive:
+        steps = None  # the bar counts steps without a total
     else:
         steps = _planned_steps(den, solver_obj, schedule, nfe)
+    if solver == "auto":
+        shown = f"auto: {rec.solver.name} · NFE {nfe}"
+    elif adaptive:
+        shown = f"{solver} · rtol {solver_obj.rtol:g}, atol {solver_obj.atol:g}"
+    else:
+        shown = f"{solver} · NFE {nfe}"
     chunks = list(range(0, n, batch))
     outs = []
     nfe_done = 0
     started = time.perf_counter()
     with Progress(
-        TextColumn(f"{model} · {solver} · NFE {nfe}"),
+        TextColumn(f"{model} · {shown}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -223,7 +285,7 @@ def sample(
                 x0, info = ds_sample(
                     den,
                     x_T[sl],
-                    solver=solver_obj,
+                    solver="auto" if solver == "auto" else solver_obj,
                     nfe=nfe,
                     schedule=schedule,
                     final=final,
@@ -241,14 +303,17 @@ def sample(
     x0 = torch.cat(outs)
     meta = {
         "model": model,
-        "solver": solver,
+        "solver": f"auto:{rec.solver.name}" if solver == "auto" else solver,
         "nfe": nfe_done,
+        **({k: getattr(solver_obj, k) for k in ("rtol", "atol")} if adaptive else {}),
         "schedule": schedule,
         "guidance": guidance,
         "label": label,
         "n": n,
         "seed": seed,
-        "final": final or getattr(solver_obj, "planned_final", None) or "standard",
+        "final": final
+        or (rec.final if rec is not None else getattr(solver_obj, "planned_final", None))
+        or "standard",
         "tuned": tuned,
         "seconds": seconds,
     }

@@ -16,6 +16,7 @@ prediction     network output                         (x̂_0, ε̂)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -312,14 +313,39 @@ class CFG(DenoiserWrapper):
 
     Args:
         model: the Denoiser to guide.
-        scale: guidance weight w (1 = no guidance).
-        uncond: keyword arguments of the unconditional branch (e.g. ``{"labels": null}``),
-            each with the same keys and shapes as the conditioning passed to ``sample``.
+        scale: guidance weight w: 1 = no guidance (the conditional model), 0 = the
+            unconditional model, w > 1 = stronger guidance, 0 < w < 1 = between the two. A
+            negative w steers *away* from the condition, which is almost always a sign mix-up
+            (w = −3 for 3, or a convention where 0 means none): it raises ``ValueError`` unless
+            ``allow_negative=True`` says it is meant. NaN/Inf raise.
+        uncond: keyword arguments of the unconditional branch (e.g. ``{"label":
+            torch.tensor(-1)}`` for the shipped digits networks, whose null class is −1), each
+            with the same keys as the conditioning passed to ``sample``.
+        allow_negative: accept w < 0 (deliberately steering away from the condition).
     """
 
-    def __init__(self, model: Denoiser, scale: float, uncond: Mapping[str, Any]):
+    def __init__(
+        self,
+        model: Denoiser,
+        scale: float,
+        uncond: Mapping[str, Any],
+        *,
+        allow_negative: bool = False,
+    ):
         super().__init__(model)
-        self.scale = float(scale)
+        try:
+            w = float(scale)
+        except (TypeError, ValueError):
+            raise ValueError(f"CFG: guidance scale must be a number, got {scale!r}") from None
+        if not math.isfinite(w):
+            raise ValueError(f"CFG: guidance scale must be finite, got {scale!r}")
+        if w < 0 and not allow_negative:
+            raise ValueError(
+                f"CFG: guidance scale {w:g} is negative, which steers away from the condition; "
+                "w = 1 is no guidance and typical values are 1.5–10 (pass allow_negative=True "
+                "if steering away is meant)"
+            )
+        self.scale = w
         self.uncond = dict(uncond)
 
     def __call__(self, x: Tensor, t: float | Tensor | EvalPoint, **cond: Any) -> Prediction:

@@ -137,7 +137,9 @@ def _check_cond(x: Tensor, cond: Mapping[str, Any], sample_shape: tuple[int, ...
 
 def continue_to_zero(recent: deque[tuple[float, Tensor]], order: int, x: Tensor) -> Tensor:
     """``final="extrapolate"``: x̂_0 continued to σ = 0 from the ``order`` newest evaluations
-    at distinct noise levels ρ (``recent``: (ρ, x̂_0) oldest first), or x if there is one."""
+    at distinct noise levels ρ (``recent``: (ρ, x̂_0) oldest first) by the even fit
+    {1, ρ², ρ⁴} of :func:`~diffsolve.solvers._expint.extrapolate_to_zero`, or x if there is
+    one."""
     # newest evaluations first, one per distinct noise level (Heun re-evaluates at a grid σ)
     rhos: list[float] = []
     x0s: list[Tensor] = []
@@ -185,6 +187,8 @@ def sample(
             continue the ODE to σ = 0 by extrapolating the last x̂_0's in σ/α to 0 (no extra
             NFE); ``"tmin"`` — stop at the last grid time with σ > 0.
         cond: keyword arguments for the network (batch-first tensors), e.g. class labels.
+            A model offering ``check_cond(x, cond)`` (the shipped networks do, through any
+            wrapper) has it checked before the first call: unknown keys, labels out of range.
         callback: ``callback(i, x, state)`` after every step. If it returns a tuple
             ``(x, state)`` the loop continues from that pair (the steering hook; any other
             return value is ignored): e.g. particle resampling returns
@@ -192,10 +196,13 @@ def sample(
             noise seeds are not reindexed; the batch size must stay the same.
         check_finite: raise :class:`NonFiniteError` naming the step and t if the network returns
             NaN/Inf (``True``: checked once after the loop; ``"step"``: after every call;
-            ``False``: off).
+            ``False``: off). Unless off, NaN/Inf in x itself raise ``ValueError`` before any
+            call.
         noise: a noise source for stochastic solvers (:class:`~diffsolve.noise.Noise`: a
             seeded :class:`~diffsolve.noise.NoiseSource` (``offset=``/``indices=`` or
-            per-sample seeds keep samples independent of the batch split), a
+            per-sample seeds keep samples independent of the batch split, except with ``pc``'s
+            default ``snr_norm="batch"``, whose Langevin step size is averaged over the batch;
+            ``snr_norm="sample"`` is split-exact), a
             :class:`~diffsolve.noise.BrownianTree`, or your own subclass of ``Noise``).
         generator: shorthand for ``noise=NoiseSource.from_generator(generator)``: one draw
             from the generator (at set-up) seeds the counter-based noise; a list of generators
@@ -229,6 +236,15 @@ def sample(
     if final not in FINALS:
         raise ValueError(f"unknown final {final!r}; valid: {', '.join(FINALS)}")
     _check_cond(x, cond, getattr(model, "sample_shape", None))
+    inner = model
+    while isinstance(inner, DenoiserWrapper):  # wrappers pass cond on to the network unchanged
+        inner = inner.model
+    check_net_cond = getattr(inner, "check_cond", None)
+    if callable(check_net_cond):  # the network's own rules (shipped nets: keys, label range)
+        check_net_cond(x, cond)
+    if check_finite and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"x_T has {bad} NaN/Inf value(s) of {x.numel()}; no network call made")
     xc = x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x
     plan = make_plan(
         model, xc, solver_obj, nfe=nfe, steps=steps, times=times, schedule=schedule, final=final

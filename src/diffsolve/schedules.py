@@ -276,8 +276,23 @@ def get_schedule(schedule: str | Schedule) -> Schedule:
     raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(_SCHEDULES)}")
 
 
+# relative tolerance on the range [t_min, t_max] for explicit times: a float32 σ list (k-diffusion's
+# own grids) mapped back to t lands a few float32 ulps outside it, and is clamped in
+_TIMES_RTOL = 1e-5
+
+
 def validate_times(process: GaussianProcess, times: Tensor | np.ndarray | list[float]) -> Tensor:
-    """Explicit user times as a checked float64 tensor."""
+    """Explicit user times as a checked float64 tensor.
+
+    Times within a relative ``1e-5`` of the range [t_min, t_max] (float32 rounding) are clamped
+    into it; values further out are refused (``process.check_times``)."""
     t = as_time(np.asarray(times, dtype=np.float64) if not isinstance(times, Tensor) else times)
+    t = t.to(torch.float64).clone()
+    if t.ndim == 1 and t.numel() and bool(torch.isfinite(t).all()):
+        lo, hi = float(process.t_min), float(process.t_max)
+        tol_lo, tol_hi = _TIMES_RTOL * max(abs(lo), 1e-12), _TIMES_RTOL * max(abs(hi), 1e-12)
+        keep = 1e-9 * max(1.0, abs(hi))  # what check_times already lets through, left as given
+        t = torch.where((t < lo - keep) & (t >= lo - tol_lo), torch.full_like(t, lo), t)
+        t = torch.where((t > hi + keep) & (t <= hi + tol_hi), torch.full_like(t, hi), t)
     process.check_times(t, what="times")
-    return t.clone()
+    return t

@@ -122,13 +122,14 @@ def _cells(
     nfes: Sequence[int],
     metric: str,
     fmt: Callable[[Any], str],
-    best_at: Callable[[int], str | None],
+    best_at: Callable[[int], str | set[str] | None],
     mark: Callable[[str], str],
     fail: str = "fail",
 ) -> list[str]:
     """One table row's cells: ``metric`` per NFE through ``fmt``, ``[n]`` where a budget was not
-    met exactly, ``mark`` on the best (``best_at(nfe)`` is its label), ``fail`` for a run that
-    failed and nothing where there was no run."""
+    met exactly, ``± band`` where the row carries ``<metric>_band`` (the exact row's noise
+    floor), ``mark`` on the best (``best_at(nfe)`` is its label, or a set of tied labels),
+    ``fail`` for a run that failed and nothing where there was no run."""
     by_nfe = {r["nfe"]: r for r in rs}
     label = rs[0]["label"]
     cells = []
@@ -138,9 +139,14 @@ def _cells(
             cells.append("" if r is None else fail)
             continue
         c = fmt(r.get(metric))
+        band = r.get(f"{metric}_band")
+        if band is not None:
+            c += f" ± {band:.2g}"
         if r.get("nfe_used") not in (None, n):
             c += f" [{r['nfe_used']}]"
-        cells.append(mark(c) if best_at(n) == label else c)
+        best = best_at(n)
+        is_best = label in best if isinstance(best, (set, frozenset)) else best == label
+        cells.append(mark(c) if is_best else c)
     return cells
 
 
@@ -185,21 +191,38 @@ _SDE_METRICS = {
     "mmd": "MMD to exact mixture samples (lower is better)",
     "loglik": "mean log-likelihood under the true density (nats; closest to 'exact' is best)",
 }
+_BAND_NOTE = (
+    "exact: mean ± 2 sd over {draws} independent exact sets (the Monte-Carlo noise of one row); "
+    "best = within that band of the best score (ties), no ranking inside it"
+)
 _METRICS = {**_SDE_METRICS, "fd": "FD-digits against the 1797 real digits (lower is better)"}
 
 
-def _sde_best(rows: Sequence[dict[str, Any]], metric: str) -> dict[int, str]:
-    # per NFE, the best non-reference row: smallest distance, or log-likelihood closest to exact
-    exact = {r["nfe"]: r.get("loglik") for r in rows if r["kind"] == "exact"}
-    best: dict[int, tuple[float, str]] = {}
+def _sde_best(rows: Sequence[dict[str, Any]], metric: str) -> dict[int, set[str]]:
+    """Per NFE, the best non-reference rows (smallest distance, or log-likelihood closest to
+    exact): every row whose score is within the exact row's noise band (``<metric>_band``, 0
+    without one) of the best score, so differences inside the Monte-Carlo noise are not
+    ranked."""
+    exact = {r["nfe"]: r for r in rows if r["kind"] == "exact"}
+    scores: dict[int, list[tuple[float, str]]] = {}
     for r in rows:
         v = r.get(metric)
-        if r["kind"] == "exact" or v is None or not math.isfinite(v):
+        if r["kind"] == "exact" or r.get("error") or v is None or not math.isfinite(v):
             continue
-        score = abs(v - exact.get(r["nfe"], 0.0)) if metric == "loglik" else v
-        if r["nfe"] not in best or score < best[r["nfe"]][0]:
-            best[r["nfe"]] = (score, r["label"])
-    return {k: v[1] for k, v in best.items()}
+        ref = exact.get(r["nfe"], {})
+        score = abs(v - ref.get("loglik", 0.0)) if metric == "loglik" else v
+        scores.setdefault(r["nfe"], []).append((score, r["label"]))
+    out: dict[int, set[str]] = {}
+    for k, sc in scores.items():
+        band = exact.get(k, {}).get(f"{metric}_band") or 0.0
+        top = min(s for s, _ in sc)
+        out[k] = {label for s, label in sc if s <= top + band}
+    return out
+
+
+def _band_note(rows: Sequence[dict[str, Any]]) -> str | None:
+    draws = next((r.get("draws") for r in rows if r["kind"] == "exact" and r.get("draws")), None)
+    return None if draws is None else _BAND_NOTE.format(draws=draws)
 
 
 def metric_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any], metric: str) -> Any:
@@ -210,6 +233,9 @@ def metric_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any], metric: s
     nfes = sorted({r["nfe"] for r in rows})
     n_samples = meta.get("n", meta.get("batch"))
     title = f"{_METRICS[metric]}\n{meta.get('model')} on {meta.get('process')}, n = {n_samples}"
+    note = _band_note(rows)
+    if note is not None:
+        title += f"\n{note}"
     table = Table(title=title, title_justify="left")
     table.add_column("kind")
     table.add_column("sampler", no_wrap=True)
@@ -237,6 +263,9 @@ def stochastic_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) ->
     for metric, what in _SDE_METRICS.items():
         best = _sde_best(rows, metric)
         out.append(f"{what}; {meta.get('model')} on {meta.get('process')}, n = {meta.get('n')}.")
+        note = _band_note(rows)
+        if note is not None:
+            out.append(f"{note[0].upper()}{note[1:]}.")
         out.append("")
         out.append("| kind | sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
         out.append("|---|---|" + "---:|" * len(nfes))

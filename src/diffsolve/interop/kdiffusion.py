@@ -10,7 +10,8 @@ The other direction: :func:`denoiser_from_kdiffusion` wraps a k-diffusion model
 receiving σ), and :func:`to_kdiffusion_sampler` exports any diffsolve solver with k-diffusion's
 sampler signature, so code written for k-diffusion can call it unchanged.
 
-``load_sampling()`` loads k-diffusion's ``sampling.py`` alone. The package's ``__init__`` imports
+``load_sampling()`` loads k-diffusion's ``sampling.py`` alone (``load_external()`` its
+``external.py``, the model wrappers, beside it). The package's ``__init__`` imports
 its training stack (torchvision, CLIP, wandb, ...), none of which the samplers use; the only
 sibling module ``sampling.py`` touches is ``utils``, and of it only ``append_dims`` (in
 ``to_d``), so a tiny stand-in ``utils`` is enough.
@@ -35,6 +36,7 @@ from ..solvers.base import get_solver
 __all__ = [
     "KDiffusionDenoiser",
     "denoiser_from_kdiffusion",
+    "load_external",
     "load_sampling",
     "sigmas_for",
     "to_kdiffusion_sampler",
@@ -56,7 +58,7 @@ def _append_dims(x: Tensor, target_dims: int) -> Tensor:
     return x[(...,) + (None,) * dims_to_append]
 
 
-def _sampling_path() -> Path:
+def _module_path(filename: str) -> Path:
     # find_spec on a top-level name locates the package without executing its __init__
     try:
         spec = importlib.util.find_spec("k_diffusion")
@@ -65,10 +67,14 @@ def _sampling_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(_MISSING)
     for folder in spec.submodule_search_locations:
-        path = Path(folder) / "sampling.py"
+        path = Path(folder) / filename
         if path.is_file():
             return path
-    raise ImportError(f"k-diffusion is installed but has no sampling.py; {_MISSING}")
+    raise ImportError(f"k-diffusion is installed but has no {filename}; {_MISSING}")
+
+
+def _sampling_path() -> Path:
+    return _module_path("sampling.py")
 
 
 def load_sampling() -> types.ModuleType:
@@ -97,6 +103,37 @@ def load_sampling() -> types.ModuleType:
     except ImportError as e:
         for key in added:
             sys.modules.pop(key, None)
+        raise ImportError(f"{_MISSING} ({e})") from e
+    return module
+
+
+def load_external() -> types.ModuleType:
+    """k-diffusion's ``external`` module (``CompVisDenoiser``, ``DiscreteEpsDDPMDenoiser``,
+    ``OpenAIDenoiser``, ...), loaded without the package's ``__init__``.
+
+    ``import k_diffusion.external`` runs ``k_diffusion/__init__``, which imports its training
+    stack (scikit-image among others) and fails without it. ``external.py`` itself reads only
+    ``sampling`` and ``utils.append_dims``, so it is loaded next to :func:`load_sampling`'s
+    module in the same private package. Wrap a network with it and pass the wrapper to
+    :func:`denoiser_from_kdiffusion`.
+
+    Raises:
+        ImportError: naming the ``peers`` extra, if k-diffusion or a dependency is missing.
+    """
+    name = f"{_PKG}.external"
+    if name in sys.modules:
+        return sys.modules[name]
+    sampling = load_sampling()
+    pkg = sys.modules[_PKG]
+    pkg.sampling = sampling  # type: ignore[attr-defined]  # ``from . import sampling, utils``
+    spec = importlib.util.spec_from_file_location(name, _module_path("external.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as e:
+        sys.modules.pop(name, None)
         raise ImportError(f"{_MISSING} ({e})") from e
     return module
 
@@ -169,7 +206,8 @@ def denoiser_from_kdiffusion(
 ) -> Denoiser:
     """A k-diffusion model ``model(x, sigma, **extra_args) -> x̂_0`` as a diffsolve Denoiser.
 
-    k-diffusion's models (``k_diffusion.external``'s wrappers, EDM's preconditioned networks)
+    k-diffusion's models (``k_diffusion.external``'s wrappers, loadable without scikit-image by
+    :func:`load_external`; EDM's preconditioned networks)
     live in the EDM convention: x = x_0 + σ·ε, the network receives σ (shape (B,)) and returns
     x̂_0. That is :class:`~diffsolve.EDM` (α = 1, σ = t) with ``prediction="x0"``, so this is
     ``Denoiser(model, EDM(sigma_min, sigma_max), "x0")``; conditioning given to
@@ -271,6 +309,12 @@ def to_kdiffusion_sampler(solver: Any, **options: Any) -> Any:
     from ..sample import sample
 
     base = get_solver(solver, **options)  # validate the options now, not at the first call
+    if base.adaptive:
+        raise ValueError(
+            f"{base.name!r} chooses its own steps, and a k-diffusion sampler steps exactly on "
+            "the sigmas it is given: export a fixed-step solver (e.g. 'dpmpp_2m', 'unipc', "
+            "'heun'), or call k-diffusion's sample_dpm_adaptive / ds.sample for adaptive runs"
+        )
 
     def sampler(
         model: Any,

@@ -21,16 +21,19 @@ Samples are (B, 1, 8, 8) in [−1, 1] (pixel value / 8 − 1). The generative ne
                    cond={"label": torch.full((16,), 7)})
 
 Weights are safetensors files inside the package (``diffsolve/nets/weights``); nothing is ever
-downloaded and nothing is unpickled. A missing, truncated or mismatched file raises
+downloaded and nothing is unpickled. Each file carries the SHA-256 of its contents in its header,
+checked at load. A missing, truncated, corrupted or mismatched file raises
 :class:`WeightsError` naming the file and the problem. The training script is
 ``python -m diffsolve.nets.train`` (``scripts/train_digits.py``).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +44,7 @@ from ..denoiser import CFG, Denoiser
 from ..processes.base import GaussianProcess
 from ..processes.flow import FlowMatching
 from ..processes.vp import VPDiscrete
-from ._io import WeightsError, read_weights
+from ._io import DIGEST_KEY, WeightsError, read_weights
 from .unet import (
     ClassifierConfig,
     DigitsClassifier,
@@ -97,6 +100,7 @@ class NetInfo:
     process: dict[str, Any] | None = None
     training: dict[str, Any] = field(default_factory=dict)
     num_params: int = 0
+    sha256: str | None = None  # the digest stored in the file (checked when it was read)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -152,15 +156,21 @@ def load(
     fresh module, so hooks (Skip-Tuning) on one never leak into another.
 
     Raises:
-        WeightsError: the file is missing, not safetensors, truncated, has a bad header, or its
-            tensors do not match the architecture (missing/unexpected keys, wrong shapes,
-            non-finite values).
+        WeightsError: the file is missing, not safetensors, truncated, corrupted (its SHA-256
+            differs from the one stored in its header; a shipped network must have one), has a
+            bad header, or its tensors do not match the architecture (missing/unexpected keys,
+            wrong shapes, non-finite values).
     """
     path = _path_of(name)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
     st = path.stat()
     tensors, meta = _read_cached(str(path), st.st_mtime_ns, st.st_size)
+    if Path(name).suffix != ".safetensors" and DIGEST_KEY not in meta:
+        raise WeightsError(
+            f"weights file {path}: a shipped network without its SHA-256 digest; reinstall "
+            "diffsolve"
+        )
     arch = meta["arch"]
     if arch not in _ARCHS:
         raise WeightsError(
@@ -190,6 +200,7 @@ def load(
         process=meta.get("process"),
         training=dict(meta.get("training", {})),
         num_params=sum(p.numel() for p in net.parameters()),
+        sha256=meta.get(DIGEST_KEY),
     )
     return net, process, info
 
@@ -242,9 +253,44 @@ def model(
         raise ValueError(f"{info.name} is not a generative network (it has no prediction type)")
     den = Denoiser(net, process, info.prediction, sample_shape=SAMPLE_SHAPE)
     den.info = info  # type: ignore[attr-defined]
+    # ds.sample calls it (through CFG and other wrappers) before the first network call
+    checker = partial(check_cond, int(info.config.get("num_classes", 10)))
+    den.check_cond = checker  # type: ignore[attr-defined]
     if guidance is None:
         return den
     return CFG(den, guidance, uncond={"label": torch.tensor(-1)})
+
+
+def check_cond(num_classes: int, x: torch.Tensor, cond: Mapping[str, Any]) -> None:
+    """The conditioning a class-conditional digits network takes: ``{"label": labels}`` only,
+    integer classes 0…num_classes−1 (−1, or no label, for the null class), one per sample or
+    one for all. Raises ``ValueError`` naming the problem (``ds.sample`` calls it before any
+    network call)."""
+    unknown = sorted(set(cond) - {"label"})
+    if unknown:
+        hint = difflib.get_close_matches(unknown[0], ["label"], n=1, cutoff=0.5)
+        raise ValueError(
+            f"the digits networks take cond={{'label': classes}} only; unknown key(s) {unknown}"
+            + (" (did you mean 'label'?)" if hint else "")
+        )
+    if cond.get("label") is None:
+        return
+    lab = torch.as_tensor(cond["label"])
+    if lab.dtype == torch.bool or lab.is_floating_point() or lab.is_complex():
+        raise ValueError(f"label must be integer classes, got dtype {lab.dtype}")
+    b = x.shape[0]
+    if lab.ndim > 1 or lab.numel() not in (1, b):
+        raise ValueError(
+            f"label must be one class or one per sample (shape ({b},)), got shape "
+            f"{tuple(lab.shape)}"
+        )
+    bad = lab[(lab < -1) | (lab >= num_classes)]
+    if bad.numel():
+        shown = sorted({int(v) for v in bad.reshape(-1)[:100]})[:5]
+        raise ValueError(
+            f"label {', '.join(map(str, shown))} out of range: the digits networks have classes "
+            f"0…{num_classes - 1} (−1: no label)"
+        )
 
 
 def classifier(device: torch.device | str | None = None) -> DigitsClassifier:

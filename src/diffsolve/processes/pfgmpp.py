@@ -76,6 +76,24 @@ class PFGMPP(EDM):
         rr = np.asarray(radius, dtype=np.float64) ** 2
         return betainc(dim / 2, self.D / 2, rr / (rr + r2))
 
+    def kernel_log_prob(self, x: Tensor, sigma: float | None = None) -> Tensor:
+        """log p_r(x | y = 0), the kernel at r = σ·sqrt(D) (σ default σ_max: the prior's
+        exact log-density), for x of shape (B, ...) in N = prod(shape[1:]) dimensions; (B,),
+        float64. Closed form (normalised over R^N):
+
+            log Γ((N + D)/2) − log Γ(D/2) − (N/2)·log π + D·log r − ((N + D)/2)·log(‖x‖² + r²).
+        """
+        xf = x.reshape(x.shape[0], -1).to(torch.float64)
+        n = xf.shape[1]
+        r2 = (self.sigma_max if sigma is None else float(sigma)) ** 2 * self.D
+        const = (
+            math.lgamma((n + self.D) / 2)
+            - math.lgamma(self.D / 2)
+            - 0.5 * n * math.log(math.pi)
+            + 0.5 * self.D * math.log(r2)
+        )
+        return const - 0.5 * (n + self.D) * torch.log(xf.pow(2).sum(1) + r2)
+
     def kernel_from_normal(self, z: Tensor, sigma: float | None = None) -> Tensor:
         """Map standard normal draws z (B, ...) to PFGM++ kernel noise at σ (default σ_max).
 

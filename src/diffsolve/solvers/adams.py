@@ -15,7 +15,9 @@ newest first, built once per grid in float64.
   [23, −16, 5]/12, [55, −59, 37, −9]/24 times the step ρ_{i+1} − ρ_i; exact only on equal steps
   in ρ, which schedules never give, so its order on a real grid is measured, not assumed.
 
-Warm-up uses the orders 1, 2, … as history accumulates. The step to σ = 0 returns x̂_0.
+A grid that starts where α = 0 (flow matching's t = 1: the uniform and quadratic schedules
+there) starts at ``process.t_max_finite`` instead, where σ/α is finite, as the logsnr and karras
+schedules do. Warm-up uses the orders 1, 2, … as history accumulates. The step to σ = 0 returns x̂_0.
 ``euler_at_final`` (all three): the last step is first order, y_{i+1} = y_i + (ρ_{i+1} − ρ_i)·ε̂_i
 (Euler in ρ, i.e. DDIM), at any step count (:class:`~diffsolve.solvers.base.FinalOrders`).
 """
@@ -32,9 +34,29 @@ from numpy.polynomial import polynomial as P
 from .base import FinalOrders, Grid, alias, register
 from .engine import Row, RowSolver, StepRule
 
-__all__ = ["DEIS", "IPNDM", "LMS", "lagrange_integral_weights"]
+__all__ = ["DEIS", "IPNDM", "LMS", "finite_start", "lagrange_integral_weights"]
 
 _IPNDM = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
+
+
+def finite_start(grid: Grid, name: str) -> Grid:
+    """``grid`` with its first time moved to ``process.t_max_finite`` where α = 0 there (flow
+    matching's t = 1, λ = −∞): the run starts where σ/α and the score are finite, as the
+    logsnr, karras and trailing-uniform schedules do (x_T is then read as the sample there;
+    on flow paths α(t_max_finite) = t_min, so the mismatch is of order t_min)."""
+    if float(grid.alpha[0]) != 0.0:
+        return grid
+    start = float(grid.process.t_max_finite)
+    t = grid.t[:-1] if grid.clean_end else grid.t
+    if t.numel() > 1 and float(t[1]) >= start:
+        raise ValueError(
+            f"{name}: α = 0 at the first time t = {float(t[0])!r}, and the next time "
+            f"{float(t[1])!r} is not below t_max_finite = {start!r}, where the run must start; "
+            "use fewer steps or times that start at t_max_finite"
+        )
+    t = t.clone()
+    t[0] = start
+    return Grid.build(grid.process, t, grid.clean_end, grid.nfe)
 
 
 def lagrange_integral_weights(nodes: np.ndarray, a: float, b: float) -> np.ndarray:
@@ -70,6 +92,7 @@ class _RhoAdams(RowSolver):
         return min(self.order, i + 1, cap)
 
     def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
+        grid = finite_start(grid, self.name)
         rho = (grid.sigma / grid.alpha).numpy()
         if not np.isfinite(rho[0]):
             raise ValueError(

@@ -76,7 +76,14 @@ class PNDM(RowSolver):
     fourth; a PLMS step on equal ρ-steps is fourth order (local error O(Δ⁵)), a PRK step never
     is (t-midpoint: local error O(Δ³)). ``order`` says 4 for plms/fpndm (their AB4 step on
     equal ρ-steps), 2 for spndm/prk. diffusers puts the PRK midpoint ⌊⌊N/n⌋/2⌋ timesteps below
-    the start: our t-midpoint only when ⌊N/n⌋ is even. Shapes: x (B, ...).
+    the start: our t-midpoint only when ⌊N/n⌋ is even.
+
+    Flow paths: where the grid starts at α = 0 (flow matching at t = 1, the default uniform
+    grid), the transfer from there is singular, so the first step is taken in the data form,
+    where it is finite: with r = α/σ and y = x/σ the PF-ODE is dy/dr = x̂_0 from r = 0, and the
+    step is Euler (one call: DDIM) or Heun (two calls: the improved-Euler start) in r. The AB
+    steps after it leave that first ε̂ (at ρ = ∞) out. PRK steps there are refused (their
+    transfer to the midpoint is singular). Shapes: x (B, ...).
     """
 
     variant: str = "plms"
@@ -121,10 +128,15 @@ class PNDM(RowSolver):
         return self._layout(nfe - 1 if heun else nfe, 0, heun)
 
     def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
-        if float(grid.alpha[0]) <= 0:
+        # α = 0 at the start (flow matching at t = 1): the transfer divides by α there, so the
+        # first step is taken in the data form instead (class docstring, "Flow paths")
+        flow = float(grid.alpha[0]) == 0.0
+        if flow and calls[0] == 4:
             raise ValueError(
-                "pndm transfers x/α and needs α > 0 at the first time; flow matching: start at "
-                "t_max_finite (e.g. schedule='karras' or 'logsnr')"
+                f"pndm: α = 0 at the first time t = {float(grid.t[0])!r} ({grid.process!r}, a "
+                "flow path): a PRK step transfers x/α to its midpoint, which is singular there. "
+                "Use variant='plms' or 'spndm', or a schedule that starts at t_max_finite "
+                "(schedule='karras' or 'logsnr')"
             )
         n, t = grid.steps, grid.t.tolist()
         for i, k in enumerate(calls):
@@ -143,6 +155,9 @@ class PNDM(RowSolver):
             if grid.is_final(i):
                 out.append(StepRule((t[i],)))
                 continue
+            if flow and i == 0:
+                out.append(self._flow_start(grid, k))
+                continue
             a, b = to_end[i]
             if k == 4:
                 am, bm = to_mid[i]
@@ -154,10 +169,24 @@ class PNDM(RowSolver):
                 stage, update = Row(a, eps=(b,)), Row(a, eps=(0.5 * b, 0.5 * b))
                 out.append(StepRule((t[i], t[i + 1]), (stage,), update))
             else:  # AB over e1 of steps i, i − 1, …: step j's e1 lies below its later stages
-                weights = _AB[min(i + 1, cap) - 1]
+                # on a flow start, step 0's ε̂ (at ρ = ∞) is left out of the extrapolation in ρ
+                weights = _AB[min(i if flow else i + 1, cap) - 1]
                 at = [sum(calls[i - j : i + 1]) - 1 for j in range(len(weights))]
                 eps = [0.0] * (at[-1] + 1)
                 for j, w in zip(at, weights):
                     eps[j] = b * w
                 out.append(StepRule((t[i],), update=Row(a, eps=tuple(eps))))
         return tuple(out)
+
+    @staticmethod
+    def _flow_start(grid: Grid, calls: int) -> StepRule:
+        """The first step from α = 0 in the data form: with r = α/σ and y = x/σ the PF-ODE is
+        dy/dr = x̂_0, from r = 0. One call: Euler (DDIM), x_1 = (σ_1/σ_0)·x + α_1·x̂_0; two
+        calls: Heun in r, the stage that DDIM step and x_1 = (σ_1/σ_0)·x + α_1·(x̂_0 + x̂_0')/2
+        (the pseudo improved Euler start, in the variable where the step is finite)."""
+        t0, t1 = float(grid.t[0]), float(grid.t[1])
+        ratio, a1 = float(grid.sigma[1] / grid.sigma[0]), float(grid.alpha[1])
+        euler = Row(ratio, x0=(a1,))
+        if calls == 1:
+            return StepRule((t0,), update=euler)
+        return StepRule((t0, t1), (euler,), Row(ratio, x0=(0.5 * a1, 0.5 * a1)))

@@ -65,9 +65,10 @@ def _initial_grids(process: Any, nfe: int) -> list[tuple[str, Tensor]]:
 
 def _extrapolation(process: Any, t: Tensor, width: int) -> Tensor:
     """The weights of ``final="extrapolate"`` on the last ``width`` x̂_0's (newest first): the
-    fit in ρ = σ/α with the basis {1, ρ², ρ³} evaluated at ρ = 0."""
+    fit in ρ = σ/α with the even basis {1, ρ², ρ⁴} evaluated at ρ = 0 (as
+    :func:`~diffsolve.solvers._expint.extrapolate_to_zero`)."""
     rho = (process.sigma(t) / process.alpha(t)).flip(0)[:width]
-    basis = torch.stack([torch.ones_like(rho), rho**2, rho**3][:width], dim=1)
+    basis = torch.stack([torch.ones_like(rho), rho**2, rho**4][:width], dim=1)
     return torch.linalg.inv(basis)[0]
 
 
