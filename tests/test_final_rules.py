@@ -4,7 +4,8 @@
 on a 20-step ``final="tmin"`` run the last step must equal one DDIM/Euler step from the state
 before it, to float64 round-off, for every multistep solver. (UniPC first applies UniC to the
 state it starts from, with the x̂_0 evaluated at the uncorrected point, as it always does; its
-last predictor step is then DDIM from the corrected state, which its state records.)
+last predictor step is then DDIM from the corrected state x̃ + Δ, which its engine folds into
+that step's row: :func:`diffsolve.solvers.unipc.fold` gives Δ.)
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import pytest
 import torch
 
 import diffsolve as ds
-from diffsolve.solvers.base import FinalOrders
+from diffsolve.solvers.base import FinalOrders, Grid
+from diffsolve.solvers.engine import combine
+from diffsolve.solvers.unipc import fold
 
 from .conftest import prior64, rel_err
 
@@ -53,11 +56,17 @@ def _run(model, x_T, name, opts):
     return out, info, seen
 
 
-def _last_step_as_euler(model, sd, name, info, seen):
+def _last_step_as_euler(model, sd, name, opts, info, seen):
     t_prev, t_end = float(info.times[-2]), float(info.times[-1])
     if name == "unipc":  # DDIM from the corrected state, with the x̂_0 already evaluated
-        state = seen[-1][1]
-        return _euler(model, sd, state.x_prev, t_prev, t_end, x0=state.history[0].x0)
+        # the engine holds x̃; the corrected state is x̃ + Δ·(m(x̃), older x̂_0's) (unipc.fold)
+        before, state = seen[-2][1], seen[-1][1]
+        solver = ds.get_solver(name, **opts)
+        grid = Grid.build(sd, info.times, clean_end=False)
+        delta = fold(solver.rules(grid, solver.calls(grid.steps, False)))[1][-1]
+        hist = (state.history[0], *before.history)
+        x = seen[-2][0] + combine(delta, None, hist, None)
+        return _euler(model, sd, x, t_prev, t_end, x0=state.history[0].x0)
     return _euler(model, sd, seen[-2][0], t_prev, t_end)
 
 
@@ -68,11 +77,12 @@ def test_euler_at_final_makes_the_last_step_euler(g64, sd, name, opts):
     plain = dict(opts)
     if "lower_order_final" in ds.get_solver(name).options():
         plain["lower_order_final"] = False  # so that euler_at_final is the only difference
-    out, info, seen = _run(model, x_T, name, {**plain, "euler_at_final": True})
-    assert rel_err(out, _last_step_as_euler(model, sd, name, info, seen)) <= 1e-12
+    last = {**plain, "euler_at_final": True}
+    out, info, seen = _run(model, x_T, name, last)
+    assert rel_err(out, _last_step_as_euler(model, sd, name, last, info, seen)) <= 1e-12
     # without it the last step is of higher order, and the steps before are the same
     out2, info2, seen2 = _run(model, x_T, name, plain)
-    assert rel_err(out2, _last_step_as_euler(model, sd, name, info2, seen2)) > 1e-7
+    assert rel_err(out2, _last_step_as_euler(model, sd, name, plain, info2, seen2)) > 1e-7
     assert torch.equal(seen[-2][0], seen2[-2][0])
 
 

@@ -28,6 +28,8 @@ import torch
 import diffsolve as ds
 from diffsolve.bench import solve_pf_ode
 from diffsolve.solvers.base import Grid
+from diffsolve.solvers.engine import combine
+from diffsolve.solvers.unipc import fold
 
 from .conftest import prior64, reference, rel_err, sd_process
 
@@ -109,12 +111,54 @@ def test_local_order_of_the_step(exact_path, order, variant, corrector):
         state = solver.init(xs[0], grid, model).replace(history=tuple(preds[p - 1 : 0 : -1]))
         x_pred, state = solver.step(xs[p], p, state, model)
         if corrector:
-            _, state = solver.step(x_pred, p + 1, state, model)  # evaluates at x̃, applies UniC
-            x_pred = state.x_prev  # the corrected start of step p + 1
+            # the engine's x is the uncorrected x̃; step p + 1 evaluates there and its folded
+            # row starts from the corrected x̃ + Δ_{p+1}·(m(x̃), m_p, …), rebuilt here
+            hist = state.history
+            _, state = solver.step(x_pred, p + 1, state, model)
+            delta = fold(solver.rules(grid, solver.calls(grid.steps, False)))[1][p + 1]
+            x_pred = x_pred + combine(delta, None, (state.history[0], *hist), None)
         errs.append(rel_err(x_pred, xs[p + 1]))
     expected = order + 2 if corrector else order + 1
     slope = _slope([1 / h for h in path], errs)  # error ∝ h^k: slope k against 1/h
     assert abs(slope - expected) <= 0.3, (slope, errs)
+
+
+def _unfolded(model, x, solver, steps, final):
+    """The two-row loop: UniC from the previous start, then the update from the corrected x."""
+    from diffsolve.plan import make_plan
+
+    plan = make_plan(model, x, solver, steps=steps, final=final)
+    hist, x_prev = (), None
+    for rule, pts in zip(plan.rules, plan.points):
+        hist = (model(x, pts[0]), *hist)
+        if rule.correct is not None:
+            x = combine(rule.correct, x_prev, hist, None)
+        if rule.update is None:
+            return hist[0].x0
+        x_prev, x = x, combine(rule.update, x, hist, None)
+    return x
+
+
+@pytest.mark.parametrize("final", ["standard", "tmin"])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"order": 1},
+        {"order": 2, "variant": "bh1"},
+        {"order": 3, "disable_corrector": (0, 3)},
+        {"order": 3, "lower_order_final": False, "euler_at_final": True},
+        {"order": 2, "predictor": "euler"},
+    ],
+)
+def test_folded_rows_equal_the_two_row_loop(setup, opts, final):
+    """The engine runs one row per step on x̃ (:func:`fold`): the same sample as applying UniC
+    and then the predictor, to round-off."""
+    model, x_T, _ = setup
+    solver = ds.UniPC(**opts)
+    got = ds.sample(model, x_T, solver, steps=7, final=final)
+    assert rel_err(got, _unfolded(model, x_T, solver, 7, final)) < 1e-13
+    state = solver.init(x_T, Grid.build(model.process, ds.LogSNR()(model.process, 7), False), model)
+    assert all(r.correct is None for r in state.rules) and state.x_prev is None
 
 
 # -- identities --------------------------------------------------------------------------------

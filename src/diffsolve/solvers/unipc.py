@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
+from torch import Tensor
 
 from ._expint import phi_data_float
-from .base import FinalOrders, Grid, Solver, get_solver, register
-from .engine import Row, RowSolver, StepRule
+from .base import FinalOrders, Grid, Model, Solver, get_solver, register
+from .engine import Row, RowSolver, RowState, StepRule
 
-__all__ = ["UniPC"]
+__all__ = ["UniPC", "fold"]
 
 VARIANTS = ("bh1", "bh2")
 
@@ -39,6 +40,55 @@ def _row(grid: tuple[list[float], ...], i: int, p: int, variant: str, corrector:
     return Row(sig[i + 1] / sig[i], (*new, gain - sum(w) - sum(new), *w))
 
 
+def _plus(row: Row, c: float, d: Row, shift: int) -> Row:
+    """``row`` + c·d on the evaluations, d read ``shift`` calls further back (a, noise: row's)."""
+
+    def add(w: tuple[float, ...], v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v:
+            return w
+        out = list(w) + [0.0] * max(0, len(v) + shift - len(w))
+        for j, vj in enumerate(v):
+            out[j + shift] += c * vj
+        return tuple(out)
+
+    return Row(row.a, add(row.x0, d.x0), add(row.eps, d.eps), row.noise)
+
+
+def fold(rules: tuple[StepRule, ...]) -> tuple[tuple[StepRule, ...], tuple[Row | None, ...]]:
+    """UniPC's rules (update + ``correct``) as one row per step on the uncorrected state x̃.
+
+    UniC of step i − 1 (``rules[i].correct``, C) and the predictor row of step i − 1 (P) both
+    start from x_{i−1} with the same coefficient, so x_i = x̃_i + Δ_i with Δ_i = C − P over the
+    evaluations only (P read one call back: step i's history has m(x̃_i) first), and step i's
+    update U from x_i is U.a·x̃_i + (U + U.a·Δ_i) on the evaluations. Returns the folded rules
+    and each step's Δ_i (a row with a = 0; None where x_i = x̃_i), so x_i = x̃_i + Δ_i·(m_i, …).
+
+    Where C and P differ in a (a ``predictor`` with another x coefficient) x_{i−1} does not
+    cancel: that step keeps its ``correct`` row (from the previous start, with Δ_{i−1} folded
+    into it), and its x is the corrected one (Δ_i None). Exact either way.
+    """
+    out: list[StepRule] = []
+    deltas: list[Row | None] = []
+    for i, rule in enumerate(rules):
+        corr, upd = rule.correct, rule.update
+        prev_delta = deltas[-1] if deltas else None
+        delta = None
+        if corr is not None:
+            pred = rules[i - 1].update if i > 0 else None
+            if pred is not None and corr.a == pred.a and corr.noise == pred.noise == 0.0:
+                delta = _plus(Row(0.0, corr.x0, corr.eps), -1.0, pred, 1)
+                corr = None
+            elif prev_delta is not None:  # C from x̃_{i−1} + Δ_{i−1}
+                corr = _plus(corr, corr.a, prev_delta, 1)
+        if rule.stages and delta is not None:
+            raise RuntimeError("unipc: a folded corrector needs one-call steps")
+        if upd is not None and delta is not None:
+            upd = _plus(upd, upd.a, delta, 0)
+        out.append(StepRule(rule.t, rule.stages, upd, corr, rule.spans))
+        deltas.append(delta)
+    return tuple(out), tuple(deltas)
+
+
 @register
 @dataclass(frozen=True)
 class UniPC(RowSolver):
@@ -56,7 +106,11 @@ class UniPC(RowSolver):
     the first p−1). As in the official code and diffusers, ρ^P = ½ for p = 2 (so UniP-2 with bh2
     *is* DPM-Solver++(2M)) and ρ^C = ½ for p = 1. Both are built once per grid in float64 as
     rows over the x̂_0's themselves (:mod:`.engine`): UniP-p is step i's update, UniC-p of step
-    i − 1 the ``correct`` row of step i.
+    i − 1 the ``correct`` row of step i (:meth:`rules`, the table plans show and DC-Solver
+    compensates). The engine runs them folded (:func:`fold`, in :meth:`init`): UniC and the
+    predictor of step i − 1 share their start and its coefficient, so the corrected x_i is
+    x̃_i + Δ_i with Δ_i on the x̂_0's only, and step i is one row on x̃_i (the state the engine
+    and callbacks hold; ``state.x_prev`` stays None).
 
     The corrector uses m(x̃_t, t), the evaluation the next step makes anyway, and that value (taken
     at the *uncorrected* point) is what enters the history: UniC costs no network call and raises
@@ -159,3 +213,11 @@ class UniPC(RowSolver):
             fix = _row(g, i - 1, p[i - 1], self.variant, True) if use else None
             out.append(StepRule((t[i],), update=predict[i], correct=fix))
         return tuple(out)
+
+    def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> RowState:
+        """The engine's state with the rules folded (:func:`fold`): one row per step, on x̃."""
+        state = super().init(x, grid, model, noise)
+        rules = fold(state.rules)[0]
+        keep = max((r.width for rule in rules for r in rule.rows()), default=1)
+        track = any(rule.correct is not None for rule in rules)
+        return state.replace(rules=rules, keep=max(keep - 1, 1), track_prev=track)
