@@ -1,7 +1,7 @@
 """Best diffsolve configuration vs best peer, against the ODE continued to σ = 0.
 
-Reproduces the README's "best of each side" table: on gmm2d, gmm64 (batch 64) and gmm3072
-(batch 16) with the SD scaled-linear process, every diffsolve solver below on the schedules
+Reproduces the "best of each side" table of docs/benchmarks.md: on gmm2d, gmm64 (batch 64) and
+gmm3072 (batch 16) with the SD scaled-linear process, every diffsolve solver below on the schedules
 karras, logsnr, uniform and quadratic, and every diffusers / k-diffusion configuration of
 ``diffsolve.bench.peers`` that starts at t_max (diffusers' "default" leading spacing starts at
 t = 0.902 and integrates a shorter trajectory, so it is left out of the comparison). The error is
