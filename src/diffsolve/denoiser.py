@@ -230,7 +230,8 @@ class Denoiser:
         t64 = as_time(ts).reshape(-1)
         in_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
         t_in = torch.as_tensor(self.time_map(t64), dtype=in_dtype).to(like.device)
-        alpha, sigma = proc.alpha(t64).tolist(), proc.sigma(t64).tolist()
+        alpha_t, sigma_t, _ = proc.coefficients(t64)
+        alpha, sigma = alpha_t.tolist(), sigma_t.tolist()
         if self.prediction == "velocity":
             d_alpha, d_sigma = proc.d_alpha(t64).tolist(), proc.d_sigma(t64).tolist()
         else:

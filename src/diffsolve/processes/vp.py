@@ -22,6 +22,15 @@ class _VP(GaussianProcess):
     def log_sigma(self, t: float | Tensor) -> Tensor:
         return 0.5 * log1mexp(2.0 * self.log_alpha(t))
 
+    def lambda_(self, t: float | Tensor) -> Tensor:
+        la = self.log_alpha(t)  # once: a table lookup on discrete processes
+        return la - 0.5 * log1mexp(2.0 * la)
+
+    def coefficients(self, t: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        la = self.log_alpha(t)
+        ls = 0.5 * log1mexp(2.0 * la)
+        return torch.exp(la), torch.exp(ls), la - ls
+
     def d_log_alpha(self, t: float | Tensor) -> Tensor:
         raise NotImplementedError
 

@@ -25,16 +25,16 @@ schedules do. Warm-up uses the orders 1, 2, … as history accumulates. The step
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from functools import lru_cache
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from numpy.polynomial import polynomial as P
 
 from .base import FinalOrders, Grid, alias, register
 from .engine import Row, RowSolver, StepRule
 
-__all__ = ["DEIS", "IPNDM", "LMS", "finite_start", "lagrange_integral_weights"]
+__all__ = ["DEIS", "IPNDM", "LMS", "finite_start", "lagrange_integral_weights", "lagrange_table"]
 
 _IPNDM = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
 
@@ -59,17 +59,50 @@ def finite_start(grid: Grid, name: str) -> Grid:
     return Grid.build(grid.process, t, grid.clean_end, grid.nfe)
 
 
-def lagrange_integral_weights(nodes: np.ndarray, a: float, b: float) -> np.ndarray:
-    """∫_a^b ℓ_j(s) ds for the Lagrange basis ℓ_j on ``nodes`` (float64, exact)."""
-    w = np.empty(len(nodes))
-    for j, nj in enumerate(nodes):
-        poly = np.array([1.0])
-        for m, nm in enumerate(nodes):
+def lagrange_table(u: np.ndarray, w: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+    """∫ ℓ_j(u(ρ)) dρ for many steps at once, by the quadrature (ρ_q, w_q) of each step.
+
+    Args:
+        u: the interpolation variable at each step's quadrature points, shape (n, Q).
+        w: the quadrature weights in ρ, shape (n, Q).
+        nodes: each step's Lagrange nodes in u, newest first, shape (n, k).
+
+    Returns:
+        c, shape (n, k): c[i, j] = Σ_q w[i, q]·ℓ_j(u[i, q]) (DEIS, Zhang & Chen 2023, eq. 12).
+    """
+    k = nodes.shape[1]
+    out = np.empty(nodes.shape)
+    for j in range(k):
+        basis = w.copy()
+        for m in range(k):
             if m != j:
-                poly = P.polymul(poly, np.array([-nm, 1.0]) / (nj - nm))
-        integ = P.polyint(poly)
-        w[j] = P.polyval(b, integ) - P.polyval(a, integ)
-    return w
+                basis *= (u - nodes[:, m, None]) / (nodes[:, j, None] - nodes[:, m, None])
+        out[:, j] = basis.sum(axis=1)
+    return out
+
+
+@lru_cache(maxsize=8)
+def _leggauss(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.polynomial.legendre.leggauss(n)
+
+
+def gauss_legendre(a: np.ndarray, b: np.ndarray, n: int, pieces: int = 1) -> tuple[np.ndarray, ...]:
+    """Composite n-point Gauss–Legendre rules on [a_i, b_i] (``pieces`` equal panels each):
+    points and weights, shape (len(a), pieces·n); exact for polynomials of degree < 2n."""
+    x, wx = _leggauss(n)
+    f = (np.arange(pieces)[:, None] + (x[None] + 1.0) / 2.0).ravel() / pieces  # in [0, 1]
+    wf = np.tile(wx, pieces) / (2.0 * pieces)
+    d = (b - a)[:, None]
+    return a[:, None] + d * f[None], d * wf[None]
+
+
+def lagrange_integral_weights(nodes: np.ndarray, a: float, b: float) -> np.ndarray:
+    """∫_a^b ℓ_j(s) ds for the Lagrange basis ℓ_j on ``nodes`` (float64; exact: the basis has
+    degree k − 1 and the Gauss–Legendre rule used is exact to degree 2·(k//2 + 1) − 1)."""
+    nodes = np.asarray(nodes, dtype=np.float64)
+    q, w = gauss_legendre(np.array([a], dtype=np.float64), np.array([b], dtype=np.float64),
+                          len(nodes) // 2 + 1)  # fmt: skip
+    return lagrange_table(q, w, nodes[None])[0]
 
 
 @dataclass(frozen=True)
@@ -86,6 +119,37 @@ class _RhoAdams(RowSolver):
     def _coefficients(self, grid: Grid, rho: np.ndarray, i: int, k: int) -> tuple[float, ...]:
         raise NotImplementedError
 
+    def _table(self, grid: Grid, rho: np.ndarray, steps: list[int], orders: list[int]) -> list:
+        """c_{ij} of every step in ``steps`` (of order ``orders``): one call per step here;
+        the Lagrange methods compute all steps of one order at once."""
+        return [self._coefficients(grid, rho, i, k) for i, k in zip(steps, orders)]
+
+    def _lagrange(
+        self,
+        rho: np.ndarray,
+        steps: list[int],
+        orders: list[int],
+        var: Any,
+        quad: tuple[int, int],
+        u_grid: np.ndarray | None = None,
+    ) -> list:
+        """Lagrange-in-``var`` weights (``var(ρ) -> u`` on arrays; ``u_grid``: u at the grid
+        points, if known exactly) for all steps, grouped by order: one evaluation of ``var``
+        over every quadrature point of the run."""
+        out: list = [None] * len(steps)
+        if not steps:
+            return out
+        idx, ks = np.asarray(steps), np.asarray(orders)
+        q, w = gauss_legendre(rho[idx], rho[idx + 1], *quad)
+        u_all = var(q.ravel()).reshape(q.shape)
+        u_rho = u_grid if u_grid is not None else var(rho[: idx[-1] + 1])
+        for k in set(orders):
+            sel = np.flatnonzero(ks == k)
+            nodes = u_rho[idx[sel, None] - np.arange(k)[None]]
+            for r, c in zip(sel.tolist(), lagrange_table(u_all[sel], w[sel], nodes).tolist()):
+                out[r] = tuple(c)
+        return out
+
     def _order_at(self, grid: Grid, i: int) -> int:
         # euler_at_final: Euler in ρ on the last step (FinalOrders; no lower_order_final here)
         cap = FinalOrders.of(self.name, False, 0, self.euler_at_final).cap(i, grid.steps)
@@ -100,12 +164,14 @@ class _RhoAdams(RowSolver):
                 f"({grid.process!r}); start below it (e.g. schedule='karras' or t_max < 1)"
             )
         t, alpha = grid.t.tolist(), grid.alpha.tolist()
+        steps = [i for i in range(grid.steps) if not grid.is_final(i)]
+        table = iter(self._table(grid, rho, steps, [self._order_at(grid, i) for i in steps]))
         out = []
         for i in range(grid.steps):
             if grid.is_final(i):
                 out.append(StepRule((t[i],)))
                 continue
-            c = self._coefficients(grid, rho, i, self._order_at(grid, i))
+            c = next(table)
             row = Row(alpha[i + 1] / alpha[i], eps=tuple(alpha[i + 1] * cj for cj in c))
             out.append(StepRule((t[i],), update=row))
         return tuple(out)
@@ -127,9 +193,8 @@ class LMS(_RhoAdams):
     def validate(self) -> None:
         self._check_order(self.order)
 
-    def _coefficients(self, grid: Grid, rho: np.ndarray, i: int, k: int) -> tuple[float, ...]:
-        nodes = rho[i - np.arange(k)]
-        return tuple(lagrange_integral_weights(nodes, rho[i], rho[i + 1]).tolist())
+    def _table(self, grid: Grid, rho: np.ndarray, steps: list[int], orders: list[int]) -> list:
+        return self._lagrange(rho, steps, orders, lambda r: r, (max(orders, default=1) // 2 + 1, 1))
 
 
 @register
@@ -151,9 +216,6 @@ class IPNDM(_RhoAdams):
     def _coefficients(self, grid: Grid, rho: np.ndarray, i: int, k: int) -> tuple[float, ...]:
         d = rho[i + 1] - rho[i]
         return tuple(d * w for w in _IPNDM[k - 1])
-
-
-_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(16)
 
 
 @register
@@ -199,28 +261,25 @@ class DEIS(_RhoAdams):
         rule = FinalOrders.of("deis", lof, 15, self.euler_at_final)
         return min(self.order, i + 1, rule.cap(i, grid.steps))
 
-    def _coefficients(self, grid: Grid, rho: np.ndarray, i: int, k: int) -> tuple[float, ...]:
-        if self.variant == "rhoab" or k == 1:
-            nodes = rho[i - np.arange(k)]
-            return tuple(lagrange_integral_weights(nodes, rho[i], rho[i + 1]).tolist())
-        # composite Gauss–Legendre in ρ over [ρ_i, ρ_{i+1}]
-        edges = np.linspace(rho[i], rho[i + 1], 9)
-        mid, half = (edges[1:] + edges[:-1]) / 2, (edges[1:] - edges[:-1]) / 2
-        q = (mid[:, None] + half[:, None] * _GL_NODES[None]).ravel()
-        wq = (half[:, None] * _GL_WEIGHTS[None]).ravel()
+    def _table(self, grid: Grid, rho: np.ndarray, steps: list[int], orders: list[int]) -> list:
+        if self.variant == "rhoab":  # polynomial in ρ: an exact Gauss–Legendre rule
+            return self._lagrange(rho, steps, orders, lambda r: r, (self.order // 2 + 1, 1))
+        u_grid = None
         if self.variant == "logrho":
-            u, nodes = np.log(q), np.log(rho[i - np.arange(k)])
-        else:
-            u = grid.process.t_of_rho(torch.from_numpy(q)).numpy()
-            nodes = grid.t.numpy()[i - np.arange(k)]
-        out = []
-        for j in range(k):
-            basis = np.ones_like(u)
-            for m in range(k):
-                if m != j:
-                    basis = basis * (u - nodes[m]) / (nodes[j] - nodes[m])
-            out.append(float(wq @ basis))
-        return tuple(out)
+            var = np.log
+        else:  # tab: u = t(ρ), the process's inverse map over every quadrature point at once
+            process, u_grid = grid.process, grid.t.numpy()
+
+            def var(r: np.ndarray) -> np.ndarray:
+                return process.t_of_rho(torch.from_numpy(np.ascontiguousarray(r))).numpy()
+
+        # order 1 is ∫ dρ exactly; higher orders: composite 8×16-point Gauss–Legendre in ρ
+        hi = [n for n, k in enumerate(orders) if k > 1]
+        found = self._lagrange(
+            rho, [steps[n] for n in hi], [orders[n] for n in hi], var, (16, 8), u_grid
+        )
+        weights = iter(found)
+        return [(rho[i + 1] - rho[i],) if k == 1 else next(weights) for i, k in zip(steps, orders)]
 
 
 alias(

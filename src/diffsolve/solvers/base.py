@@ -65,7 +65,7 @@ class Grid:
         cls, process: GaussianProcess, times: Tensor, clean_end: bool, nfe: int | None = None
     ) -> Grid:
         t = times.to(torch.float64)
-        alpha, sigma, lam = process.alpha(t), process.sigma(t), process.lambda_(t)
+        alpha, sigma, lam = process.coefficients(t)
         if clean_end:
             one = torch.ones(1, dtype=torch.float64)
             t = torch.cat([t, 0 * one])

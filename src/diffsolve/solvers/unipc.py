@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
 from ._expint import phi_data_float
@@ -16,6 +15,22 @@ from .engine import Row, RowSolver, RowState, StepRule
 __all__ = ["UniPC", "fold"]
 
 VARIANTS = ("bh1", "bh2")
+
+
+def _vandermonde_solve(nodes: list[float], b: list[float]) -> list[float]:
+    """ρ with Σ_k ρ_k·r_k^j = b_j (j = 0…n−1), UniPC's system (Zhao et al. 2023, eq. 9):
+    ρ_k = Σ_j b_j·[s^j] ℓ_k(s), ℓ_k the Lagrange basis on the nodes, since Σ_k ℓ_k(s)·r_k^j
+    = s^j. In plain floats: a system of order ≤ 3 per step, where a LAPACK call's set-up
+    would cost more than the arithmetic."""
+    rho = []
+    for k, rk in enumerate(nodes):
+        coef = [1.0]  # ℓ_k's coefficients, lowest degree first
+        for m, rm in enumerate(nodes):
+            if m != k:
+                d = rk - rm
+                coef = [(lo - rm * hi) / d for lo, hi in zip([0.0, *coef], [*coef, 0.0])]
+        rho.append(sum(bj * cj for bj, cj in zip(b, coef)))
+    return rho
 
 
 def _row(grid: tuple[list[float], ...], i: int, p: int, variant: str, corrector: bool) -> Row:
@@ -31,10 +46,7 @@ def _row(grid: tuple[list[float], ...], i: int, p: int, variant: str, corrector:
     if len(nodes) > 1:
         n = range(1, len(nodes) + 1)  # targets ĥ·φ_{j+1}(ĥ)·j!/B(h), j = 1…
         b = [-phi_data_float(j + 1, h) / h**j * math.factorial(j) / big_b for j in n]
-        vander = [[r**j for r in nodes] for j in range(len(nodes))]
-        f64 = torch.float64
-        rho = torch.linalg.solve(torch.tensor(vander, dtype=f64), torch.tensor(b, dtype=f64))
-        rho = rho.tolist()
+        rho = _vandermonde_solve(nodes, b)
     w = [-alp[i + 1] * big_b * rk / r for rk, r in zip(rho, nodes)]  # on (m_k − m_s)
     new = [w.pop()] if corrector else []  # on (m_t − m_s)
     return Row(sig[i + 1] / sig[i], (*new, gain - sum(w) - sum(new), *w))
