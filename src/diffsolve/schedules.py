@@ -160,8 +160,7 @@ def _noise_range(
 ) -> tuple[float, float]:
     """The noise levels σ/α a schedule spans: the process's range, narrowed to
     [sigma_min, sigma_max] where given (k-diffusion's sigma_min/sigma_max, in σ/α units)."""
-    lo = float(process.rho(process.t_min))
-    hi = float(process.rho(process.t_max_finite))
+    lo, hi = process.rho_range()
     if sigma_min is not None:
         lo = max(lo, float(sigma_min))
     if sigma_max is not None:
@@ -169,8 +168,7 @@ def _noise_range(
     if not 0.0 < lo < hi:
         raise ValueError(
             f"empty noise range: sigma_min={sigma_min}, sigma_max={sigma_max} inside the "
-            f"process's σ/α range [{float(process.rho(process.t_min)):.4g}, "
-            f"{float(process.rho(process.t_max_finite)):.4g}]"
+            f"process's σ/α range [{process.rho_range()[0]:.4g}, {process.rho_range()[1]:.4g}]"
         )
     return lo, hi
 
@@ -184,9 +182,10 @@ def _pin_ends(
     # inverse maps round by ~1 ulp; pin the ends exactly inside [t_min, t_max] where the schedule
     # spans the whole process (a narrowed end keeps its inverse-map time)
     t = t.clamp(process.t_min, process.t_max)
-    if sigma_max is None or sigma_max >= float(process.rho(process.t_max_finite)):
+    rho_lo, rho_hi = process.rho_range()
+    if sigma_max is None or sigma_max >= rho_hi:
         t[0] = process.t_max_finite
-    if t.numel() > 1 and (sigma_min is None or sigma_min <= float(process.rho(process.t_min))):
+    if t.numel() > 1 and (sigma_min is None or sigma_min <= rho_lo):
         t[-1] = process.t_min
     return t
 

@@ -84,6 +84,16 @@ class GaussianProcess:
         """EDM / k-diffusion noise level σ_t/α_t = e^{−λ_t}."""
         return torch.exp(-self.lambda_(t))
 
+    def rho_range(self) -> tuple[float, float]:
+        """(ρ at t_min, ρ at t_max_finite): the noise levels every schedule spans, kept for
+        the process's current time range (schedules ask for them on every plan)."""
+        key = (self.t_min, self.t_max_finite)
+        kept = self.__dict__.get("_rho_range")
+        if kept is None or kept[0] != key:
+            kept = (key, (float(self.rho(key[0])), float(self.rho(key[1]))))
+            self.__dict__["_rho_range"] = kept
+        return kept[1]
+
     def d_alpha(self, t: float | Tensor) -> Tensor:
         """dα/dt; by autograd unless a subclass gives it in closed form."""
         return self._autograd(self.alpha, t)

@@ -115,9 +115,8 @@ def singlestep_rules(
     stage_pts: dict[tuple[int, int], tuple[float, float, float, float]] = {}
     if keys:
         tt = torch.tensor([t_stage[k] for k in keys], dtype=torch.float64)
-        vals = zip(tt.tolist(), process.alpha(tt).tolist(), process.sigma(tt).tolist())
-        lams = process.lambda_(tt).tolist()
-        stage_pts = {k: (*v, lv) for k, v, lv in zip(keys, vals, lams)}
+        a_s, s_s, l_s = (v.tolist() for v in process.coefficients(tt))
+        stage_pts = {k: v for k, v in zip(keys, zip(tt.tolist(), a_s, s_s, l_s))}
 
     out: list[StepRule] = []
     for i, k in enumerate(orders):
