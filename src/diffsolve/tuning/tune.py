@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from ..auto import is_guided
-from ..schedules import Karras, LogSNR
+from ..schedules import Karras, LogSNR, get_schedule
+from .bespoke import BespokeStudent, bespoke_steps
 from .search import evolve, gits_grid
 from .student import Student
 from .teacher import teacher
@@ -28,6 +29,7 @@ METHODS = {
     "usf": "per-step order and corrector searched, then the grid (USF/S³, Liu et al. 2023)",
     "dc": "UniPC with DC-Solver's compensation ratios, searched then refined (Zhao et al. 2024)",
     "v3": "DPM-Solver-v3: empirical statistics of the model's own samples (Zheng et al. 2023)",
+    "bespoke": "a learned scale-time transformation of an RK1/RK2 base (Shaul et al. 2024)",
 }
 
 
@@ -48,19 +50,21 @@ def _robust(out: Tensor, target: Tensor) -> float:
     return float(err / target.reshape(target.shape[0], -1).norm(dim=1).mean())
 
 
-def _initial_grids(process: Any, nfe: int) -> list[tuple[str, Tensor]]:
-    """Candidate starting grids (nfe process times each): the standard grids and the grid of
-    the untuned ``auto`` rule for this budget."""
+def _initial_schedules(process: Any, nfe: int) -> list[tuple[str, Any]]:
+    """Candidate starting schedules: the standard ones and the ``auto`` rule's for this
+    budget."""
     from ..auto import recommend
 
-    out = []
-    for name, sched in (
+    return [
         ("logsnr", LogSNR()),
         ("karras", Karras(rho=7.0)),
-        ("auto", recommend(process, nfe).schedule),
-    ):
-        out.append((name, sched(process, nfe)))
-    return out
+        ("auto", get_schedule(recommend(process, nfe).schedule)),
+    ]
+
+
+def _initial_grids(process: Any, nfe: int) -> list[tuple[str, Tensor]]:
+    """Candidate starting grids (nfe process times each) on :func:`_initial_schedules`."""
+    return [(name, sched(process, nfe)) for name, sched in _initial_schedules(process, nfe)]
 
 
 def _extrapolation(process: Any, t: Tensor, width: int) -> Tensor:
@@ -263,11 +267,18 @@ def tune(
             return _robust(s(xs, cs), ts)
 
     # the best of the standard grids starts every method
-    scored = []
-    for name, t in _initial_grids(process, nfe):
-        for end in ("standard", "extrapolate") if width > 1 else ("standard",):
-            cand = student(t, end)
-            scored.append((loss_of(cand), f"{name}/{end}", cand))
+    scored: list[tuple[float, str, Any]] = []
+    if method == "bespoke":  # its step nodes on each standard grid, the base EI solver there
+        kinds = bespoke_steps(nfe, min(order, 2))
+        for name, sched in _initial_schedules(process, nfe):
+            lam = process.lambda_(sched(process, len(kinds) + 1))
+            cand = BespokeStudent(model, nfe, t_start, lam, lam_hi, lam_lo, order=min(order, 2))
+            scored.append((loss_of(cand), f"{name}/standard", cand))
+    else:
+        for name, t in _initial_grids(process, nfe):
+            for end in ("standard", "extrapolate") if width > 1 else ("standard",):
+                cand = student(t, end)
+                scored.append((loss_of(cand), f"{name}/{end}", cand))
     loss0, init_name, s = min(scored, key=lambda r: r[0])
     if not math.isfinite(loss0):
         raise TuningError(f"the initial grids give a non-finite loss ({loss0}) on this model")
@@ -310,7 +321,7 @@ def tune(
         descend(grid_params, lr, "grid")
     elif method == "s4s":
         descend(weight_params, lr / 5, "weights")
-    elif method == "auto":
+    elif method in ("auto", "bespoke"):
         for _ in range(2):
             descend(grid_params, lr, "grid")
             descend(weight_params, lr / 5, "weights")
@@ -344,9 +355,15 @@ def tune(
         "order": order,
         "corrector": corrector,
         "init_grid": init_name,
-        "final_weights": s.final_weights().tolist(),
-        "orders": s.orders,
-        "correctors": s.correctors,
+        **(
+            {"base": "rk2" if min(order, 2) == 2 else "rk1", "steps": s.kinds}
+            if method == "bespoke"
+            else {
+                "final_weights": s.final_weights().tolist(),
+                "orders": s.orders,
+                "correctors": s.correctors,
+            }
+        ),
         "calib_samples": int(x.shape[0]),
         "calib_rel_rmse_before": math.sqrt(loss0),
         "calib_rel_rmse_after": math.sqrt(loss1),
