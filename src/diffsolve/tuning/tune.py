@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..auto import is_guided
-from ..schedules import Karras, LogSNR, get_schedule
+from ..schedules import get_schedule
 from .bespoke import BespokeStudent, bespoke_steps
 from .search import evolve, gits_grid
 from .student import Student
@@ -51,20 +51,36 @@ def _robust(out: Tensor, target: Tensor) -> float:
 
 
 def _initial_schedules(process: Any, nfe: int) -> list[tuple[str, Any]]:
-    """Candidate starting schedules: the standard ones and the ``auto`` rule's for this
-    budget."""
+    """Candidate starting schedules: the standard ones (the peers' defaults among them: a
+    grid is scored by one pass over the calibration noise, so trying them all costs little,
+    and on some processes the best start is a peer's discrete spacing) and the ``auto``
+    rule's for this budget."""
     from ..auto import recommend
 
+    names = ("logsnr", "karras", "uniform", "quadratic", "trailing", "linspace")
     return [
-        ("logsnr", LogSNR()),
-        ("karras", Karras(rho=7.0)),
+        *((name, get_schedule(name)) for name in names),
         ("auto", get_schedule(recommend(process, nfe).schedule)),
     ]
 
 
 def _initial_grids(process: Any, nfe: int) -> list[tuple[str, Tensor]]:
-    """Candidate starting grids (nfe process times each) on :func:`_initial_schedules`."""
-    return [(name, sched(process, nfe)) for name, sched in _initial_schedules(process, nfe)]
+    """Candidate starting grids (nfe process times each) on :func:`_initial_schedules`; a
+    schedule that does not apply to the process (a discrete spacing on a continuous path) or
+    that repeats a time at this size is skipped."""
+    return [
+        (name, t)
+        for name, sched in _initial_schedules(process, nfe)
+        if (t := _grid_or_none(sched, process, nfe)) is not None
+    ]
+
+
+def _grid_or_none(sched: Any, process: Any, n: int) -> Tensor | None:
+    try:
+        t = sched(process, n)
+    except (ValueError, TypeError):
+        return None
+    return t if bool((t[1:] < t[:-1]).all()) else None
 
 
 def _extrapolation(process: Any, t: Tensor, width: int) -> Tensor:
@@ -271,7 +287,9 @@ def tune(
     if method == "bespoke":  # its step nodes on each standard grid, the base EI solver there
         kinds = bespoke_steps(nfe, min(order, 2))
         for name, sched in _initial_schedules(process, nfe):
-            lam = process.lambda_(sched(process, len(kinds) + 1))
+            if (t_nodes := _grid_or_none(sched, process, len(kinds) + 1)) is None:
+                continue
+            lam = process.lambda_(t_nodes)
             cand = BespokeStudent(model, nfe, t_start, lam, lam_hi, lam_lo, order=min(order, 2))
             scored.append((loss_of(cand), f"{name}/standard", cand))
     else:
