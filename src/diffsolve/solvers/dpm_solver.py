@@ -18,6 +18,7 @@ __all__ = ["DPMSolver", "fast_plan", "multistep_orders"]
 
 METHODS = ("multistep", "singlestep")
 SOLVER_TYPES = ("dpmsolver", "taylor")
+ALGORITHM_TYPES = ("auto", "dpmsolver", "dpmsolver++")
 
 
 @register
@@ -74,12 +75,21 @@ class DPMSolver(RowSolver):
     is the call at t_min returning x̂_0, see :func:`fast_plan`). The adaptive DPM-Solver-12/23
     is ``dpm_adaptive`` (:mod:`.dpm_adaptive`).
 
+    ``algorithm_type``: ``"dpmsolver"`` (the noise form above), ``"dpmsolver++"`` (the same
+    plan and stages in the data form: the official code's ``algorithm_type="dpmsolver++"``, i.e.
+    :mod:`.dpmpp`'s rows), or ``"auto"`` (default): the noise form, except on flow paths (α = 0
+    at t_max), where the run starts at t_max_finite with α ≈ t_min and the noise form's
+    α_t/α_s ≈ 1/t_min amplifies the stage differences: on gmm2d with rectified flow,
+    ``dpm_fast`` at NFE 4 had relative error 461 and ``dpm2`` 1.9–2.7 at NFE 5–6 in the noise
+    form, 0.52/0.45 and 0.47/0.45/0.31 in the data form.
+
     The step to σ = 0 returns x̂_0. Shapes: x (B, ...).
     """
 
     order: int = 2
     method: str = "multistep"
     solver_type: str = "dpmsolver"
+    algorithm_type: str = "auto"
     lower_order_final: bool = True
     reference: bool = False
     euler_at_final: bool = False
@@ -94,6 +104,11 @@ class DPMSolver(RowSolver):
             raise ValueError(f"dpm_solver: order must be 1, 2 or 3, got {self.order!r}")
         if self.method not in METHODS:
             raise ValueError(f"dpm_solver: method must be one of {METHODS}, got {self.method!r}")
+        if self.algorithm_type not in ALGORITHM_TYPES:
+            raise ValueError(
+                f"dpm_solver: algorithm_type must be one of {ALGORITHM_TYPES}, "
+                f"got {self.algorithm_type!r}"
+            )
         if self.solver_type not in SOLVER_TYPES:
             raise ValueError(
                 f"dpm_solver: solver_type must be one of {SOLVER_TYPES}, got {self.solver_type!r}"
@@ -130,12 +145,19 @@ class DPMSolver(RowSolver):
             return schedule.for_calls(process, calls, clean_end)
         return super().grid_times(process, schedule, calls, clean_end)
 
+    def data_form(self, process: GaussianProcess) -> bool:
+        """Whether this run uses the data form (``algorithm_type``, resolved for ``process``)."""
+        if self.algorithm_type == "auto":
+            return float(process.alpha(process.t_max)) == 0.0
+        return self.algorithm_type == "dpmsolver++"
+
     def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
+        data = self.data_form(grid.process)
         if self.singlestep:
-            return singlestep_rules(grid, calls, data=False, solver_type=self.solver_type)
+            return singlestep_rules(grid, calls, data=data, solver_type=self.solver_type)
         orders = multistep_orders(grid, self.order, self.lower_order_final, 10, self.euler_at_final)
         second = "half" if self.solver_type == "dpmsolver" else "taylor"
-        return multistep_rules(grid, orders, data=False, second=second, reference=self.reference)
+        return multistep_rules(grid, orders, data=data, second=second, reference=self.reference)
 
 
 # k-diffusion's sample_dpm_2 (DPM-Solver-2 written as Euler in ρ = σ/α with the λ-midpoint
