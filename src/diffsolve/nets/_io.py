@@ -43,14 +43,17 @@ class WeightsError(ValueError):
     """A weights file is missing, corrupted or does not match its architecture."""
 
 
-def save_weights(path: str | Path, module: nn.Module, meta: dict[str, Any]) -> Path:
-    """Write ``module``'s state dict (float32, contiguous) and ``meta`` (JSON-encoded values)."""
+def save_weights(
+    path: str | Path, module: nn.Module, meta: dict[str, Any], dtype: torch.dtype = torch.float32
+) -> Path:
+    """Write ``module``'s state dict (``dtype``, contiguous) and ``meta`` (JSON-encoded values).
+
+    float16 halves a file (the package ships several networks under 5 MB together); loading
+    casts the tensors into the float32 module as usual, so only the rounding is stored."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    tensors = {
-        k: v.detach().to(torch.float32).contiguous().clone() for k, v in module.state_dict().items()
-    }
+    tensors = {k: v.detach().to(dtype).contiguous().clone() for k, v in module.state_dict().items()}
     header = {"format": FORMAT, "format_version": FORMAT_VERSION}
     for k, v in meta.items():
         header[k] = json.dumps(v, sort_keys=True) if k in JSON_FIELDS else str(v)
