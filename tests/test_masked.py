@@ -146,6 +146,25 @@ def test_determinism_and_infilling(mix):
     assert ds.MaskedDiffusion is MaskedDiffusion and ds.sample_masked is sample_masked
 
 
+@pytest.mark.parametrize(("sampler", "steps"), [("fhs", None), ("fhs", 3), ("tau_leap", 4)])
+def test_same_samples_whatever_the_batch_split(mix, sampler, steps):
+    """Draws are keyed by (seed, sample, call, draw): the halves of a batch sampled apart equal
+    the whole batch, and a list of generators gives each sample its own seed."""
+    model = _model(mix)
+    whole = sample_masked(model, 8, 6, sampler, steps=steps, noise=ds.NoiseSource(5))
+    lo = sample_masked(model, 3, 6, sampler, steps=steps, noise=ds.NoiseSource(5))
+    hi = sample_masked(model, 5, 6, sampler, steps=steps, noise=ds.NoiseSource(5, offset=3))
+    assert torch.equal(whole, torch.cat([lo, hi]))
+    gens = [torch.Generator().manual_seed(s) for s in (11, 12, 13)]
+    both = sample_masked(model, 3, 6, sampler, steps=steps, generator=gens)
+    one = sample_masked(model, 1, 6, sampler, steps=steps,
+                        generator=[torch.Generator().manual_seed(12)])  # fmt: skip
+    assert torch.equal(both[1:2], one)
+    with pytest.raises(ValueError, match="not both"):
+        sample_masked(model, 2, 6, sampler, steps=steps, noise=ds.NoiseSource(1),
+                      generator=torch.Generator())  # fmt: skip
+
+
 def test_bad_input(mix):
     net = mix.net()
     with pytest.raises(ValueError, match="inside the vocabulary"):

@@ -186,3 +186,20 @@ def test_split_runs_are_bit_identical(name, opts):
     b = ds.sample(m, x_T, solver, generator=torch.Generator().manual_seed(1), **kw)
     c = ds.sample(m, x_T, solver, generator=torch.Generator().manual_seed(2), **kw)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_uniform_draws_are_keyed_like_the_normals():
+    """NoiseSource.rand: U[0, 1) moments, float32 on torch.rand's 2^-24 grid, the same rows
+    whatever the batch split, and a stream apart from randn's."""
+    src = ds.NoiseSource(3)
+    u = src.rand(torch.empty(64, 4096, dtype=torch.float64), step=2, stage=1)
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    n = u.numel()
+    assert abs(float(u.mean()) - 0.5) < 4 * (1 / 12 / n) ** 0.5
+    assert abs(float(u.var()) - 1 / 12) < 4 * (1 / 180 / n) ** 0.5
+    f = src.rand(torch.empty(4, 1000, dtype=torch.float32), step=0)
+    assert f.dtype == torch.float32 and torch.equal(f * 2**24, (f * 2**24).round())
+    part = ds.NoiseSource(3, offset=10).rand(torch.empty(6, 4096, dtype=torch.float64), 2, 1)
+    assert torch.equal(part, u[10:16])
+    z = src.randn(torch.empty(64, 4096, dtype=torch.float64), step=2, stage=1)
+    assert abs(float(torch.corrcoef(torch.stack([u.reshape(-1), z.reshape(-1)]))[0, 1])) < 0.01

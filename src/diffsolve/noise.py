@@ -96,6 +96,7 @@ def _signed(v: int) -> int:
 _GOLD = 0x9E3779B97F4A7C15
 _C1, _C2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 _SALT_SAMPLE, _SALT_NODE, _SALT_STEP = 0x5A17, 0x7EE5, 0xE47A
+_SALT_UNIFORM = 0x0F1A7
 
 
 def _mix_int(v: int) -> int:
@@ -245,7 +246,7 @@ class NoiseSource(Noise):
         """A source seeded by one draw from ``generator`` (None: torch's global RNG); a list or
         tuple of generators (one per sample, as diffusers pipelines take them) gives
         ``from_seeds`` of one draw from each, so splitting the list splits the batch."""
-        if isinstance(generator, (list, tuple)):
+        if isinstance(generator, Sequence):  # list, tuple (a torch.Generator is not one)
             return cls.from_seeds([_seed_of(g) for g in generator], **options)
         return cls(generator, **options)
 
@@ -315,6 +316,28 @@ class NoiseSource(Noise):
         draw_id = _signed(_mix_int(_mix_int(step ^ _SALT_STEP) + stage))
         z = _normals(keys ^ draw_id, counters, math.prod(x.shape[1:]), _draw_dtype(x.dtype))
         return z.reshape(x.shape).to(x.dtype)
+
+    def rand(self, x: Tensor, step: int, stage: int = 0) -> Tensor:
+        """u ~ U[0, 1) shaped like x, keyed by (sample key, step, stage) as :meth:`randn` (on
+        its own stream): float64 on the 2^-53 grid, float32 on the 2^-24 grid, as ``torch.rand``
+        draws them (the discrete samplers' categorical races)."""
+        step, stage = _int(step, "step"), _int(stage, "stage")
+        if step < 0 or stage < 0:
+            raise ValueError(f"step and stage must be >= 0, got {step}, {stage}")
+        keys, _ = self._state(x)
+        d, dev = math.prod(x.shape[1:]), x.device
+        kc = (-1 - d, dev)  # one counter per element (the normals' counters are per pair)
+        if kc not in self._counters:
+            self._counters[kc] = (torch.arange(d, dtype=torch.int64) * _signed(_GOLD)).to(dev)[
+                None
+            ]
+        draw_id = _signed(_mix_int(_mix_int(step ^ _SALT_UNIFORM) + stage))
+        bits = _mix(_mix(keys ^ draw_id) + self._counters[kc])
+        if _draw_dtype(x.dtype) == torch.float64:
+            u = _srl(bits, 11).to(torch.float64) * 2.0**-53
+        else:
+            u = _srl(bits, 40).to(torch.float32) * 2.0**-24
+        return u.reshape(x.shape)
 
     def __repr__(self) -> str:
         if self.seeds is not None:

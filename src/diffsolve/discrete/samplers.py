@@ -31,11 +31,13 @@ many steps, whose categorical carries the dominant "stay masked" entry).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ..noise import NoiseSource
 from .categorical import categorical
 from .masked import MaskedDiffusion
 
@@ -85,8 +87,8 @@ def _posterior(logits: Tensor) -> Tensor:
     return torch.softmax(logits.to(torch.float64), dim=-1)
 
 
-def _fhs(model, x, steps, g, dtype, watch) -> int:
-    b, length = x.shape
+def _fhs(model, x, steps, noise, dtype, watch) -> int:
+    b = x.shape[0]
     sched = model.schedule
     masked = x == model.mask_id
     n = masked.sum(1)
@@ -105,22 +107,22 @@ def _fhs(model, x, steps, g, dtype, watch) -> int:
     for j, m in enumerate(sizes):
         # exact first-hitting times of the group's m events: τ = κ⁻¹(κ(t)·u^{1/n})
         t_call, tau, left = None, t, n
-        for _ in range(m):
-            u = torch.rand(b, dtype=torch.float64, generator=g, device=x.device)
+        for k in range(m):
+            u = noise.rand(t[:, None], j, k)[:, 0]
             nxt = sched.inverse(sched.kappa(tau) * u ** (1.0 / left.clamp(min=1)))
             tau = torch.where(left > 0, nxt, tau)
             t_call = tau if t_call is None else t_call
             left = left - 1
         post = _posterior(model.logits(x, t_call, step=j))
         # m masked positions uniformly at random: the top-m of uniform scores over masked slots
-        score = torch.rand((b, length), dtype=torch.float64, generator=g, device=x.device)
+        score = noise.rand(x.to(torch.float64), j, m)
         score = torch.where(masked, score, torch.full_like(score, -1.0))
         top, idx = score.topk(m, dim=1)
         valid = top >= 0
         p = post.gather(1, idx[..., None].expand(b, m, post.shape[-1]))
         bad = torch.isnan(p).any(-1) & valid
         watch.update(torch.zeros_like(masked).scatter(1, idx, bad), j)  # (B, L) positions
-        tok = categorical(p, g, dtype)
+        tok = categorical(p, dtype=dtype, u=noise.rand(p.to(dtype), j, m + 1))
         new = torch.where(valid, tok, x.gather(1, idx))
         x.scatter_(1, idx, new)
         masked = masked.scatter(1, idx, masked.gather(1, idx) & ~valid)
@@ -128,7 +130,7 @@ def _fhs(model, x, steps, g, dtype, watch) -> int:
     return steps
 
 
-def _grid(model, x, steps, g, dtype, watch, leap: bool) -> int:
+def _grid(model, x, steps, noise, dtype, watch, leap: bool) -> int:
     sched = model.schedule
     if steps is None:
         raise ValueError("ancestral and tau_leap need steps= (the number of network calls)")
@@ -148,7 +150,7 @@ def _grid(model, x, steps, g, dtype, watch, leap: bool) -> int:
             q = float((kap[i] - kap[i + 1]) / kap[i])
         probs = torch.cat([post * q, torch.full_like(post[..., :1], 1.0 - q)], dim=-1)
         watch.update(torch.isnan(post).any(-1) & masked, i)
-        draw = categorical(probs, g, dtype)
+        draw = categorical(probs, dtype=dtype, u=noise.rand(probs.to(dtype), i))
         draw = torch.where(draw == model.vocab_size, torch.full_like(draw, model.mask_id), draw)
         x.copy_(torch.where(masked, draw, x))
     return steps
@@ -160,8 +162,9 @@ def sample_masked(
     length: int | None = None,
     sampler: str = "fhs",
     steps: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     dtype: torch.dtype = torch.float64,
+    noise: NoiseSource | None = None,
     tokens: Tensor | None = None,
     device: torch.device | str | None = None,
     return_info: bool = False,
@@ -173,7 +176,13 @@ def sample_masked(
         batch, length: B and L of a fully masked start (or give ``tokens``).
         sampler: ``"fhs"`` (exact; ``steps`` ≤ L for the batched variant, default L),
             ``"ancestral"`` or ``"tau_leap"`` (``steps`` required). See the module docstring.
-        generator: a ``torch.Generator``; the same seed gives the same tokens.
+        generator: a ``torch.Generator`` (one draw seeds the counter-based noise), a list of
+            them (one per sample), or None (torch's global RNG): shorthand for
+            ``noise=NoiseSource.from_generator(generator)``.
+        noise: a :class:`~diffsolve.noise.NoiseSource`; every draw is keyed by (seed, sample,
+            call, draw), so a sample is the same whatever the batch split
+            (``NoiseSource(seed, offset=lo)`` for the piece ``[lo:hi]``), except that ``fhs``
+            from partly masked ``tokens`` groups its events by the batch's largest count.
         dtype: precision of the categorical draws, float64 (default) or float32 (the paper's
             truncated Gumbel race, for reproducing its effect).
         tokens: optional start (B, L) long: clean tokens are kept, positions equal to the mask
@@ -195,8 +204,15 @@ def sample_masked(
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if dtype not in (torch.float64, torch.float32):
         raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if noise is not None and generator is not None:
+        raise ValueError("pass generator= or noise=, not both")
+    if noise is not None and not isinstance(noise, NoiseSource):
+        raise ValueError(f"noise must be a ds.NoiseSource, got {type(noise).__name__}")
+    if noise is None:
+        gens = generator if isinstance(generator, Sequence) else [generator]
+        if not all(g is None or isinstance(g, torch.Generator) for g in gens):
+            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        noise = NoiseSource.from_generator(generator)
     if tokens is None:
         for name, v in (("batch", batch), ("length", length)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -215,9 +231,9 @@ def sample_masked(
     watch = _Watch(x.device)
     nfe0, t0 = model.nfe, time.perf_counter()
     if sampler == "fhs":
-        done = _fhs(model, x, steps, generator, dtype, watch)
+        done = _fhs(model, x, steps, noise, dtype, watch)
     else:
-        done = _grid(model, x, steps, generator, dtype, watch, leap=sampler == "tau_leap")
+        done = _grid(model, x, steps, noise, dtype, watch, leap=sampler == "tau_leap")
     watch.raise_if_bad(tuple(x.shape))
     if not return_info:
         return x
