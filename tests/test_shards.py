@@ -62,25 +62,20 @@ def _gauss(m: float = 0.5) -> ds.Denoiser:
 def test_torchrun_two_ranks_equal_one_rank_bit_for_bit(tmp_path):
     args = [*CLI, "--num-samples", "22", "--shard-size", "5", "--batch", "3"]
     two = tmp_path / "two"
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "diffsolve",
-            *args,
-            "--out-dir",
-            str(two),
-        ],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "diffsolve", *args, "--out-dir", str(two)]  # fmt: skip
+    # its own process group: on a timeout the ranks go too, not only the launcher
+    proc = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err[-3000:]
     one = tmp_path / "one"
     res1 = runner.invoke(app, [*args, "--out-dir", str(one)])
     assert res1.exit_code == 0, res1.output
