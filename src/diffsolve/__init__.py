@@ -4,8 +4,10 @@
 >>> proc = ds.VPDiscrete.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012)
 """
 
-from . import nets
+from . import cuda_graph, nets, shards
+from .ctm import CTM, CTMGamma
 from .denoiser import CFG, PREDICTIONS, Denoiser, EvalPoint, Prediction
+from .discrete import MaskedDiffusion, sample_masked
 from .dlg import dlg_chain, dlg_sample
 from .guidance import (
     ClassifierGuidance,
@@ -50,6 +52,7 @@ from .schedules import (
     Uniform,
     schedules,
 )
+from .shards import ShardRun, cycle_labels, load_shards, sample_shards
 from .solvers import *  # noqa: F403  (solver classes: ds.UniPC, ds.DPMSolverPP2M, ...)
 from .solvers import Grid, Plan, Solver, State, get_solver, solvers
 from .solvers.engine import Row, StepRule
@@ -74,11 +77,13 @@ def prior(
 
 __all__ = [
     "CFG",
+    "CTM",
     "EDM",
     "PFGMPP",
     "PREDICTIONS",
     "VE",
     "BrownianTree",
+    "CTMGamma",
     "ClassifierGuidance",
     "Denoiser",
     "DynamicThreshold",
@@ -95,6 +100,7 @@ __all__ = [
     "LikelihoodInfo",
     "Linspace",
     "LogSNR",
+    "MaskedDiffusion",
     "MeanReverting",
     "Noise",
     "NoiseSource",
@@ -106,6 +112,7 @@ __all__ = [
     "Row",
     "SampleInfo",
     "Schedule",
+    "ShardRun",
     "SkipTuning",
     "Solver",
     "State",
@@ -126,18 +133,24 @@ __all__ = [
     "VPLinear",
     "WeightsError",
     "bits_per_dim",
+    "cuda_graph",
+    "cycle_labels",
     "denoiser_from_kdiffusion",
     "dequantization_shift",
     "dlg_chain",
     "dlg_sample",
     "get_solver",
+    "load_shards",
     "load_tuned",
     "log_likelihood",
     "make_plan",
     "nets",
     "prior",
     "sample",
+    "sample_masked",
+    "sample_shards",
     "schedules",
+    "shards",
     "skip_tuning",
     "solvers",
     "to_kdiffusion_sampler",

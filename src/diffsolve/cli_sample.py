@@ -14,6 +14,10 @@ recommends for the budget, the process and the guidance. The adaptive solvers (`
 ``--tuned FILE`` samples with a solver that ``diffsolve tune`` (or ``Tuned.save``) wrote, on its
 own grid and NFE: the file is validated against the network (``ds.load_tuned(path,
 model=...)``), so one made for another model or process is refused.
+
+``--num-samples N --shard-size S --out-dir DIR`` writes resumable shards instead of a PNG
+(``ds.sample_shards``; sample i seeded ``--seed`` + i, the same set under ``torchrun
+--nproc_per_node=P -m diffsolve sample ...`` for any P; docs/sharding.md).
 """
 
 from __future__ import annotations
@@ -154,6 +158,12 @@ def _load_tuned(
 
 def sample(
     model: str = typer.Option("digits-vp", help="shipped network (digits-vp, digits-flow)"),
+    sampler: str = typer.Option(
+        None, help="digits-masked only: fhs (default), ancestral or tau_leap"
+    ),
+    steps: int = typer.Option(
+        None, min=1, help="digits-masked only: network calls (fhs: at most 64, default 64)"
+    ),
     solver: str = typer.Option(
         None, help="solver name or 'auto' (see `diffsolve list`) (default: unipc)"
     ),
@@ -190,6 +200,15 @@ def sample(
     threads: int = typer.Option(
         1, min=0, help="torch intra-op threads (0: torch's default; the nets are tiny)"
     ),
+    num_samples: int = typer.Option(
+        None, min=1, help="with --out-dir: samples in all (default: --n); sample i seeded seed+i"
+    ),
+    shard_size: int = typer.Option(1000, min=1, help="with --out-dir: samples per shard file"),
+    out_dir: str = typer.Option(
+        None,
+        help="write resumable shards DIR/shard-*.npz and DIR/manifest.json (torchrun-aware) "
+        "instead of --out",
+    ),
 ) -> None:
     """Sample a shipped network; write a PNG grid and an .npz of the samples."""
     import torch
@@ -208,6 +227,9 @@ def sample(
     if threads:
         torch.set_num_threads(threads)
     console = Console(stderr=True)
+    if model == "digits-masked" or sampler is not None or steps is not None:
+        _masked(model, sampler, steps, n, seed, batch, out, npz, score, console)
+        return
     guided = guidance is not None and guidance != 1.0
     rec: Any = None  # solver "auto": the recommendation ds.sample follows
     tolerances = {k: v for k, v in (("rtol", rtol), ("atol", atol)) if v is not None}
@@ -244,6 +266,15 @@ def sample(
         raise typer.Exit(2) from None
     adaptive = bool(getattr(solver_obj, "adaptive", False))
     nfe = None if adaptive else (10 if nfe is None else nfe)
+    if out_dir is not None or num_samples is not None:  # sharded (diffsolve.shards)
+        if out_dir is None:
+            raise typer.BadParameter("give --out-dir for the shards", param_hint="--num-samples")
+        solver_arg = "auto" if solver == "auto" else solver_obj
+        _sample_to_dir(
+            model, guidance if guided else None, label, guided, solver_arg, nfe, schedule, final,
+            num_samples or n, shard_size, out_dir, seed, batch, score, progress, console,
+        )  # fmt: skip
+        return
     process = den.process
     shape = (n, *nets.SAMPLE_SHAPE)
     g = torch.Generator().manual_seed(seed)
@@ -329,4 +360,55 @@ def sample(
         msg += f"\nFD-digits {s.fd:.2f} (against {against}, {n} samples)" + (
             f", class accuracy {s.accuracy:.3f}" if s.accuracy is not None else ""
         )
+    console.print(msg)
+
+
+def _masked(model, sampler, steps, n, seed, batch, out, npz, score, console) -> None:
+    """``--model digits-masked``: masked discrete diffusion (diffsolve.nets.masked.cli_sample)."""
+    from .nets.masked import cli_sample
+
+    try:
+        if model != "digits-masked":
+            raise ValueError(f"--sampler/--steps are for --model digits-masked, not {model}")
+        cli_sample(n, sampler, steps, seed, batch, out, npz, score, console)
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+def _sample_to_dir(
+    model: str, guidance: float | None, label: str | None, guided: bool, solver: Any,
+    nfe: int | None, schedule: str | None, final: str | None, num: int, shard_size: int,
+    out_dir: str, seed: int, batch: int, score: bool, progress: bool, console: Any,
+) -> None:  # fmt: skip
+    """``--out-dir``: :func:`diffsolve.shards.sample_shards` on the shipped network (each
+    torchrun rank loads it onto its own device); labels cycle by sample index."""
+    from . import nets
+    from .shards import cycle_labels, sample_shards
+
+    text = (label or ("all" if guided else "none")).strip().lower()
+    period = 10 if text == "all" else len([v for v in text.split(",") if v.strip()])
+    labels = parse_labels(label, period, guided)
+    try:
+        run = sample_shards(
+            lambda device: nets.model(model, guidance=guidance, device=device),
+            num_samples=num, shard_size=shard_size, out_dir=out_dir, solver=solver, nfe=nfe,
+            seed=seed, batch_size=batch, schedule=schedule, final=final,
+            cond_fn=None if labels is None else cycle_labels(labels),
+            model_id=model if guidance is None else f"{model} (guidance {guidance:g})",
+            labels=label, summary="digits" if score else False, progress=progress,
+        )  # fmt: skip
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    if run.rank != 0:
+        return
+    m = run.manifest
+    msg = (
+        f"{len(m['shards'])} shards of {num} samples in {out_dir} "
+        f"({len(run.skipped)} already done; this run {run.seconds:.1f} s, "
+        f"{run.samples_per_second:.1f} samples/s on rank 0 of {run.world_size})"
+    )
+    if run.summary is not None and "fd_digits" in run.summary:
+        msg += f"\nFD-digits {run.summary['fd_digits']:.2f} over {run.summary['fd_digits_samples']}"
     console.print(msg)

@@ -168,6 +168,7 @@ def sample(
     noise: Any = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     return_info: bool = False,
+    cuda_graph: bool = False,
     **options: Any,
 ) -> Tensor | tuple[Tensor, SampleInfo]:
     """Integrate from x at t_max to the data end with ``solver``.
@@ -208,6 +209,10 @@ def sample(
             from the generator (at set-up) seeds the counter-based noise; a list of generators
             gives one seed per sample. None (and no ``noise``): one draw from torch's global RNG.
         return_info: also return a :class:`SampleInfo`.
+        cuda_graph: capture the loop (solver init, every step, the end rule) as one CUDA graph
+            for these shapes and replay it (:mod:`diffsolve.cuda_graph`): x on a CUDA device,
+            no ``callback``, ``check_finite`` not ``"step"``; later calls with the same model,
+            solver, grid, shapes and noise replay the cached graph. Equal to the eager loop.
         **options: solver options (validated against the solver's declared options).
 
     Returns:
@@ -262,16 +267,26 @@ def sample(
         noise = NoiseSource.from_generator(generator)
     if plan.rules is None:  # solvers off the engine look their grid points up one by one
         ev.prefetch(plan.t[:-1] if plan.clean_end else plan.t, xc)
-    state = solver_obj.init(xc, plan, ev, noise)
-    for i in range(plan.steps):
-        ev.step = i
-        xc, state = solver_obj.step(xc, i, state, ev)
-        if callback is not None:
-            replaced = callback(i, xc, state)
-            if isinstance(replaced, tuple):  # the steering hook; other return values are ignored
-                xc, state = replaced
-    if final == "extrapolate":
-        xc = continue_to_zero(ev.recent, min(max(solver_obj.order, 2), 3), xc)
+
+    def loop(xc: Tensor, ev: _Evaluator, noise: Any) -> Tensor:  # what cuda_graph captures
+        state = solver_obj.init(xc, plan, ev, noise)
+        for i in range(plan.steps):
+            ev.step = i
+            xc, state = solver_obj.step(xc, i, state, ev)
+            if callback is not None:
+                replaced = callback(i, xc, state)
+                if isinstance(replaced, tuple):  # the steering hook; other values are ignored
+                    xc, state = replaced
+        if final == "extrapolate":
+            xc = continue_to_zero(ev.recent, min(max(solver_obj.order, 2), 3), xc)
+        return xc
+
+    if cuda_graph:  # captured once per configuration and shapes, then replayed
+        from .cuda_graph import replay_loop
+
+        xc = replay_loop(loop, xc, ev, noise, plan=plan, solver=solver_obj, callback=callback)
+    else:
+        xc = loop(xc, ev, noise)
     ev.raise_if_nonfinite()
     out = (xc if mu is None else xc + mu).to(x.dtype)
     if not return_info:

@@ -5,8 +5,10 @@ name                           network                                          
 =============================  ======================================================  ==========
 ``digits-vp``                  class-conditional UNet, DDPM linear VP (1000 steps)     eps
 ``digits-flow``                class-conditional UNet, rectified flow (α=1−t, σ=t)     velocity
+``digits-ctm``                 CTM G(x_t, t, s) distilled from digits-flow (ds.CTM)    velocity
 ``digits-classifier``          CNN on clean digits: FD-digits features, accuracy       —
 ``digits-noisy-classifier``    CNN on x_t of digits-vp (classifier guidance)           —
+``digits-masked``              transformer, masked diffusion on 17 grey-level tokens   logits
 =============================  ======================================================  ==========
 
 Samples are (B, 1, 8, 8) in [−1, 1] (pixel value / 8 − 1). The generative networks take
@@ -40,11 +42,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..ctm import CTM
 from ..denoiser import CFG, Denoiser
 from ..processes.base import GaussianProcess
 from ..processes.flow import FlowMatching
 from ..processes.vp import VPDiscrete
 from ._io import DIGEST_KEY, WeightsError, read_weights
+from .ctm import CTMUNet
+from .masked import DigitsMaskedNet, MaskedConfig, masked_model
 from .unet import (
     ClassifierConfig,
     DigitsClassifier,
@@ -66,6 +71,7 @@ __all__ = [
     "available",
     "classifier",
     "load",
+    "masked_model",
     "model",
     "noisy_classifier",
 ]
@@ -75,14 +81,18 @@ WEIGHTS_DIR = Path(__file__).with_name("weights")
 NETWORKS: dict[str, str] = {
     "digits-vp": "class-conditional UNet on digits, ε-prediction, DDPM linear VP (1000 steps)",
     "digits-flow": "class-conditional UNet on digits, velocity prediction, rectified flow",
+    "digits-ctm": "consistency trajectory model G(x_t, t, s) distilled from digits-flow",
     "digits-classifier": "digits classifier on clean images (FD-digits features, accuracy)",
     "digits-noisy-classifier": "noise-conditional digits classifier on the digits-vp process",
+    "digits-masked": "masked discrete diffusion on the digits' grey levels (nets.masked_model)",
 }
 
 _ARCHS: dict[str, tuple[type[nn.Module], type]] = {
     "DigitsUNet": (DigitsUNet, UNetConfig),
     "DigitsClassifier": (DigitsClassifier, ClassifierConfig),
     "NoisyDigitsClassifier": (NoisyDigitsClassifier, ClassifierConfig),
+    "CTMUNet": (CTMUNet, UNetConfig),
+    "DigitsMaskedNet": (DigitsMaskedNet, MaskedConfig),
 }
 
 SAMPLE_SHAPE = (1, 8, 8)
@@ -251,7 +261,9 @@ def model(
     net, process, info = load(name, device=device)
     if info.prediction is None or process is None:
         raise ValueError(f"{info.name} is not a generative network (it has no prediction type)")
-    den = Denoiser(net, process, info.prediction, sample_shape=SAMPLE_SHAPE)
+    # a CTM (digits-ctm) is a Denoiser too: g(x, t, t); ds.CTMGamma samples its jumps
+    kind = CTM if isinstance(net, CTMUNet) else Denoiser
+    den = kind(net, process, info.prediction, sample_shape=SAMPLE_SHAPE)
     den.info = info  # type: ignore[attr-defined]
     # ds.sample calls it (through CFG and other wrappers) before the first network call
     checker = partial(check_cond, int(info.config.get("num_classes", 10)))
