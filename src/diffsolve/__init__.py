@@ -10,6 +10,7 @@ from .denoiser import CFG, PREDICTIONS, Denoiser, EvalPoint, Prediction
 from .discrete import MaskedDiffusion, sample_masked
 from .dlg import dlg_chain, dlg_sample
 from .guidance import (
+    FK,
     ClassifierGuidance,
     DynamicThreshold,
     Inpaint,
@@ -79,6 +80,7 @@ __all__ = [
     "CFG",
     "CTM",
     "EDM",
+    "FK",
     "PFGMPP",
     "PREDICTIONS",
     "VE",

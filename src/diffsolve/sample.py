@@ -36,6 +36,8 @@ class SampleInfo:
     solver: Solver
     final: str
     steps: int
+    log_weights: Tensor | None = None  # steer=FK: final log-weights, normalised per block
+    ess: Tensor | None = None  # steer=FK: effective sample size per step and block
 
 
 class _Evaluator:
@@ -169,6 +171,7 @@ def sample(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     return_info: bool = False,
     cuda_graph: bool = False,
+    steer: Any = None,
     **options: Any,
 ) -> Tensor | tuple[Tensor, SampleInfo]:
     """Integrate from x at t_max to the data end with ``solver``.
@@ -213,6 +216,9 @@ def sample(
             for these shapes and replay it (:mod:`diffsolve.cuda_graph`): x on a CUDA device,
             no ``callback``, ``check_finite`` not ``"step"``; later calls with the same model,
             solver, grid, shapes and noise replay the cached graph. Equal to the eager loop.
+        steer: a particle method run between the steps, e.g. ``ds.FK(reward, particles=K)``
+            (:mod:`diffsolve.guidance.steering`): the batch is the population, blocks of K
+            particles per prompt; ``info.log_weights`` and ``info.ess`` report it.
         **options: solver options (validated against the solver's declared options).
 
     Returns:
@@ -255,8 +261,12 @@ def sample(
         model, xc, solver_obj, nfe=nfe, steps=steps, times=times, schedule=schedule, final=final
     )
 
+    if steer is not None and cuda_graph:
+        raise ValueError("steer= reindexes particles between steps: not with cuda_graph=True")
+    run = steer.start(xc, plan.steps) if steer is not None else None
     start = time.perf_counter()
-    ev = _Evaluator(model, cond, check_finite, keep=6 if final == "extrapolate" else 0)
+    keep = 6 if final == "extrapolate" else (1 if run is not None else 0)
+    ev = _Evaluator(model, cond, check_finite, keep=keep)
     mu = process.offset(cond)  # a path in y = x − μ (MeanReverting): solvers run on y
     if mu is not None:
         mu = mu.to(device=xc.device, dtype=xc.dtype)
@@ -277,6 +287,12 @@ def sample(
                 replaced = callback(i, xc, state)
                 if isinstance(replaced, tuple):  # the steering hook; other values are ignored
                     xc, state = replaced
+            if run is not None and i < plan.steps - 1:  # the last step's output is scored below
+                xc, state, idx = run.after_step(i, xc, state, ev.recent[-1][1])
+                if idx is not None:
+                    ev.recent = type(ev.recent)(
+                        ((r, v[idx]) for r, v in ev.recent), ev.recent.maxlen
+                    )
         if final == "extrapolate":
             xc = continue_to_zero(ev.recent, min(max(solver_obj.order, 2), 3), xc)
         return xc
@@ -288,6 +304,11 @@ def sample(
     else:
         xc = loop(xc, ev, noise)
     ev.raise_if_nonfinite()
+    log_w = ess = None
+    if run is not None:
+        xc, log_w = run.finish(xc if mu is None else xc + mu)
+        xc = xc if mu is None else xc - mu
+        ess = torch.stack(run.ess)
     out = (xc if mu is None else xc + mu).to(x.dtype)
     if not return_info:
         return out
@@ -298,5 +319,7 @@ def sample(
         solver=solver_obj,
         final=final,
         steps=plan.steps,
+        log_weights=log_w,
+        ess=ess,
     )
     return out, info
