@@ -45,7 +45,12 @@ class FK:
         reward: ``reward(x0) -> (B,)`` on samples (B, ...); differentiability not needed.
         particles: K, particles per prompt (the batch must be a multiple of K).
         scale: λ in the target p(x0)·exp(λ·r(x0)).
-        potential: ``"max"`` (default, the paper's best), ``"difference"`` or ``"sum"``.
+        potential: ``"difference"`` (default), ``"max"`` or ``"sum"``. All three target the
+            same law as K → ∞; at finite K on the exact tilted mixture (gmm2d, ddpm, NFE 20,
+            exact mean reward −0.704) ``difference`` gave −0.88 / −0.74 / −0.74 at K = 8 / 32 /
+            128, ``max`` −0.75 / −0.47 / −0.71 and ``sum`` −0.13 / −0.015 / −0.013: the
+            cumulative potentials collapse a block onto its best particle before the final
+            correction can act (they favour reward over calibration).
         resample: ``"adaptive"`` (when ESS < ``ess_threshold``·K) or an int k (every k steps).
         ess_threshold: the adaptive trigger, a fraction of K.
         method: ``"multinomial"`` or ``"systematic"`` resampling.
@@ -55,7 +60,7 @@ class FK:
     reward: Callable[[Tensor], Tensor]
     particles: int
     scale: float = 1.0
-    potential: str = "max"
+    potential: str = "difference"
     resample: str | int = "adaptive"
     ess_threshold: float = 0.5
     method: str = "multinomial"
