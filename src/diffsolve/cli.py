@@ -333,6 +333,12 @@ def _bench_network(
     from .bench import report
     from .bench.networks import NETWORK_NFES, run_network_benchmark
 
+    if model == "digits-masked":
+        raise typer.BadParameter(
+            "digits-masked is a discrete (masked) diffusion network, not an ODE: its samplers "
+            "are benchmarked by `python benchmarks/masked.py digits`",
+            param_hint="--model",
+        )
     nfes = _nfes(nfe, (5, 10) if quick else NETWORK_NFES)
     n = batch if batch is not None else (64 if quick else 256)
     rtol = QUICK_NET_RTOL if quick else 1e-6
@@ -457,7 +463,13 @@ def _tune_nfes(text: str) -> list[int]:
 def _tune_networks() -> list[str]:
     from .nets import available
 
-    return [k for k in available() if not k.endswith("classifier")]
+    # the diffusion networks: not the classifiers, the masked (discrete) one or the CTM (whose
+    # own sampler is γ-sampling, not a tuned ODE solver)
+    return [
+        k
+        for k in available()
+        if not k.endswith("classifier") and k not in ("digits-masked", "digits-ctm")
+    ]
 
 
 class _TuneBar:

@@ -328,9 +328,7 @@ class NoiseSource(Noise):
         d, dev = math.prod(x.shape[1:]), x.device
         kc = (-1 - d, dev)  # one counter per element (the normals' counters are per pair)
         if kc not in self._counters:
-            self._counters[kc] = (torch.arange(d, dtype=torch.int64) * _signed(_GOLD)).to(dev)[
-                None
-            ]
+            self._counters[kc] = (torch.arange(d, dtype=torch.int64) * _signed(_GOLD)).to(dev)[None]
         draw_id = _signed(_mix_int(_mix_int(step ^ _SALT_UNIFORM) + stage))
         bits = _mix(_mix(keys ^ draw_id) + self._counters[kc])
         if _draw_dtype(x.dtype) == torch.float64:

@@ -22,7 +22,7 @@ them (also a context manager). Supported networks:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 
@@ -34,6 +34,12 @@ def _up_blocks(unet: nn.Module) -> list[nn.Module] | None:
     return list(blocks) if isinstance(blocks, nn.ModuleList) else None
 
 
+def _resnet_count(block: nn.Module) -> int:
+    """Skip tensors an up block consumes: one per resnet (diffusers keeps them in a ModuleList;
+    ``Module.__getattr__`` is typed Tensor | Module, hence the cast)."""
+    return len(cast(nn.ModuleList, block.resnets))
+
+
 def skip_count(unet: nn.Module) -> int:
     """Number of skip tensors of ``unet`` (the length of a per-skip ρ)."""
     skips = getattr(unet, "skips", None)
@@ -41,7 +47,7 @@ def skip_count(unet: nn.Module) -> int:
         return len(skips)
     blocks = _up_blocks(unet)
     if blocks is not None:
-        return sum(len(b.resnets) for b in blocks)
+        return sum(_resnet_count(b) for b in blocks)
     raise TypeError(
         f"skip_tuning: {type(unet).__name__} has neither `skips` hook points (diffsolve's "
         "DigitsUNet) nor diffusers-style `up_blocks`"
@@ -73,7 +79,7 @@ class SkipTuning:
         # up blocks consume down_block_res_samples from the end: block j gets a trailing slice
         end = len(self.rho)
         for block in blocks:
-            start = end - len(block.resnets)
+            start = end - _resnet_count(block)
             hook = _scale_res_tuple(self.rho[start:end])
             self._handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
             end = start

@@ -19,8 +19,8 @@ __all__ = ["GaussianProcess", "as_time"]
 _F64 = torch.float64
 
 
-def as_time(t: float | Tensor) -> Tensor:
-    """A time (or times) as a float64 CPU tensor."""
+def as_time(t: float | Tensor | np.ndarray) -> Tensor:
+    """A time (or times: a tensor or numpy array) as a float64 CPU tensor."""
     return torch.as_tensor(t, dtype=_F64, device="cpu")
 
 

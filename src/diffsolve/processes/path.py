@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
+from typing import TypedDict
 
 import torch
 from torch import Tensor
@@ -187,7 +188,17 @@ class GaussianPath(GaussianProcess):
 
 
 # -- named flow-matching paths ----------------------------------------------------------------
-def _cond_ot(sigma_min: float) -> dict[str, TimeFn]:
+class _ClosedForms(TypedDict):
+    """A named path's closed forms: GaussianPath's keyword arguments."""
+
+    alpha: TimeFn
+    sigma: TimeFn
+    d_alpha: TimeFn
+    d_sigma: TimeFn
+    t_of_lambda: TimeFn
+
+
+def _cond_ot(sigma_min: float) -> _ClosedForms:
     s0 = sigma_min
 
     def t_of_lambda(lam: Tensor) -> Tensor:
@@ -204,7 +215,7 @@ def _cond_ot(sigma_min: float) -> dict[str, TimeFn]:
     }
 
 
-def _cosine() -> dict[str, TimeFn]:
+def _cosine() -> _ClosedForms:
     k = math.pi / 2
     # sin(k·(1 − t)) is exactly 0 at t = 1 and accurate near it (cos(k·t) rounds to 6e-17)
     return {
@@ -216,7 +227,7 @@ def _cosine() -> dict[str, TimeFn]:
     }
 
 
-def _polynomial(n: float) -> dict[str, TimeFn]:
+def _polynomial(n: float) -> _ClosedForms:
     return {
         "alpha": lambda t: (1.0 - t) ** n,
         "sigma": lambda t: -torch.expm1(n * torch.log1p(-t)),

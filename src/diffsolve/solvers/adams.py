@@ -24,9 +24,10 @@ schedules do. Warm-up uses the orders 1, 2, … as history accumulates. The step
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -110,6 +111,8 @@ class _RhoAdams(RowSolver):
     """The rows of an Adams method in ρ (module docstring); subclasses give c_{ij}."""
 
     default_schedule: ClassVar[str] = "karras"
+    if TYPE_CHECKING:  # a field of each subclass, declared there to keep their field order
+        euler_at_final: bool
 
     def _check_order(self, order: int) -> None:
         if order not in (1, 2, 3, 4):
@@ -265,13 +268,16 @@ class DEIS(_RhoAdams):
         if self.variant == "rhoab":  # polynomial in ρ: an exact Gauss–Legendre rule
             return self._lagrange(rho, steps, orders, lambda r: r, (self.order // 2 + 1, 1))
         u_grid = None
+        var: Callable[[np.ndarray], np.ndarray]
         if self.variant == "logrho":
             var = np.log
         else:  # tab: u = t(ρ), the process's inverse map over every quadrature point at once
             process, u_grid = grid.process, grid.t.numpy()
 
-            def var(r: np.ndarray) -> np.ndarray:
+            def t_of_rho(r: np.ndarray) -> np.ndarray:
                 return process.t_of_rho(torch.from_numpy(np.ascontiguousarray(r))).numpy()
+
+            var = t_of_rho
 
         # order 1 is ∫ dρ exactly; higher orders: composite 8×16-point Gauss–Legendre in ρ
         hi = [n for n, k in enumerate(orders) if k > 1]

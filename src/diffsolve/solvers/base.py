@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -220,9 +220,11 @@ def host(**kw: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class Solver:
+class Solver(Generic[S]):
     """A sampling method: configuration only (frozen); see the module docstring.
 
+    Generic in its state type S: ``step`` takes the state its own ``init`` made, so a subclass
+    declares it (``class RK45(Solver[RK45State])``) and its ``step`` is a valid override.
     Subclasses set ``name`` and ``description`` and implement ``init`` and ``step``. The
     defaults below fit a method that makes one network call per step; others override
     ``nfe_of`` and ``plan_times``.
@@ -288,7 +290,7 @@ class Solver:
         times of :meth:`budget`'s plan (solvers still off the engine override it)."""
         return self.grid_times(process, schedule, self.budget(nfe, clean_end), clean_end)
 
-    def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> State:
+    def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> S:
         """Precompute per-step coefficients (float64 → Python floats) and evaluation points.
 
         ``noise`` is the run's noise source (:class:`~diffsolve.noise.Noise`; stochastic
@@ -297,7 +299,7 @@ class Solver:
         """
         raise NotImplementedError
 
-    def step(self, x: Tensor, i: int, state: State, model: Model) -> tuple[Tensor, State]:
+    def step(self, x: Tensor, i: int, state: S, model: Model) -> tuple[Tensor, S]:
         raise NotImplementedError
 
     @classmethod
@@ -340,8 +342,9 @@ def solvers() -> dict[str, str]:
 
 def get_solver(solver: str | Solver, **options: Any) -> Solver:
     """A solver object from a name (plus options) or an object (options replace its fields)."""
+    fixed: dict[str, Any] = {}
     if isinstance(solver, Solver):
-        cls, fixed = type(solver), {}
+        cls = type(solver)
         base = {f.name: getattr(solver, f.name) for f in fields(solver)}
     elif isinstance(solver, str) and (solver in _REGISTRY or solver in _ALIASES):
         if solver in _ALIASES:
@@ -349,7 +352,7 @@ def get_solver(solver: str | Solver, **options: Any) -> Solver:
             fixed = {k: v for k, v in fixed.items() if k != "_description"}
             cls = _REGISTRY[target]
         else:
-            cls, fixed = _REGISTRY[solver], {}
+            cls = _REGISTRY[solver]
         base = {}
     elif solver == "auto":
         raise ValueError(

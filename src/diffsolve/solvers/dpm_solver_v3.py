@@ -341,7 +341,7 @@ def _combine(row: _Row, x: Tensor, hist: tuple[Tensor, ...]) -> Tensor:
 
 @register
 @dataclass(frozen=True)
-class DPMSolverV3(Solver):
+class DPMSolverV3(Solver[V3State]):
     """DPM-Solver-v3 (Zheng et al., NeurIPS 2023), multistep predictor–corrector on empirical
     model statistics; the maths is in the module docstring.
 
@@ -441,9 +441,7 @@ class DPMSolverV3(Solver):
             steps.append(_Step(model.point(grid.t[i], x), cast(u), pred, corr))
         return V3State(steps=tuple(steps), keep=keep)
 
-    def step(  # type: ignore[override]
-        self, x: Tensor, i: int, state: V3State, model: Model
-    ) -> tuple[Tensor, V3State]:
+    def step(self, x: Tensor, i: int, state: V3State, model: Model) -> tuple[Tensor, V3State]:
         st = state.steps[i]
         pred = model(x, st.point)
         x0 = pred.x0

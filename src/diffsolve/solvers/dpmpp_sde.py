@@ -305,7 +305,7 @@ class SDESinglestepState(State):
 
 @register
 @dataclass(frozen=True)
-class DPMSolverPPSDE(Solver):
+class DPMSolverPPSDE(Solver[SDESinglestepState]):
     """DPM-Solver++ SDE, singlestep 2nd order (k-diffusion ``sample_dpmpp_sde``; diffusers'
     ``DPMSolverSDEScheduler`` with r = ½).
 
@@ -368,8 +368,10 @@ class DPMSolverPPSDE(Solver):
         return schedule.for_calls(process, calls, clean_end)
 
     def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> SDESinglestepState:
-        planned = isinstance(grid, Plan) and grid.calls
-        orders = grid.calls if planned else self.calls(grid.steps, grid.clean_end)
+        if isinstance(grid, Plan) and grid.calls:
+            orders = grid.calls
+        else:
+            orders = self.calls(grid.steps, grid.clean_end)
         process = grid.process
         lam, t = grid.lam.tolist(), grid.t.tolist()
         alpha, sigma = grid.alpha.tolist(), grid.sigma.tolist()

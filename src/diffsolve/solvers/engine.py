@@ -142,7 +142,7 @@ def eval_points(model: Model, rules: Sequence[StepRule], like: Tensor) -> tuple:
     return tuple(out)
 
 
-class RowSolver(Solver):
+class RowSolver(Solver[RowState]):
     """A solver whose steps are rows (see the module docstring): it declares its builder,
     ``rules(grid, calls)``, and inherits ``init`` and ``step``."""
 

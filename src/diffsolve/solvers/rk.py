@@ -138,6 +138,7 @@ class RK(RowSolver):
         s, proc = self._tab.stages, grid.process
         t, alpha, sigma = grid.t.tolist(), grid.alpha.tolist(), grid.sigma.tolist()
         rho = (grid.sigma / grid.alpha).tolist()
+        plans: list[tuple[list[float], tuple[tuple[float, ...], ...], tuple[float, ...]] | None]
         plans, inner = [], []  # per step (ρ's, Δ·a, Δ·b); the stage ρ's off the grid
         for i, k in enumerate(calls):
             if k not in ((1,) if grid.is_final(i) else (1, s)):
@@ -145,8 +146,9 @@ class RK(RowSolver):
             if grid.is_final(i):
                 plans.append(None)
                 continue
-            plans.append(self.stage_plan(rho[i], rho[i + 1], k))
-            inner += [r for r in plans[-1][0] if r not in (rho[i], rho[i + 1])]
+            made = self.stage_plan(rho[i], rho[i + 1], k)
+            plans.append(made)
+            inner += [r for r in made[0] if r not in (rho[i], rho[i + 1])]
         # the stage points off the grid, in one pass: t(ρ) and α there
         at: dict[float, tuple[float, float, float]] = {}
         if inner:

@@ -262,7 +262,11 @@ class PC(RowSolver):
             nrm = nrm.mean().expand(v.shape[0])
         return nrm.reshape(-1, *([1] * (v.ndim - 1)))
 
-    def step(self, x: Tensor, i: int, state: PCState, model: Model) -> tuple[Tensor, PCState]:
+    # PC.step reads the corrector constants that only PC.init's PCState holds: it narrows
+    # RowSolver's state on purpose (a state never passes between solvers)
+    def step(  # type: ignore[override]
+        self, x: Tensor, i: int, state: PCState, model: Model
+    ) -> tuple[Tensor, PCState]:
         rule, points = state.rules[i], state.points[i]
         inv_sigma = 1.0 / points[0].sigma
         for k in range(rule.calls - 1):  # Langevin: a step size from the norms, not a row
@@ -274,5 +278,6 @@ class PC(RowSolver):
         pred = model(x, points[-1])
         if rule.update is None:
             return pred.x0, state
-        z = state.noise.randn_between(x, i, *rule.spans[0]) if rule.spans else None
+        span = rule.spans[0] if rule.spans else None  # the predictor's draw is a path increment
+        z = None if span is None else state.noise.randn_between(x, i, *span)
         return combine(rule.update, x, (pred,), z), state
