@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from ..denoiser import EvalPoint
 from ..solvers.engine import Row, StepRule
-from .student import inner_denoiser
+from .student import eval_point, inner_denoiser
 from .tuned import Tuned, process_signature
 
 __all__ = ["BespokeStudent", "bespoke_steps"]
@@ -178,19 +178,7 @@ class BespokeStudent(nn.Module):
 
     # -- the run ----------------------------------------------------------------------------
     def _point(self, t: Tensor, like: Tensor) -> EvalPoint:
-        p = self.process
-        t_in = self.denoiser.time_map(t)
-        in_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-        t_in = t_in.to(device=like.device, dtype=in_dtype).expand(like.shape[0])
-        velocity = getattr(self.denoiser, "prediction", "") == "velocity"
-        return EvalPoint(
-            t=t,  # type: ignore[arg-type]
-            alpha=p.alpha(t),  # type: ignore[arg-type]
-            sigma=p.sigma(t),  # type: ignore[arg-type]
-            d_alpha=float(p.d_alpha(t.detach())) if velocity else 0.0,
-            d_sigma=float(p.d_sigma(t.detach())) if velocity else 0.0,
-            t_in=t_in,
-        )
+        return eval_point(self.denoiser, t, like)
 
     def forward(self, x: Tensor, cond: dict[str, Any] | None = None) -> Tensor:
         """The student's sample from x (B, ...), taken as the state at t_start."""

@@ -33,7 +33,7 @@ from ..denoiser import EvalPoint
 from ..solvers.engine import Row, StepRule
 from .tuned import Tuned, process_signature
 
-__all__ = ["Student", "inner_denoiser"]
+__all__ = ["Student", "eval_point", "inner_denoiser"]
 
 
 def inner_denoiser(model: Any) -> Any:
@@ -81,6 +81,24 @@ def _unipc_row(
     new = [w.pop()] if corrector else []
     head = gain - sum(w, torch.zeros((), dtype=torch.float64)) - sum(new, torch.zeros(()))
     return sig[i + 1] / sig[i], torch.stack([*new, head, *w]), gain
+
+
+def eval_point(denoiser: Any, t: Tensor, like: Tensor) -> EvalPoint:
+    """The evaluation point at a (differentiable) time t for samples like ``like``: α, σ stay
+    tensors in t's graph, so a loss differentiates through the network's time input too."""
+    p = denoiser.process
+    t_in = denoiser.time_map(t)
+    in_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    t_in = t_in.to(device=like.device, dtype=in_dtype).expand(like.shape[0])
+    velocity = getattr(denoiser, "prediction", "") == "velocity"
+    return EvalPoint(
+        t=t,  # type: ignore[arg-type]
+        alpha=p.alpha(t),  # type: ignore[arg-type]
+        sigma=p.sigma(t),  # type: ignore[arg-type]
+        d_alpha=float(p.d_alpha(t.detach())) if velocity else 0.0,
+        d_sigma=float(p.d_sigma(t.detach())) if velocity else 0.0,
+        t_in=t_in,
+    )
 
 
 class Student(nn.Module):
@@ -239,19 +257,7 @@ class Student(nn.Module):
 
     # -- the run ----------------------------------------------------------------------------
     def _point(self, t: Tensor, like: Tensor) -> EvalPoint:
-        p = self.process
-        t_in = self.denoiser.time_map(t)
-        in_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-        t_in = t_in.to(device=like.device, dtype=in_dtype).expand(like.shape[0])
-        velocity = getattr(self.denoiser, "prediction", "") == "velocity"
-        return EvalPoint(
-            t=t,  # type: ignore[arg-type]
-            alpha=p.alpha(t),  # type: ignore[arg-type]
-            sigma=p.sigma(t),  # type: ignore[arg-type]
-            d_alpha=float(p.d_alpha(t.detach())) if velocity else 0.0,
-            d_sigma=float(p.d_sigma(t.detach())) if velocity else 0.0,
-            t_in=t_in,
-        )
+        return eval_point(self.denoiser, t, like)
 
     @staticmethod
     def _apply(row: tuple[Tensor, Tensor], x: Tensor, hist: list[Tensor]) -> Tensor:
