@@ -61,6 +61,56 @@ def parse_labels(text: str | None, n: int, guided: bool) -> list[int] | None:
     return [items[i % len(items)] for i in range(n)]
 
 
+def _steering(
+    steer: str | None,
+    reward: str | None,
+    particles: int,
+    n: int,
+    batch: int,
+    label: str | None,
+    out_dir: str | None,
+    num_samples: int | None,
+) -> Any:
+    """``--steer fk --reward digit=D --particles K``: a :class:`~diffsolve.FK` whose reward is
+    the shipped classifier's log-probability of D on the sample; checked before any work."""
+    if steer is None:
+        if reward is not None:
+            raise typer.BadParameter("--reward needs --steer fk", param_hint="--reward")
+        return None
+    if steer != "fk":
+        raise typer.BadParameter(f"--steer takes 'fk', got {steer!r}", param_hint="--steer")
+    if out_dir is not None or num_samples is not None:
+        raise typer.BadParameter("--steer is not for sharded runs", param_hint="--steer")
+    if label is not None:
+        raise typer.BadParameter(
+            "--steer samples the unconditional model toward --reward: omit --label",
+            param_hint="--label",
+        )
+    digit = None
+    if reward is not None and reward.startswith("digit="):
+        tail = reward.split("=", 1)[1]
+        digit = int(tail) if tail.isdigit() else None
+    if digit is None or not 0 <= digit <= 9:
+        raise typer.BadParameter(f"--reward takes digit=0…9, got {reward!r}", param_hint="--reward")
+    if n % particles or batch % particles:
+        raise typer.BadParameter(
+            f"--n ({n}) and --batch ({batch}) must be multiples of --particles ({particles})",
+            param_hint="--particles",
+        )
+    import torch
+
+    from . import nets
+    from .guidance import FK
+
+    clf = nets.classifier()
+
+    def log_prob(x: Any) -> Any:
+        with torch.no_grad():
+            return torch.log_softmax(clf(x.to(torch.float32)), dim=1)[:, digit].to(x.dtype)
+
+    return FK(log_prob, particles=particles)
+
+
 def save_grid(x: Any, path: str | Path, scale: int = 4, pad: int = 1) -> Path:
     """Write samples (B, 1, H, W) in [−1, 1] as a square PNG grid (white on black, like the data).
 
@@ -204,6 +254,13 @@ def sample(
         None, min=1, help="with --out-dir: samples in all (default: --n); sample i seeded seed+i"
     ),
     shard_size: int = typer.Option(1000, min=1, help="with --out-dir: samples per shard file"),
+    steer: str = typer.Option(
+        None, help="'fk': Feynman–Kac steering toward --reward (ds.FK; a stochastic --solver)"
+    ),
+    reward: str = typer.Option(
+        None, help="with --steer: 'digit=D', the shipped classifier's log-probability of D"
+    ),
+    particles: int = typer.Option(8, min=1, help="with --steer: particles per block"),
     out_dir: str = typer.Option(
         None,
         help="write resumable shards DIR/shard-*.npz and DIR/manifest.json (torchrun-aware) "
@@ -231,6 +288,7 @@ def sample(
         _masked(model, sampler, steps, n, seed, batch, out, npz, score, console)
         return
     guided = guidance is not None and guidance != 1.0
+    steer_obj = _steering(steer, reward, particles, n, batch, label, out_dir, num_samples)
     rec: Any = None  # solver "auto": the recommendation ds.sample follows
     tolerances = {k: v for k, v in (("rtol", rtol), ("atol", atol)) if v is not None}
     if tuned is not None:
@@ -323,6 +381,7 @@ def sample(
                     cond=cond,
                     generator=noise_gen if solver_obj.stochastic else None,
                     callback=lambda i, x, state: bar.advance(task),
+                    steer=steer_obj,
                     return_info=True,
                 )
             except ValueError as e:
