@@ -140,3 +140,27 @@ def test_cli_steers_the_digits_network_toward_a_class(tmp_path):
     ):
         res = runner.invoke(app, [*base, *extra, "--out", str(tmp_path / "x.png")])
         assert res.exit_code == 2 and word in " ".join(res.output.split()), res.output
+
+
+def test_cli_svdd_steers_the_digits_network(tmp_path):
+    """``diffsolve sample --steer svdd --reward digit=3 --particles 4``: SVDD with 4 candidates
+    per step (argmax of the candidates' Tweedie reward); measured 64 samples, ddpm at NFE 20:
+    97 % of the samples classified as 3 (M = 4) against 16 % (M = 1, the unsteered sampler)."""
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from diffsolve import nets
+    from diffsolve.cli import app
+
+    runner = CliRunner()
+    base = ["sample", "--model", "digits-vp", "--solver", "ddpm", "--nfe", "20", "--n", "64",
+            "--no-progress", "--steer", "svdd", "--reward", "digit=3",
+            "--particles", "4"]  # fmt: skip
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "svdd.png")])
+    assert res.exit_code == 0, res.output
+    x = torch.tensor(np.load(tmp_path / "svdd.npz")["samples"])
+    with torch.no_grad():
+        frac = float((nets.classifier()(x.float()).argmax(1) == 3).float().mean())
+    assert frac > 0.8, frac
+    res = runner.invoke(app, [*base, "--solver", "dpmpp_2m", "--out", str(tmp_path / "x.png")])
+    assert res.exit_code != 0 and "stochastic" in " ".join(res.output.split()), res.output

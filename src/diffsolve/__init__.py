@@ -5,15 +5,18 @@
 """
 
 from . import cuda_graph, nets, shards
+from .adjoint import Adjoint, optimize_noise
 from .ctm import CTM, CTMGamma
 from .denoiser import CFG, PREDICTIONS, Denoiser, EvalPoint, Prediction
 from .discrete import MaskedDiffusion, sample_masked
 from .dlg import dlg_chain, dlg_sample
 from .guidance import (
     FK,
+    SVDD,
     ClassifierGuidance,
     DynamicThreshold,
     Inpaint,
+    MinorityGuidance,
     SkipTuning,
     StaticThreshold,
     TimeShift,
@@ -83,7 +86,9 @@ __all__ = [
     "FK",
     "PFGMPP",
     "PREDICTIONS",
+    "SVDD",
     "VE",
+    "Adjoint",
     "BrownianTree",
     "CTMGamma",
     "ClassifierGuidance",
@@ -104,6 +109,7 @@ __all__ = [
     "LogSNR",
     "MaskedDiffusion",
     "MeanReverting",
+    "MinorityGuidance",
     "Noise",
     "NoiseSource",
     "NonFiniteError",
@@ -147,6 +153,7 @@ __all__ = [
     "log_likelihood",
     "make_plan",
     "nets",
+    "optimize_noise",
     "prior",
     "sample",
     "sample_masked",

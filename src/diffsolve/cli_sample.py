@@ -72,13 +72,16 @@ def _steering(
     num_samples: int | None,
 ) -> Any:
     """``--steer fk --reward digit=D --particles K``: a :class:`~diffsolve.FK` whose reward is
-    the shipped classifier's log-probability of D on the sample; checked before any work."""
+    the shipped classifier's log-probability of D on the sample (``--steer svdd``: a
+    :class:`~diffsolve.SVDD` with K candidates per step); checked before any work."""
     if steer is None:
         if reward is not None:
-            raise typer.BadParameter("--reward needs --steer fk", param_hint="--reward")
+            raise typer.BadParameter("--reward needs --steer fk|svdd", param_hint="--reward")
         return None
-    if steer != "fk":
-        raise typer.BadParameter(f"--steer takes 'fk', got {steer!r}", param_hint="--steer")
+    if steer not in ("fk", "svdd"):
+        raise typer.BadParameter(
+            f"--steer takes 'fk' or 'svdd', got {steer!r}", param_hint="--steer"
+        )
     if out_dir is not None or num_samples is not None:
         raise typer.BadParameter("--steer is not for sharded runs", param_hint="--steer")
     if label is not None:
@@ -92,7 +95,7 @@ def _steering(
         digit = int(tail) if tail.isdigit() else None
     if digit is None or not 0 <= digit <= 9:
         raise typer.BadParameter(f"--reward takes digit=0…9, got {reward!r}", param_hint="--reward")
-    if n % particles or batch % particles:
+    if steer == "fk" and (n % particles or batch % particles):
         raise typer.BadParameter(
             f"--n ({n}) and --batch ({batch}) must be multiples of --particles ({particles})",
             param_hint="--particles",
@@ -100,7 +103,7 @@ def _steering(
     import torch
 
     from . import nets
-    from .guidance import FK
+    from .guidance import FK, SVDD
 
     clf = nets.classifier()
 
@@ -108,6 +111,8 @@ def _steering(
         with torch.no_grad():
             return torch.log_softmax(clf(x.to(torch.float32)), dim=1)[:, digit].to(x.dtype)
 
+    if steer == "svdd":
+        return SVDD(log_prob, candidates=particles)
     return FK(log_prob, particles=particles)
 
 
@@ -255,12 +260,16 @@ def sample(
     ),
     shard_size: int = typer.Option(1000, min=1, help="with --out-dir: samples per shard file"),
     steer: str = typer.Option(
-        None, help="'fk': Feynman–Kac steering toward --reward (ds.FK; a stochastic --solver)"
+        None,
+        help="'fk': Feynman–Kac steering toward --reward (ds.FK); 'svdd': soft value-based "
+        "decoding (ds.SVDD, --particles candidates per step); both want a stochastic --solver",
     ),
     reward: str = typer.Option(
         None, help="with --steer: 'digit=D', the shipped classifier's log-probability of D"
     ),
-    particles: int = typer.Option(8, min=1, help="with --steer: particles per block"),
+    particles: int = typer.Option(
+        8, min=1, help="with --steer: particles per block (fk) or candidates per step (svdd)"
+    ),
     out_dir: str = typer.Option(
         None,
         help="write resumable shards DIR/shard-*.npz and DIR/manifest.json (torchrun-aware) "

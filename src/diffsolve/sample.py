@@ -59,6 +59,10 @@ class _Evaluator:
         self.recent: deque[tuple[float, Tensor]] = deque(maxlen=keep) if keep else deque(maxlen=1)
         self._keep = keep
         self._points: dict[float, EvalPoint] = {}
+        self.plan: Any = None
+        # (x, t, prediction) already computed for exactly that tensor and time (SVDD's kept
+        # candidate): the solver's next call on it is answered without a network call
+        self.cached: tuple[Tensor, float, Prediction] | None = None
 
     def prefetch(self, ts: Tensor, like: Tensor) -> None:
         """Build the grid's evaluation points in one vectorised call where the model is a plain
@@ -82,6 +86,9 @@ class _Evaluator:
         return self.model.point(t, like)
 
     def __call__(self, x: Tensor, t: EvalPoint) -> Prediction:
+        hit = self.cached
+        if hit is not None and x is hit[0] and t.t == hit[1]:
+            return hit[2]
         pred = self.model(x, t, **self.cond)
         self.nfe += 1
         if self.check:
@@ -172,6 +179,7 @@ def sample(
     return_info: bool = False,
     cuda_graph: bool = False,
     steer: Any = None,
+    grad: Any = None,
     **options: Any,
 ) -> Tensor | tuple[Tensor, SampleInfo]:
     """Integrate from x at t_max to the data end with ``solver``.
@@ -219,6 +227,13 @@ def sample(
         steer: a particle method run between the steps, e.g. ``ds.FK(reward, particles=K)``
             (:mod:`diffsolve.guidance.steering`): the batch is the population, blocks of K
             particles per prompt; ``info.log_weights`` and ``info.ess`` report it.
+        grad: ``None`` (default): autograd as the caller's mode has it. ``"backprop"``:
+            record the graph through every step (memory grows with the steps).
+            ``"adjoint"`` (or ``ds.Adjoint(substeps=, params=)``): the sample's backward pass
+            solves the adjoint ODE
+            (:mod:`diffsolve.adjoint`, AdjointDPM): memory flat in the steps, gradients to x_T,
+            conditioning tensors that require grad and the network's parameters; a
+            deterministic solver, ``final`` ``"standard"`` or ``"tmin"``, no ``steer``.
         **options: solver options (validated against the solver's declared options).
 
     Returns:
@@ -261,8 +276,30 @@ def sample(
         model, xc, solver_obj, nfe=nfe, steps=steps, times=times, schedule=schedule, final=final
     )
 
+    from .adjoint import Adjoint
+
+    if isinstance(grad, str) and grad == "adjoint":
+        grad = Adjoint()
+    if not (
+        grad is None or isinstance(grad, Adjoint) or (isinstance(grad, str) and grad == "backprop")
+    ):
+        raise ValueError(
+            f"grad must be None, 'adjoint', 'backprop' or ds.Adjoint(...), got {grad!r}"
+        )
+    if isinstance(grad, Adjoint):
+        return _sample_adjoint(grad,
+            model, x, xc, solver_obj, plan, cond, steer, cuda_graph, callback, final,
+            dict(nfe=nfe, steps=steps, times=times, schedule=schedule, final=final,
+                 check_finite=check_finite, noise=noise, generator=generator),
+            return_info,
+        )  # fmt: skip
     if steer is not None and cuda_graph:
         raise ValueError("steer= reindexes particles between steps: not with cuda_graph=True")
+    stepper = steer is not None and hasattr(steer, "check_solver")  # SVDD: replaces the step
+    if stepper:
+        steer.check_solver(solver_obj)
+        if final == "extrapolate":
+            raise ValueError("steer=SVDD: final='extrapolate' is not supported (candidate batch)")
     run = steer.start(xc, plan.steps) if steer is not None else None
     start = time.perf_counter()
     keep = 6 if final == "extrapolate" else (1 if run is not None else 0)
@@ -275,6 +312,9 @@ def sample(
         from .noise import NoiseSource
 
         noise = NoiseSource.from_generator(generator)
+    if stepper:
+        noise = steer.wrap_noise(noise, xc.shape[0])
+    ev.plan = plan
     if plan.rules is None:  # solvers off the engine look their grid points up one by one
         ev.prefetch(plan.t[:-1] if plan.clean_end else plan.t, xc)
 
@@ -282,12 +322,17 @@ def sample(
         state = solver_obj.init(xc, plan, ev, noise)
         for i in range(plan.steps):
             ev.step = i
-            xc, state = solver_obj.step(xc, i, state, ev)
+            if stepper:
+                xc, state = run.step(solver_obj, xc, i, state, ev, noise)
+            else:
+                xc, state = solver_obj.step(xc, i, state, ev)
             if callback is not None:
                 replaced = callback(i, xc, state)
                 if isinstance(replaced, tuple):  # the steering hook; other values are ignored
                     xc, state = replaced
-            if run is not None and i < plan.steps - 1:  # the last step's output is scored below
+            if (
+                not stepper and run is not None and i < plan.steps - 1
+            ):  # the last step's output is scored below
                 xc, state, idx = run.after_step(i, xc, state, ev.recent[-1][1])
                 if idx is not None:
                     ev.recent = type(ev.recent)(
@@ -301,11 +346,14 @@ def sample(
         from .cuda_graph import replay_loop
 
         xc = replay_loop(loop, xc, ev, noise, plan=plan, solver=solver_obj, callback=callback)
+    elif grad is not None:  # "backprop"
+        with torch.enable_grad():
+            xc = loop(xc, ev, noise)
     else:
         xc = loop(xc, ev, noise)
     ev.raise_if_nonfinite()
     log_w = ess = None
-    if run is not None:
+    if run is not None and not stepper:
         xc, log_w = run.finish(xc if mu is None else xc + mu)
         xc = xc if mu is None else xc - mu
         ess = torch.stack(run.ess)
@@ -323,3 +371,51 @@ def sample(
         ess=ess,
     )
     return out, info
+
+
+def _sample_adjoint(
+    options: Any,
+    model: Any,
+    x: Tensor,
+    xc: Tensor,
+    solver: Solver,
+    plan: Any,
+    cond: dict[str, Any],
+    steer: Any,
+    cuda_graph: bool,
+    callback: Any,
+    final: str,
+    run_args: dict[str, Any],
+    return_info: bool,
+) -> Tensor | tuple[Tensor, SampleInfo]:
+    """``sample(..., grad="adjoint")``: the checks, then :func:`diffsolve.adjoint.adjoint_sample`
+    around the ordinary loop."""
+    from .adjoint import adjoint_sample
+
+    if solver.stochastic:
+        raise ValueError(
+            f"grad='adjoint' solves the probability-flow ODE backward: {solver.name!r} is "
+            "stochastic here; use a deterministic solver or grad='backprop'"
+        )
+    if steer is not None or cuda_graph:
+        raise ValueError("grad='adjoint' takes no steer= and no cuda_graph=True")
+    if final not in ("standard", "tmin"):
+        raise ValueError(f"grad='adjoint' needs final 'standard' or 'tmin', got {final!r}")
+    if model.process.offset(cond) is not None:
+        raise ValueError("grad='adjoint' is not available for a mean-reverting path (x − μ)")
+    infos: list[SampleInfo] = []
+
+    def run(x_T: Tensor, grab: Callable[[int, Tensor, State], None]) -> Tensor:
+        def both(i: int, xi: Tensor, state: State) -> Any:
+            grab(i, xi, state)
+            return callback(i, xi, state) if callback is not None else None
+
+        out, info = sample(
+            model, x_T.to(x.dtype), solver, cond=cond, callback=both, return_info=True,
+            **run_args,
+        )  # fmt: skip
+        infos.append(info)
+        return out.to(xc.dtype)
+
+    out = adjoint_sample(run, model, xc, cond, plan.t, plan.clean_end, options).to(x.dtype)
+    return (out, infos[-1]) if return_info else out
