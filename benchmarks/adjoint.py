@@ -8,7 +8,7 @@ a contracting flow). Errors are ‖g − g_exact‖/‖g_exact‖ per sample, me
 Memory: bytes autograd holds between the forward and the backward pass (saved-tensor hooks) on
 gmm64 with a batch of 256.
 
-    python benchmarks/adjoint.py --markdown docs/adjoint-table.md --json docs/adjoint.json
+    python benchmarks/adjoint.py --markdown adjoint.md --json docs/adjoint.json
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ the exact minority-class law (mixture samples with l ≥ q), and the samples thr
 w leaves that stiffness uncancelled). 4000 samples, dpmpp_2m at NFE 50
 (classifier) and 20 (self-guided), the same x_T for every row.
 
-    python benchmarks/minority.py --markdown docs/minority-table.md
+    python benchmarks/minority.py --markdown minority.md  (tables in docs/steering.md)
 """
 
 from __future__ import annotations

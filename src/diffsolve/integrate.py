@@ -49,10 +49,13 @@ __all__ = [
     "DP_B5",
     "DP_C",
     "DP_ERR",
+    "DP_STABILITY",
     "DPResult",
     "PIDController",
+    "StepDiagnostics",
     "dormand_prince",
     "initial_step",
+    "local_regularizer",
     "max_norm",
     "rms_norm",
 ]
@@ -73,16 +76,19 @@ DP_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100
 DP_ERR = tuple(b5 - b4 for b5, b4 in zip(DP_B5, DP_B4))
 
 _ERR_EXPONENT = 5.0  # 1 + the order of the embedded error estimator
+# where DP5(4)'s 5th-order stability region meets the negative real axis, |hλ| ≈ 3.3066 (the
+# local stiffness regulariser's normaliser; Tsit5's, in Pal et al. 2023, is 3.5068)
+DP_STABILITY = 3.3066
 
 
 def rms_norm(v: Tensor) -> float:
     """max over the batch of the per-sample root-mean-square of v (B, ...), in float64."""
-    return float(v.reshape(v.shape[0], -1).to(torch.float64).pow(2).mean(1).sqrt().max())
+    return float(v.detach().reshape(v.shape[0], -1).to(torch.float64).pow(2).mean(1).sqrt().max())
 
 
 def max_norm(v: Tensor) -> float:
     """max |v| over all entries."""
-    return float(v.abs().max())
+    return float(v.detach().abs().max())
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,64 @@ class PIDController:
         return (p + i + d) / _ERR_EXPONENT, -(p + 2 * d) / _ERR_EXPONENT, d / _ERR_EXPONENT
 
 
+def _norm_tensor(norm: Callable[[Tensor], float], v: Tensor) -> Tensor:
+    """``norm`` as a 0-d tensor kept in v's graph (for the differentiable diagnostics)."""
+    if norm is max_norm:
+        return v.abs().max()
+    if norm is rms_norm:
+        return v.reshape(v.shape[0], -1).pow(2).mean(1).sqrt().max()
+    tensor_form = getattr(norm, "tensor", None)  # a custom norm may offer its tensor form
+    if tensor_form is not None:
+        return tensor_form(v)
+    return torch.as_tensor(norm(v), dtype=torch.float64, device=v.device)
+
+
+@dataclass
+class StepDiagnostics:
+    """Per accepted step of an embedded Runge–Kutta solve (Pal et al., ICML 2021, §3; 2023, §3).
+
+    Attributes:
+        u: start of each accepted step (floats, the integration variable).
+        step_sizes: |h| of each accepted step (floats).
+        local_errors: EEst, the scaled embedded error norm of each accepted step (0-d tensors in
+            the graph of y: differentiable when y or f's parameters require grad).
+        stiffness: ‖f(g₇) − f(g₆)‖/‖g₇ − g₆‖ from the last two stage points (both at u + h),
+            an estimate of the Jacobian's dominant eigenvalue modulus (Shampine's; exactly k on
+            dz/du = −k·z); 0-d tensors, differentiable like ``local_errors``.
+    """
+
+    u: list[float]
+    step_sizes: list[float]
+    local_errors: list[Tensor]
+    stiffness: list[Tensor]
+
+    @classmethod
+    def empty(cls) -> StepDiagnostics:
+        return cls([], [], [], [])
+
+    def extend(self, other: StepDiagnostics) -> None:
+        self.u += other.u
+        self.step_sizes += other.step_sizes
+        self.local_errors += other.local_errors
+        self.stiffness += other.stiffness
+
+    def error_regularizer(self) -> Tensor:
+        """R_E = Σ_j EEst_j·|h_j| (Pal et al. 2021, eq. 5)."""
+        if not self.local_errors:
+            return torch.zeros((), dtype=torch.float64)
+        h = torch.tensor(self.step_sizes, dtype=torch.float64)
+        e = torch.stack(self.local_errors)
+        return (e * h.to(e.device, e.dtype)).sum()
+
+    def stiffness_regularizer(self) -> Tensor:
+        """R_S = Σ_j S_j·|h_j| (Pal et al. 2021, eq. 6, as their code weights it by dt)."""
+        if not self.stiffness:
+            return torch.zeros((), dtype=torch.float64)
+        h = torch.tensor(self.step_sizes, dtype=torch.float64)
+        s = torch.stack(self.stiffness)
+        return (s * h.to(s.device, s.dtype)).sum()
+
+
 @dataclass(frozen=True)
 class DPResult:
     """What :func:`dormand_prince` returns.
@@ -114,6 +178,8 @@ class DPResult:
         integral: ∫ q du in float64 (``quadrature=True``), else None.
         last: f's return value at (u1, y(u1)), the final first-same-as-last stage.
         nfev: calls of f; steps: accepted steps; rejected: rejected steps.
+        diagnostics: per-step :class:`StepDiagnostics` (``record=True``), else None.
+        h_next: the controller's proposal for the next step size |h| after u1.
     """
 
     y: Tensor
@@ -122,6 +188,8 @@ class DPResult:
     nfev: int
     steps: int
     rejected: int
+    diagnostics: StepDiagnostics | None = None
+    h_next: float = 0.0
 
 
 def initial_step(
@@ -131,6 +199,75 @@ def initial_step(
     is ≤ 1e-5)."""
     d0, d1 = norm(y / scale), norm(k / scale)
     return 0.01 * d0 / d1 if d0 > 1e-5 and d1 > 1e-5 else 1e-6
+
+
+def _stages(
+    call: Callable[[float, Tensor], tuple[Tensor, Any, Any]],
+    u: float,
+    du: float,
+    y: Tensor,
+    k1: Tensor,
+    q1: Any,
+    last: Any,
+    end: float | None,
+) -> tuple[list[Tensor], list[Any], Tensor, Tensor, Any]:
+    """One attempted step's six new stages: (k's, q's, the 5th-order point g₇, the stage-6 point
+    g₆, f's last output); stages with c = 1 are evaluated at ``end`` when given."""
+    ks, qs = [k1], [q1]
+    yj, out = y, last
+    y6 = y
+    for j in range(1, 7):
+        y6 = yj
+        yj = y
+        for a, k in zip(DP_A[j], ks):
+            if a != 0.0:
+                yj = yj + (du * a) * k
+        at = end if (end is not None and DP_C[j] == 1.0) else u + DP_C[j] * du
+        kj, qj, out = call(at, yj)
+        ks.append(kj)
+        qs.append(qj)
+    return ks, qs, yj, y6, out
+
+
+def local_regularizer(
+    f: Callable[[float, Tensor], Tensor],
+    u0: float,
+    u1: float,
+    y0: Tensor,
+    *,
+    rtol: float,
+    atol: float,
+    kind: str = "error",
+    controller: PIDController | None = None,
+    norm: Callable[[Tensor], float] = rms_norm,
+) -> tuple[Tensor, Tensor]:
+    """Pal et al.'s local regulariser (ICML 2023, Alg. 1): y(u1) by :func:`dormand_prince` from
+    u0, then one more Dormand–Prince attempt from u1 with the controller's proposed step h;
+    returns (y(u1), R) with R = EEst·|h| (``kind="error"``) or S/3.3066 (``"stiffness"``: the
+    stiffness estimate over the size of DP5's stability region on the negative real axis).
+    The caller draws u1 (uniformly in [u0, u_end] for the unbiased form). R is differentiable
+    through y(u1) and f's parameters."""
+    if kind not in ("error", "stiffness"):
+        raise ValueError(f"kind must be 'error' or 'stiffness', got {kind!r}")
+
+    def call(u: float, y: Tensor) -> tuple[Tensor, Any, Any]:
+        out = f(u, y)
+        return out, None, out
+
+    if u1 != u0:
+        sol = dormand_prince(f, u0, u1, y0, rtol=rtol, atol=atol, controller=controller, norm=norm)
+        y, h = sol.y, sol.h_next
+    else:
+        y = y0
+        h = initial_step(y, f(u0, y), atol + rtol * y.abs(), norm)
+    k1, _, last = call(u1, y)
+    ks, _, g7, g6, _ = _stages(call, u1, h, y, k1, None, last, None)
+    if kind == "stiffness":
+        s = (ks[6] - ks[5]).norm() / (g7 - g6).norm().clamp_min(1e-300)
+        return y, s / DP_STABILITY
+    err = sum((h * e) * k for e, k in zip(DP_ERR, ks) if e != 0.0)
+    scaled = err / (atol + rtol * torch.maximum(y.abs(), g7.abs()))
+    return y, _norm_tensor(norm, scaled) * abs(h)
 
 
 def dormand_prince(
@@ -147,6 +284,7 @@ def dormand_prince(
     quadrature: bool = False,
     max_steps: int = 100_000,
     name: str = "dormand_prince",
+    record: bool = False,
 ) -> DPResult:
     """Integrate dy/du = f(u, y) from u0 to u1 by adaptive Dormand–Prince 5(4) (module docstring).
 
@@ -164,6 +302,7 @@ def dormand_prince(
         quadrature: integrate f's second output along (``DPResult.integral``).
         max_steps: cap on attempted steps (``RuntimeError`` beyond it).
         name: the caller's name in error messages.
+        record: keep :class:`StepDiagnostics` of the accepted steps (``DPResult.diagnostics``).
 
     Raises:
         FloatingPointError: on a non-finite error estimate (its u in the message).
@@ -191,26 +330,20 @@ def dormand_prince(
     u = u0
     inv_prev, inv_prev2 = 1.0, 1.0
     steps = rejected = 0
+    diag = StepDiagnostics.empty() if record else None
     while direction * (u1 - u) > 1e-12 * max(1.0, abs(u1)):
         if steps + rejected >= max_steps:
             raise RuntimeError(f"{name}: no convergence within max_steps={max_steps}")
         end = h >= abs(u1 - u) * (1 - 1e-12)
         hs = abs(u1 - u) if end else h
         du = direction * hs
-        ks, qs = [k1], [q1]
-        yj, out = y, last
-        for j in range(1, 7):
-            yj = y
-            for a, k in zip(DP_A[j], ks):
-                if a != 0.0:
-                    yj = yj + (du * a) * k
-            kj, qj, out = call(u1 if (end and DP_C[j] == 1.0) else u + DP_C[j] * du, yj)
-            ks.append(kj)
-            qs.append(qj)
+        ks, qs, yj, y6, out = _stages(call, u, du, y, k1, q1, last, u1 if end else None)
+        kj, qj = ks[6], qs[6]
         nfev += 6
         # row 7 of A is b5: the last stage point yj is the 5th-order solution
         err = sum((du * e) * k for e, k in zip(DP_ERR, ks) if e != 0.0)
-        e_n = norm(err / (atol + rtol * torch.maximum(y.abs(), yj.abs())))
+        scaled = err / (atol + rtol * torch.maximum(y.abs(), yj.abs()))
+        e_n = norm(scaled)
         if not math.isfinite(e_n):
             raise FloatingPointError(f"{name}: non-finite error estimate at u = {u}")
         inv = 1.0 / max(e_n, 1e-10)
@@ -218,6 +351,12 @@ def dormand_prince(
             if integral is not None:
                 integral = integral + du * sum(b * q for b, q in zip(DP_B5, qs) if b != 0.0)
             steps += 1
+            if diag is not None:  # stage 6 and 7 both sit at u + h: Shampine's estimate
+                diag.u.append(u)
+                diag.step_sizes.append(hs)
+                diag.local_errors.append(_norm_tensor(norm, scaled))
+                dk, dg = ks[6] - ks[5], yj - y6
+                diag.stiffness.append(dk.norm() / dg.norm().clamp_min(1e-300))
             u = u1 if end else u + du
             y, k1, q1, last = yj, kj, qj, out
             factor = controller.safety * inv**b1 * inv_prev**b2 * inv_prev2**b3
@@ -226,4 +365,4 @@ def dormand_prince(
             rejected += 1
             factor = min(controller.safety * inv**b1, 1.0)
         h = hs * min(controller.factor_max, max(controller.factor_min, factor))
-    return DPResult(y, integral, last, nfev, steps, rejected)
+    return DPResult(y, integral, last, nfev, steps, rejected, diag, h)

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .auto import is_guided, recommend
 from .denoiser import Denoiser, DenoiserWrapper, EvalPoint, Prediction
+from .integrate import StepDiagnostics
 from .plan import FINALS, make_plan
 from .processes.base import GaussianProcess
 from .schedules import Schedule
@@ -38,6 +39,26 @@ class SampleInfo:
     steps: int
     log_weights: Tensor | None = None  # steer=FK: final log-weights, normalised per block
     ess: Tensor | None = None  # steer=FK: effective sample size per step and block
+    diagnostics: StepDiagnostics | None = None  # adaptive solvers: per accepted step
+
+    @property
+    def step_sizes(self) -> Tensor | None:
+        """Adaptive solvers: |h| of every accepted step (float64, in the solver's variable)."""
+        d = self.diagnostics
+        return None if d is None else torch.tensor(d.step_sizes, dtype=torch.float64)
+
+    @property
+    def local_errors(self) -> Tensor | None:
+        """Adaptive solvers: the scaled embedded error estimate EEst of every accepted step
+        (differentiable with ``grad="backprop"``)."""
+        d = self.diagnostics
+        return None if d is None or not d.local_errors else torch.stack(d.local_errors)
+
+    @property
+    def stiffness(self) -> Tensor | None:
+        """``rk45``: the stiffness estimate of every accepted step (None for other solvers)."""
+        d = self.diagnostics
+        return None if d is None or not d.stiffness else torch.stack(d.stiffness)
 
 
 class _Evaluator:
@@ -318,6 +339,8 @@ def sample(
     if plan.rules is None:  # solvers off the engine look their grid points up one by one
         ev.prefetch(plan.t[:-1] if plan.clean_end else plan.t, xc)
 
+    last_state: list[Any] = [None]
+
     def loop(xc: Tensor, ev: _Evaluator, noise: Any) -> Tensor:  # what cuda_graph captures
         state = solver_obj.init(xc, plan, ev, noise)
         for i in range(plan.steps):
@@ -340,6 +363,7 @@ def sample(
                     )
         if final == "extrapolate":
             xc = continue_to_zero(ev.recent, min(max(solver_obj.order, 2), 3), xc)
+        last_state[0] = state
         return xc
 
     if cuda_graph:  # captured once per configuration and shapes, then replayed
@@ -369,6 +393,7 @@ def sample(
         steps=plan.steps,
         log_weights=log_w,
         ess=ess,
+        diagnostics=getattr(last_state[0], "diagnostics", None),
     )
     return out, info
 

@@ -15,6 +15,13 @@ With p = d = 0 and i = 1 this is the classical I-controller. Adaptive stepping n
 norm on the host: this solver reads it once per attempted step (the only solvers that sync).
 The last stage is the first of the next step (FSAL), and with a clean end it also gives x̂_0 at
 t_min, so the jump to σ = 0 costs no call.
+
+Every accepted step's size, embedded error estimate EEst and stiffness estimate are kept
+(:class:`~diffsolve.integrate.StepDiagnostics`, in the integration variable u = log ρ or ρ and
+the state y = x/α) and reported as ``info.step_sizes``, ``info.local_errors``,
+``info.stiffness`` (differentiable with ``grad="backprop"``): Pal et al.'s regularisers
+R_E = Σ EEst·|h| and R_S = Σ S·|h| are ``info.diagnostics.error_regularizer()`` and
+``.stiffness_regularizer()``.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from ..integrate import PIDController, dormand_prince, initial_step
+from ..integrate import PIDController, StepDiagnostics, dormand_prince, initial_step
 from ..processes.base import GaussianProcess
 from .base import Grid, Model, Solver, State, host, register
 
@@ -38,6 +45,7 @@ class RK45State(State):
     x0: Tensor | None = None  # x̂_0 at the end of the integration (FSAL), for the jump
     accepted: int = host(default=0)
     rejected: int = host(default=0)
+    diagnostics: StepDiagnostics | None = host(default=None)
 
 
 @register
@@ -128,18 +136,33 @@ class RK45(Solver):
             norm=_rms,
             max_steps=self.max_steps,
             name="rk45",
+            record=True,
         )
+        diag = StepDiagnostics.empty()
+        if state.diagnostics is not None:
+            diag.extend(state.diagnostics)
+        assert sol.diagnostics is not None
+        diag.extend(sol.diagnostics)
         new_state = state.replace(
             x0=sol.last[1],
             accepted=state.accepted + sol.steps,
             rejected=state.rejected + sol.rejected,
+            diagnostics=diag,
         )
         return float(grid.alpha[i + 1]) * sol.y, new_state
 
 
+def _rms_tensor(v: Tensor) -> Tensor:
+    """Per-sample root-mean-square in the sample's dtype, maximised over the batch (0-d)."""
+    return v.reshape(v.shape[0], -1).pow(2).mean(1).sqrt().max()
+
+
 def _rms(v: Tensor) -> float:
-    """Per-sample root-mean-square in the sample's dtype, maximised over the batch."""
-    return float(v.reshape(v.shape[0], -1).pow(2).mean(1).sqrt().max())
+    """:func:`_rms_tensor` on the host (the step control's one read)."""
+    return float(_rms_tensor(v.detach()))
+
+
+_rms.tensor = _rms_tensor  # type: ignore[attr-defined]  # the differentiable diagnostics' form
 
 
 def _first_step(y: Tensor, k: Tensor) -> float:

@@ -23,6 +23,11 @@ step (``float(E)``). The evaluation at λ_s is kept across rejected attempts, so
 order − 1 calls (the reference codes re-evaluate it: same result, one call more). The stages never
 evaluate the end point of a step, so with a clean end the step to σ = 0 costs one call (x̂_0 at
 t_min).
+
+Every accepted step's size h (in λ) and error E are kept (``info.step_sizes``,
+``info.local_errors``, differentiable with ``grad="backprop"``). There is no stiffness estimate:
+the pair's stages sit at different λ (no two evaluations at one time, as Dormand–Prince's last
+two stages are), and the exponential integrator solves the stiff linear part exactly anyway.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ..denoiser import Prediction
+from ..integrate import StepDiagnostics
 from ..processes.base import GaussianProcess
 from .base import Grid, Model, Solver, State, host, register
 from .dpm_solver import SOLVER_TYPES
@@ -54,6 +60,7 @@ class DPMAdaptiveState(State):
     x_prev: Tensor | None = None  # x_low of the last accepted step, in the norm's scale
     accepted: int = host(default=0)
     rejected: int = host(default=0)
+    diagnostics: StepDiagnostics | None = host(default=None)
 
 
 def _apply(lin: _Lin, x: Tensor, preds: list[Prediction]) -> Tensor:
@@ -175,6 +182,9 @@ class DPMAdaptive(Solver):
         x_prev = state.x_prev if state.x_prev is not None else (x / s[1] if kd else x)
         pred_s = None
         accepted = rejected = 0
+        diag = StepDiagnostics.empty()
+        if state.diagnostics is not None:
+            diag.extend(state.diagnostics)
         tol = 1e-12 * max(1.0, abs(end[3]))
         while end[3] - s[3] > tol:
             if accepted + rejected >= self.max_steps:
@@ -191,7 +201,7 @@ class DPMAdaptive(Solver):
             delta = torch.clamp(self.rtol * torch.maximum(lo.abs(), x_prev.abs()), min=self.atol)
             q = ((hi - lo) / delta).reshape(x.shape[0], -1)
             err = q.pow(2).mean().sqrt() if kd else q.pow(2).mean(1).sqrt().max()
-            e = float(err)  # the host sync of adaptive stepping
+            e = float(err.detach())  # the host sync of adaptive stepping
             if not math.isfinite(e):
                 raise FloatingPointError(f"dpm_adaptive: non-finite error estimate at λ={s[3]}")
             if kd:
@@ -200,6 +210,9 @@ class DPMAdaptive(Solver):
                 accept = e <= 1.0
             if accept:
                 accepted += 1
+                diag.u.append(s[3])
+                diag.step_sizes.append(hs)
+                diag.local_errors.append(err)
                 x, x_prev, s, pred_s = x_high, lo, t, None
             else:
                 rejected += 1
@@ -210,6 +223,7 @@ class DPMAdaptive(Solver):
         new = state.replace(
             h=h, inv_errs=inv_errs, x_prev=x_prev,
             accepted=state.accepted + accepted, rejected=state.rejected + rejected,
+            diagnostics=diag,
         )  # fmt: skip
         return x, new
 
