@@ -45,9 +45,9 @@ def test_tilted_mixture_is_exact(case):
 
 def test_fk_reaches_the_tilted_target(case):
     """Measured (4096 particles, ddpm at NFE 20): exact tilted mean reward −0.704, unsteered
-    −1.63; FK (difference potential, adaptive resampling) −1.26 / −0.88 / −0.74 / −0.74 with
-    K = 2 / 8 / 32 / 128 particles per block; resampling only at the end (importance
-    sampling) −0.84 / −0.77 / −0.74 at K = 8 / 32 / 128."""
+    −1.64; FK (difference potential, adaptive resampling, each new particle scored by its own
+    x̂0) −1.26 / −0.85 / −0.73 / −0.77 with K = 2 / 8 / 32 / 128 particles per block; resampling
+    only at the end (importance sampling) −0.84 / −0.77 / −0.74 at K = 8 / 32 / 128."""
     g, y, tau, model = case
     rew = gaussian_reward(y, tau)
     x_T = ds.prior(model.process, (4096, 2), generator=torch.Generator().manual_seed(1),
@@ -114,7 +114,8 @@ def test_bad_input(case):
 
 def test_cli_steers_the_digits_network_toward_a_class(tmp_path):
     """``diffsolve sample --steer fk --reward digit=3``: measured (64 samples, ddpm at NFE 20,
-    8 particles per block) 61 % of the samples classified as 3 against 16 % unsteered."""
+    8 particles per block) 95 % of the samples classified as 3 against 16 % unsteered (61 %
+    when each particle was scored by the estimate before its step)."""
     import numpy as np
     from typer.testing import CliRunner
 
@@ -131,7 +132,7 @@ def test_cli_steers_the_digits_network_toward_a_class(tmp_path):
         x = torch.tensor(np.load(tmp_path / f"{name}.npz")["samples"])
         with torch.no_grad():
             frac.append(float((nets.classifier()(x.float()).argmax(1) == 3).float().mean()))
-    assert frac[1] > frac[0] + 0.25, frac
+    assert frac[1] > frac[0] + 0.6, frac
     for extra, word in (
         (["--steer", "fk", "--reward", "digit=12"], "digit=0…9"),
         (["--steer", "fk", "--reward", "digit=3", "--particles", "5"], "multiples"),
@@ -164,3 +165,29 @@ def test_cli_svdd_steers_the_digits_network(tmp_path):
     assert frac > 0.8, frac
     res = runner.invoke(app, [*base, "--solver", "dpmpp_2m", "--out", str(tmp_path / "x.png")])
     assert res.exit_code != 0 and "stochastic" in " ".join(res.output.split()), res.output
+
+
+def test_fk_scores_each_new_particle_at_no_extra_cost(case):
+    """The potential after step i is the reward of x̂0(x_{i+1}, t_{i+1}), the next step's own
+    first call (kept and reused): the same NFE as the unsteered run, and the reward's input is
+    exactly the model's x̂0 at the new particles."""
+    _, y, tau, model = case
+    x_T = ds.prior(model.process, (64, 2), generator=torch.Generator().manual_seed(3),
+                   dtype=torch.float64)  # fmt: skip
+    _, base = ds.sample(model, x_T, "ddpm", nfe=12, return_info=True,
+                        generator=torch.Generator().manual_seed(4))  # fmt: skip
+    seen, states = [], []
+
+    def reward(x0):
+        seen.append(x0.clone())
+        return gaussian_reward(y, tau)(x0)
+
+    def keep(i, x, state):
+        states.append(x.clone())
+
+    _, info = ds.sample(model, x_T, "ddpm", nfe=12, return_info=True, callback=keep,
+                        steer=ds.FK(reward, particles=8, resample=10**6),  # never in between
+                        generator=torch.Generator().manual_seed(4))  # fmt: skip
+    assert info.nfe == base.nfe
+    t1 = float(info.times[1])
+    assert torch.allclose(seen[0], model(states[0], t1).x0, atol=1e-12)

@@ -4,7 +4,7 @@
 >>> proc = ds.VPDiscrete.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012)
 """
 
-from . import cuda_graph, nets, shards
+from . import cuda_graph, integrate, nets, neural_sde, shards
 from .adjoint import Adjoint, optimize_noise
 from .ctm import CTM, CTMGamma
 from .denoiser import CFG, PREDICTIONS, Denoiser, EvalPoint, Prediction
@@ -148,11 +148,13 @@ __all__ = [
     "dlg_chain",
     "dlg_sample",
     "get_solver",
+    "integrate",
     "load_shards",
     "load_tuned",
     "log_likelihood",
     "make_plan",
     "nets",
+    "neural_sde",
     "optimize_noise",
     "prior",
     "sample",

@@ -144,13 +144,13 @@ class _Backward:
                 if v is not None:
                     acc[j] = w * v if acc[j] is None else acc[j] + w * v
 
-        k = len(ts) - 1
+        k = len(ts) - 2 if clean_end else len(ts) - 1
+        x = states[k]
+        assert x is not None  # the last evaluated state is always kept
         a_x = g
         if clean_end:  # x0 = x̂0(x_K, t_K): its exact vector–Jacobian product
-            k -= 1
-            _, a_x, gl = self._vjp(states[k], g, ts[k], leaves, keys, "x0")
+            _, a_x, gl = self._vjp(x, g, ts[k], leaves, keys, "x0")
             add(gl, 1.0)
-        x = states[k]
         for j in range(k, 0, -1):  # toward the noise end: grid point j → j − 1
             if states[j] is not None:  # the forward run's own state where it was kept
                 x = states[j]
@@ -277,6 +277,7 @@ def optimize_noise(
 
     def objective() -> tuple[Tensor, Tensor]:
         x0 = sample(model, z, solver, nfe, cond=cond, grad=grad, **sample_options)
+        assert isinstance(x0, Tensor)  # return_info is not passed
         r = reward(x0)
         if not isinstance(r, Tensor) or r.shape != (x_T.shape[0],):
             got = tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__

@@ -347,14 +347,15 @@ def sample(
     g = torch.Generator().manual_seed(seed)
     x_T = process.prior(shape, generator=g, dtype=torch.float32)
     lab = torch.tensor(labels, dtype=torch.long) if labels is not None else None
+    planned: int | None  # solver steps per chunk, for the progress bar (not the --steps option)
     if tuned is not None:
-        steps: int | None = len(solver_obj.steps)
+        planned = len(solver_obj.steps)
     elif solver == "auto":
-        steps = _planned_steps(den, rec.solver, schedule or rec.schedule, nfe)
+        planned = _planned_steps(den, rec.solver, schedule or rec.schedule, nfe)
     elif adaptive:
-        steps = None  # the bar counts steps without a total
+        planned = None  # the bar counts steps without a total
     else:
-        steps = _planned_steps(den, solver_obj, schedule, nfe)
+        planned = _planned_steps(den, solver_obj, schedule, nfe)
     if solver == "auto":
         shown = f"auto: {rec.solver.name} · NFE {nfe}"
     elif adaptive:
@@ -374,7 +375,7 @@ def sample(
         disable=not progress,
         transient=True,
     ) as bar:
-        task = bar.add_task("sampling", total=steps * len(chunks) if steps else None)
+        task = bar.add_task("sampling", total=planned * len(chunks) if planned else None)
         for lo in chunks:
             sl = slice(lo, lo + batch)
             cond = {"label": lab[sl]} if lab is not None else {}

@@ -35,7 +35,7 @@ import copy
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -44,6 +44,9 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .noise import NoiseSource
+
+if TYPE_CHECKING:
+    from .sample import SampleInfo
 
 __all__ = ["HostSyncError", "NoHostSync", "check_capturable", "clear_cache", "replay_loop"]
 
@@ -330,10 +333,11 @@ def _checking() -> Iterator[None]:
 
 def check_capturable(
     model: Any, x: Tensor, solver: Any = "dpmpp_2m", nfe: int | None = None, **kwargs: Any
-) -> Tensor:
+) -> Tensor | tuple[Tensor, SampleInfo]:
     """Run ``ds.sample(model, x, solver, nfe, cuda_graph=True, **kwargs)`` on any device with
     the loop a capture would record executed under :class:`NoHostSync` (after one unguarded
-    warm-up run, as a capture does); returns the sample, equal to the eager one.
+    warm-up run, as a capture does); returns the sample, equal to the eager one (and its
+    :class:`~diffsolve.sample.SampleInfo` with ``return_info=True``, as ``sample``).
 
     Raises:
         HostSyncError: an operation in the loop (the solver, the noise, the model or the

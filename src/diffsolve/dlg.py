@@ -236,15 +236,14 @@ def dlg_sample(
             continue
         sub = copy.copy(proc)
         sub.t_max = t_i
-        kw = {"generator": generator} if solver_obj.stochastic else {}
         xs, info = sample(
             _Restricted(model, sub),
             xi,
             solver_obj,
             nfe=nfe,
             schedule=schedule,
+            generator=generator if solver_obj.stochastic else None,
             return_info=True,
-            **kw,
         )
         out[idx] = xs
         calls += info.nfe

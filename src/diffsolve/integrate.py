@@ -111,12 +111,22 @@ class PIDController:
         return (p + i + d) / _ERR_EXPONENT, -(p + 2 * d) / _ERR_EXPONENT, d / _ERR_EXPONENT
 
 
+def _safe_sqrt(v: Tensor) -> Tensor:
+    """√v with a finite gradient at v = 0 (an exactly zero error: a step stretched to the end)."""
+    return v.clamp_min(torch.finfo(v.dtype).tiny).sqrt()
+
+
+def _stiffness(dk: Tensor, dg: Tensor) -> Tensor:
+    """‖dk‖/‖dg‖ (0-d, differentiable; dg = 0 gives a finite value)."""
+    return _safe_sqrt((dk * dk).sum() / (dg * dg).sum().clamp_min(torch.finfo(dg.dtype).tiny))
+
+
 def _norm_tensor(norm: Callable[[Tensor], float], v: Tensor) -> Tensor:
     """``norm`` as a 0-d tensor kept in v's graph (for the differentiable diagnostics)."""
     if norm is max_norm:
         return v.abs().max()
     if norm is rms_norm:
-        return v.reshape(v.shape[0], -1).pow(2).mean(1).sqrt().max()
+        return _safe_sqrt(v.reshape(v.shape[0], -1).pow(2).mean(1)).max()
     tensor_form = getattr(norm, "tensor", None)  # a custom norm may offer its tensor form
     if tensor_form is not None:
         return tensor_form(v)
@@ -263,7 +273,7 @@ def local_regularizer(
     k1, _, last = call(u1, y)
     ks, _, g7, g6, _ = _stages(call, u1, h, y, k1, None, last, None)
     if kind == "stiffness":
-        s = (ks[6] - ks[5]).norm() / (g7 - g6).norm().clamp_min(1e-300)
+        s = _stiffness(ks[6] - ks[5], g7 - g6)
         return y, s / DP_STABILITY
     err = sum((h * e) * k for e, k in zip(DP_ERR, ks) if e != 0.0)
     scaled = err / (atol + rtol * torch.maximum(y.abs(), g7.abs()))
@@ -356,7 +366,7 @@ def dormand_prince(
                 diag.step_sizes.append(hs)
                 diag.local_errors.append(_norm_tensor(norm, scaled))
                 dk, dg = ks[6] - ks[5], yj - y6
-                diag.stiffness.append(dk.norm() / dg.norm().clamp_min(1e-300))
+                diag.stiffness.append(_stiffness(dk, dg))
             u = u1 if end else u + du
             y, k1, q1, last = yj, kj, qj, out
             factor = controller.safety * inv**b1 * inv_prev**b2 * inv_prev2**b3

@@ -218,6 +218,7 @@ def log_likelihood(
             max_steps=max_steps,
             name="log_likelihood",
         )
+        assert sol.integral is not None  # quadrature=True
         y1, integral, steps, rejected = sol.y, sol.integral, sol.steps, sol.rejected
     else:
         y1, integral, steps, rejected = _scipy(field, u0, u1, y, rtol, atol)
@@ -332,6 +333,7 @@ class _Field:
                 f0 = f[:batch].detach()
         if self.vs is not None:
             div = div / reps
+        assert f0 is not None  # reps ≥ 1: the loop ran
         return f0.to(y.dtype), div.detach()
 
 

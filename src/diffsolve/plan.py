@@ -86,6 +86,7 @@ def make_plan(
         n = _positive("steps", steps)
         grid_t = sched(process, n if clean_end else n + 1)
     else:
+        assert times is not None  # exactly one of nfe, steps, times (or adaptive: set above)
         grid_t = validate_times(process, times)
         if not clean_end and grid_t.numel() < 2:
             raise ValueError("final='tmin' needs at least two times")

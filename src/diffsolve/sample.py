@@ -334,7 +334,9 @@ def sample(
 
         noise = NoiseSource.from_generator(generator)
     if stepper:
+        assert run is not None
         noise = steer.wrap_noise(noise, xc.shape[0])
+        run.offset = mu
     ev.plan = plan
     if plan.rules is None:  # solvers off the engine look their grid points up one by one
         ev.prefetch(plan.t[:-1] if plan.clean_end else plan.t, xc)
@@ -346,6 +348,7 @@ def sample(
         for i in range(plan.steps):
             ev.step = i
             if stepper:
+                assert run is not None
                 xc, state = run.step(solver_obj, xc, i, state, ev, noise)
             else:
                 xc, state = solver_obj.step(xc, i, state, ev)
@@ -353,14 +356,18 @@ def sample(
                 replaced = callback(i, xc, state)
                 if isinstance(replaced, tuple):  # the steering hook; other values are ignored
                     xc, state = replaced
-            if (
-                not stepper and run is not None and i < plan.steps - 1
-            ):  # the last step's output is scored below
-                xc, state, idx = run.after_step(i, xc, state, ev.recent[-1][1])
+            if not stepper and run is not None and i < plan.steps - 1:  # the last: below
+                # x̂0 of the new particles at t_{i+1}: the next step's own first call, kept
+                # (reindexed with the particles) so that step reuses it
+                t_next = float(plan.t[i + 1])
+                pred = ev(xc, ev.point(t_next, xc))
+                xc, state, idx = run.after_step(i, xc, state, pred.x0)
                 if idx is not None:
+                    pred = Prediction(pred.x0[idx], pred.eps[idx])
                     ev.recent = type(ev.recent)(
                         ((r, v[idx]) for r, v in ev.recent), ev.recent.maxlen
                     )
+                ev.cached = (xc, t_next, pred)
         if final == "extrapolate":
             xc = continue_to_zero(ev.recent, min(max(solver_obj.order, 2), 3), xc)
         last_state[0] = state

@@ -603,7 +603,9 @@ def _run(
         for k in todo:
             lo, hi = k * s, min((k + 1) * s, n)
             t0 = time.perf_counter()
-            parts, conds, nfe_done = [], {}, None
+            parts: list[Tensor] = []
+            conds: dict[str, list[Tensor]] = {}
+            nfe_done: int | None = None
             for b in range(lo, hi, batch_size):
                 idx = range(b, min(b + batch_size, hi))
                 x = _x_T(model.process, idx, shp, seed, dtype).to(dev)
@@ -632,7 +634,7 @@ def _run(
                 elapsed = t_sampling + time.perf_counter() - t0
                 rate = f"{done / max(elapsed, 1e-9):.1f} samples/s"
                 bar.update(task, advance=len(idx), rate=rate)
-            arrays = {
+            arrays: dict[str, Any] = {
                 "samples": torch.cat(parts).numpy(),
                 "indices": np.arange(lo, hi, dtype=np.int64),
             }

@@ -64,7 +64,9 @@ class GaussianMixture:
         return self.means.shape[1]
 
     # -- densities and the posterior mean ----------------------------------------------------
-    def _components(self, x: Tensor, alpha: float, sigma: float) -> tuple[Tensor, Tensor, Tensor]:
+    def _components(
+        self, x: Tensor, alpha: Tensor | float, sigma: Tensor | float
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Per component: log w_k·N(x), the eigenbasis residual y and the variance C."""
         xf = x.reshape(x.shape[0], -1).to(torch.float64)
         var = alpha**2 * self.eigvals + sigma**2  # (K, D)
@@ -75,7 +77,7 @@ class GaussianMixture:
         )
         return torch.log(self.weights) + logn, y, var
 
-    def x0_mean(self, x: Tensor, alpha: float, sigma: float) -> Tensor:
+    def x0_mean(self, x: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor:
         """E[x_0 | x_t = x] for x of shape (B, *shape); float64."""
         logp, y, var = self._components(x, alpha, sigma)
         r = torch.softmax(logp, dim=1)  # (B, K)
@@ -133,6 +135,8 @@ class _ExactNet:
     def __call__(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         p = self.process
         t0 = t.reshape(-1)[0]
+        a: Tensor | float
+        s: Tensor | float
         if t0.requires_grad:  # differentiable in the time (calibrating a grid by gradient)
             tt: Tensor | float = t0.to(torch.float64)
             a, s = p.alpha(tt), p.sigma(tt)

@@ -128,7 +128,12 @@ def run_network_benchmark(
                 sched_name = sched or get_solver(s).default_schedule
             for k in nfes:
                 say(f"{label} nfe={k}")
-                row = {"kind": "diffsolve", "label": label, "library": "diffsolve", "solver": s}
+                row: dict[str, Any] = {
+                    "kind": "diffsolve",
+                    "label": label,
+                    "library": "diffsolve",
+                    "solver": s,
+                }
                 row.update(options={}, schedule=sched_name, nfe=int(k))
                 how: dict[str, Any] = {"nfe": int(k)}
                 if sched is not None:

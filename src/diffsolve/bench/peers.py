@@ -277,8 +277,9 @@ def _process_config(process: GaussianProcess, cls_name: str) -> dict[str, Any]:
         {"beta_schedule": "squaredcos_cap_v2"},
     )
     for cfg in named:
-        table = process_from_scheduler_config({**cfg, "num_train_timesteps": n}).alphas_cumprod
-        if bool(((table - ac).abs() <= 1e-5 * ac).all()):
+        ref = process_from_scheduler_config({**cfg, "num_train_timesteps": n})
+        assert isinstance(ref, VPDiscrete)  # a beta_schedule config makes a VP table
+        if bool(((ref.alphas_cumprod - ac).abs() <= 1e-5 * ac).all()):
             return {**cfg, "num_train_timesteps": n}
     prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
     return {"num_train_timesteps": n, "trained_betas": (1.0 - ac / prev).tolist()}

@@ -178,9 +178,11 @@ def markdown_table(
     fmt = (lambda v: f"{v:.1f}") if metric == "fd" else _fmt
     for label, rs in _series(rows).items():
         kind = rs[0]["kind"]
-        cells = _cells(
-            rs, nfes, metric, fmt, lambda n, k=kind: best.get((k, n)), lambda c: f"**{c}**"
-        )
+
+        def best_at(n: int, k: str = kind) -> str | None:
+            return best.get((k, n))
+
+        cells = _cells(rs, nfes, metric, fmt, best_at, lambda c: f"**{c}**")
         side = "diffsolve" if kind == "diffsolve" else rs[0].get("library", "peer")
         lines.append(f"| {side} | {label} | {rs[0]['schedule']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

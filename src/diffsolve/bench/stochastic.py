@@ -132,7 +132,7 @@ def run_stochastic_benchmark(
         floor[key] = float(vals.mean())
         floor[f"{key}_band"] = 2.0 * float(vals.std())
     rows: list[dict[str, Any]] = []
-    base = {"library": "exact", "solver": "exact", "options": {}, "nfe_used": None}
+    base: dict[str, Any] = {"library": "exact", "solver": "exact", "options": {}, "nfe_used": None}
     ex = {"kind": "exact", "label": "exact samples", "seconds": None, "error": None, **base}
     for k in nfes:
         rows.append({**ex, "nfe": int(k), **floor})

@@ -14,6 +14,7 @@ can be passed instead of a name.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -139,11 +140,11 @@ class MaskedDiffusion:
             schedule = _SCHEDULES[schedule]()
         elif not isinstance(schedule, MaskSchedule):
             raise ValueError(f"schedule must be a name or a MaskSchedule, got {schedule!r}")
-        self.net = net
-        self.vocab_size = vocab_size
-        self.mask_id = mask_id
-        self.schedule = schedule
-        self.nfe = 0
+        self.net: Callable[[Tensor, Tensor], object] = net
+        self.vocab_size: int = vocab_size
+        self.mask_id: int = mask_id
+        self.schedule: MaskSchedule = schedule
+        self.nfe: int = 0
 
     def check_tokens(self, tokens: Tensor) -> None:
         """Raise ValueError naming the first (sample, position) whose value is neither a clean

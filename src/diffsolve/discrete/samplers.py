@@ -217,6 +217,7 @@ def sample_masked(
         for name, v in (("batch", batch), ("length", length)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        assert batch is not None and length is not None  # checked just above
         x = torch.full((batch, length), model.mask_id, dtype=torch.long, device=device)
     else:
         if not isinstance(tokens, Tensor):

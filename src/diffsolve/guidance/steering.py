@@ -2,8 +2,10 @@
 
 The batch is the population: consecutive blocks of K particles per prompt (conditioning tensors
 are constant within a block, so resampling inside blocks keeps every particle's prompt). After
-each solver step the newest Tweedie estimate x̂0 (the last network call's) is scored by the
-reward r, and each particle gets an intermediate potential G_i (their eq. 5 and §3.2):
+each solver step the Tweedie estimate x̂0 of each new particle, x̂0(x_{i+1}, t_{i+1}), is scored by
+the reward r (that network call is the next step's first one, kept and reused: no extra NFE,
+except for a solver whose step does not start with a call at its input, e.g. Heun with churn),
+and each particle gets an intermediate potential G_i (their eq. 5 and §3.2):
 
 * ``"difference"``: G_i = exp(λ·(r_i − r_{i−1})) (r_{−1} = 0), which telescopes to exp(λ·r(x0));
 * ``"max"``: G_i = exp(λ·max_{j≤i} r_j);
@@ -47,8 +49,8 @@ class FK:
         scale: λ in the target p(x0)·exp(λ·r(x0)).
         potential: ``"difference"`` (default), ``"max"`` or ``"sum"``. All three target the
             same law as K → ∞; at finite K on the exact tilted mixture (gmm2d, ddpm, NFE 20,
-            exact mean reward −0.704) ``difference`` gave −0.88 / −0.74 / −0.74 at K = 8 / 32 /
-            128, ``max`` −0.75 / −0.47 / −0.71 and ``sum`` −0.13 / −0.015 / −0.013: the
+            exact mean reward −0.704) ``difference`` gave −0.85 / −0.73 / −0.77 at K = 8 / 32 /
+            128, ``max`` −0.54 / −0.41 / −0.38 and ``sum`` −0.035 / −0.058 / −0.007: the
             cumulative potentials collapse a block onto its best particle before the final
             correction can act (they favour reward over calibration).
         resample: ``"adaptive"`` (when ESS < ``ess_threshold``·K) or an int k (every k steps).

@@ -48,9 +48,12 @@ class SVDD:
         value: optional value network ``value(x_t, t_model) -> (B,)`` (SVDD-MC); default None
             uses the reward of the candidate's Tweedie estimate (SVDD-PM).
 
-    Needs a stochastic solver (``ddpm``, ``euler_ancestral``, ``dpmpp_2m_sde``, ...): a
-    deterministic step gives M identical candidates. Noise: a counter-based
+    Needs a stochastic solver (``ddpm``, ``dpmpp_2m_sde``, ``dpmpp_sde``, ``euler_maruyama``,
+    ...): a deterministic step gives M identical candidates (refused before any call where the
+    solver's options say so, else after the first step). Noise: a counter-based
     :class:`~diffsolve.noise.NoiseSource` (the default); a Brownian tree is refused.
+    Conditioning tensors (B, ...) are repeated for the candidates. ``info.nfe`` counts network
+    calls, each on B·M rows: the cost in single-sample evaluations is about M times it.
     """
 
     reward: Callable[[Tensor], Tensor]
@@ -67,20 +70,24 @@ class SVDD:
         if self.value is not None and not callable(self.value):
             raise ValueError("SVDD: value must be callable, value(x_t, t_model) -> (B,)")
         s = self.scale
-        if not isinstance(s, (int, float)) or math.isnan(s) or s < 0 or s == -math.inf:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or math.isnan(s) or s < 0:
             raise ValueError(f"SVDD: scale must be >= 0 (math.inf: argmax), got {s!r}")
 
     def check_solver(self, solver: Any) -> None:
         """ValueError (before any network call) for a solver whose step draws no noise."""
-        if not getattr(solver, "stochastic", False) or getattr(solver, "eta", 1.0) == 0:
+        silent = getattr(solver, "eta", 1.0) == 0 or getattr(solver, "s_noise", 1.0) == 0
+        if not getattr(solver, "stochastic", False) or silent:
             raise ValueError(
                 f"SVDD needs a stochastic solver (its M candidates are M noise draws); "
                 f"{solver.name!r} is deterministic here: use e.g. 'ddpm' or 'dpmpp_2m_sde'"
             )
 
     def wrap_noise(self, noise: Noise, batch: int) -> CandidateNoise:
-        if getattr(noise, "path", False):
-            raise ValueError("SVDD: candidates need a counter-based NoiseSource, not a path")
+        if getattr(noise, "path", False) or not callable(getattr(noise, "rand", None)):
+            raise ValueError(
+                "SVDD: candidates need a counter-based NoiseSource (randn and rand), "
+                f"got {type(noise).__name__}"
+            )
         return CandidateNoise(noise, batch, self.candidates)
 
     def start(self, x: Tensor, steps: int) -> SVDDRun:
@@ -125,6 +132,7 @@ class SVDDRun:
     batch: int
     steps: int
     values: list[Tensor] = field(init=False, default_factory=list)
+    offset: Tensor | None = None  # μ of a mean-reverting path: the reward sees x̂0 + μ
 
     def _score(self, x0: Tensor, x: Tensor, t_in: Tensor, step: int) -> Tensor:
         fn = self.svdd.value
@@ -147,14 +155,32 @@ class SVDDRun:
         pred: Prediction = ev.cached[2]
         rep = torch.arange(b, device=x.device).repeat_interleave(m)
         xr = x[rep]
-        ev.cached = (xr, t_i, Prediction(pred.x0[rep], pred.eps[rep]))
-        xc, sc = solver.step(xr, i, state.select(rep), ev)
-        ev.cached = None
-        if plan.clean_end and i == plan.steps - 1:  # the step to t = 0 draws no noise
-            return xc[::m].contiguous(), sc.select(torch.arange(0, b * m, m, device=x.device))
-        p = ev.point(t_next, xc)
-        cand = ev(xc, p)
-        v = self._score(cand.x0, xc, p.t_in, i).reshape(b, m)
+        cond = ev.cond  # per-sample conditioning follows its candidates
+        ev.cond = {
+            k: v[rep] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == b else v
+            for k, v in cond.items()
+        }
+        try:
+            ev.cached = (xr, t_i, Prediction(pred.x0[rep], pred.eps[rep]))
+            xc, sc = solver.step(xr, i, state.select(rep), ev)
+            ev.cached = None
+            if plan.clean_end and i == plan.steps - 1:  # the step to t = 0 draws no noise
+                keep = torch.arange(0, b * m, m, device=x.device)
+                return xc[keep], sc.select(keep)
+            if i == 0 and m > 1 and torch.equal(xc[0::m], xc[1::m]):  # one host read, once
+                raise ValueError(
+                    f"SVDD: {solver.name!r} drew no noise with these options (its M "
+                    "candidates are identical): use a stochastic setting"
+                )
+            p = ev.point(t_next, xc)
+            cand = ev(xc, p)
+        finally:
+            ev.cond = cond
+        x0 = cand.x0
+        if self.offset is not None:
+            mu = self.offset
+            x0 = x0 + (mu[rep] if mu.ndim > 0 and mu.shape[0] == b else mu)
+        v = self._score(x0, xc, p.t_in, i).reshape(b, m)
         self.values.append(v)
         lam = float(self.svdd.scale)
         if math.isinf(lam) or m == 1:
@@ -173,6 +199,6 @@ class SVDDRun:
     @staticmethod
     def _uniform(noise: Any, x: Tensor, i: int) -> Tensor:
         """One U[0, 1) per sample from the run's counter-based source (split-invariant)."""
-        base = noise.base if isinstance(noise, CandidateNoise) else noise
+        base: Any = noise.base if isinstance(noise, CandidateNoise) else noise
         probe = torch.empty(x.shape[0], 1, dtype=torch.float64, device=x.device)
         return base.rand(probe, i, _CHOICE_STAGE).reshape(-1)

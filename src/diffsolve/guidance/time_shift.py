@@ -110,10 +110,12 @@ class TimeShift(DenoiserWrapper):
 
         shifted = EvalPoint(
             t=point.t,
-            alpha=pick(a),  # type: ignore[arg-type]  (per-sample tensors; convert broadcasts)
-            sigma=pick(s),  # type: ignore[arg-type]
-            d_alpha=pick(da),  # type: ignore[arg-type]
-            d_sigma=pick(ds_),  # type: ignore[arg-type]
+            # EvalPoint declares float coefficients; here they are per-sample (B, 1, …) tensors,
+            # which the conversions broadcast (EvalPoint's annotation is narrower than its use)
+            alpha=pick(a),  # type: ignore[arg-type]  # per-sample tensor, see above
+            sigma=pick(s),  # type: ignore[arg-type]  # per-sample tensor
+            d_alpha=pick(da),  # type: ignore[arg-type]  # per-sample tensor
+            d_sigma=pick(ds_),  # type: ignore[arg-type]  # per-sample tensor
             t_in=t_model.to(dev, point.t_in.dtype)[idx],
         )
         return idx, shifted

@@ -204,6 +204,9 @@ class _Tape:
     def point(self, t: float | Tensor, like: Tensor) -> EvalPoint:
         return self.denoiser.point(t, like)
 
+    def points(self, ts: Tensor, like: Tensor) -> list[EvalPoint]:
+        return self.denoiser.points(ts, like)
+
     def __call__(self, x: Tensor, t: EvalPoint, **cond: Any) -> Prediction:
         if self.k == len(self.preds):
             raise _NeedEval(x, t)
@@ -220,6 +223,9 @@ class _Dry:
 
     def point(self, t: float | Tensor, like: Tensor) -> EvalPoint:
         return self.denoiser.point(t, like)
+
+    def points(self, ts: Tensor, like: Tensor) -> list[EvalPoint]:
+        return self.denoiser.points(ts, like)
 
     def __call__(self, x: Tensor, t: EvalPoint, **cond: Any) -> Prediction:
         self.seen.append(t)

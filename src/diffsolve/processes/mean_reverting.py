@@ -38,6 +38,7 @@ log α.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -170,7 +171,7 @@ class MeanReverting(GaussianProcess):
         return y if mu is None else y + mu.to(device=y.device, dtype=y.dtype)
 
     # -- the x − μ convention --------------------------------------------------------------------
-    def offset(self, cond: dict[str, Any]) -> Tensor:
+    def offset(self, cond: Mapping[str, Any]) -> Tensor:
         """μ from the sampling conditioning (``cond[cond_key]``)."""
         if self.cond_key not in cond:
             raise ValueError(

@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from ..integrate import PIDController, StepDiagnostics, dormand_prince, initial_step
@@ -154,7 +155,8 @@ class RK45(Solver):
 
 def _rms_tensor(v: Tensor) -> Tensor:
     """Per-sample root-mean-square in the sample's dtype, maximised over the batch (0-d)."""
-    return v.reshape(v.shape[0], -1).pow(2).mean(1).sqrt().max()
+    ms = v.reshape(v.shape[0], -1).pow(2).mean(1)
+    return ms.clamp_min(torch.finfo(ms.dtype).tiny).sqrt().max()  # finite gradient at 0
 
 
 def _rms(v: Tensor) -> float:

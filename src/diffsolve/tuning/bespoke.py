@@ -146,7 +146,7 @@ class BespokeStudent(nn.Module):
         snr = alpha / sigma  # e^λ
         return cx, c0, snr, c0 / sigma, sigma
 
-    def rows(self) -> tuple[Tensor, Tensor, list[tuple[Tensor, ...]]]:
+    def rows(self) -> tuple[Tensor, Tensor, list[tuple[tuple[Tensor, Tensor], ...]]]:
         """(node times (n + 1), midpoint times (n), per step: (a, x̂_0 weights newest first)
         of the update and, for RK2, (a, weight) of the stage)."""
         nodes, mids = self.lambdas()
@@ -156,7 +156,7 @@ class BespokeStudent(nn.Module):
         cxm, c0m, snrm, ratem, sigm = self._coef(tm)
         s = (sig[0] / sig) * torch.exp(torch.cat([torch.zeros(1, dtype=t.dtype), self.omega[:, 0]]))
         sm = (sig[0] / sigm) * torch.exp(self.omega[:, 1])
-        out = []
+        out: list[tuple[tuple[Tensor, Tensor], ...]] = []
         for i, kind in enumerate(self.kinds):
             if kind == 1:  # Euler: DDIM at zero deviation
                 p = (snr[i + 1] - snr[i]) / rate[i] * torch.exp(self.pi[i, 0])

@@ -101,7 +101,7 @@ def evolve(
     for _ in range(generations):
         order = sorted(range(len(pop)), key=lambda i: fit[i])
         elite = [pop[i] for i in order[: max(2, population // 4)]]
-        children = []
+        children: list[Tensor] = []
         while len(children) < population - len(elite):
             pick = torch.randint(len(pop), (4,), generator=g).tolist()
             a = min(pick[:2], key=lambda i: fit[i])

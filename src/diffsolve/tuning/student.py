@@ -236,12 +236,15 @@ class Student(nn.Module):
         return torch.cat([t0, self.process.t_of_lambda(lam[1:])]) if self.nfe > 1 else t0
 
     # -- the rows ---------------------------------------------------------------------------
-    def rows(self, t: Tensor) -> tuple[list, list]:
+    def rows(
+        self, t: Tensor
+    ) -> tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor] | None]]:
         """(predictor rows, corrector rows): (a, x̂_0 weights newest first) per step, with the
         learned corrections; corrector row i − 1 is applied after the call at t_i."""
         proc = self.process
         lam, sig, alp = proc.lambda_(t), proc.sigma(t), proc.alpha(t)
-        pred, corr = [], []
+        pred: list[tuple[Tensor, Tensor]] = []
+        corr: list[tuple[Tensor, Tensor] | None] = []
         for i in range(self.nfe - 1):
             a, w, gain = _unipc_row(lam, sig, alp, i, self.orders[i], False)
             d = self.delta[i]
@@ -260,7 +263,7 @@ class Student(nn.Module):
         return eval_point(self.denoiser, t, like)
 
     @staticmethod
-    def _apply(row: tuple[Tensor, Tensor], x: Tensor, hist: list[Tensor]) -> Tensor:
+    def _combine(row: tuple[Tensor, Tensor], x: Tensor, hist: list[Tensor]) -> Tensor:
         a, w = row
         out = a.to(x.dtype) * x
         for j in range(w.numel()):
@@ -280,11 +283,14 @@ class Student(nn.Module):
                 f = self.final_weights()
                 if f.numel() == 1:
                     return hist[0]
-                return sum(f[j].to(x.dtype) * hist[j] for j in range(min(f.numel(), len(hist))))
-            if 1 <= i and corr[i - 1] is not None:
-                x = self._apply(corr[i - 1], x_prev, hist)
+                out = sum(f[j].to(x.dtype) * hist[j] for j in range(min(f.numel(), len(hist))))
+                assert isinstance(out, Tensor)  # hist is never empty here: ≥ 1 term
+                return out
+            c = corr[i - 1] if i >= 1 else None
+            if c is not None:
+                x = self._combine(c, x_prev, hist)
             x_prev = x
-            x = self._apply(pred[i], x, hist)
+            x = self._combine(pred[i], x, hist)
             del hist[max(self.order + 1, self.final.numel()) :]
         raise AssertionError("unreachable")
 
@@ -301,9 +307,8 @@ class Student(nn.Module):
 
         steps = []
         for i in range(self.nfe):
-            correct = (
-                row(corr[i - 1]) if 1 <= i < self.nfe - 1 and corr[i - 1] is not None else None
-            )
+            c = corr[i - 1] if 1 <= i < self.nfe - 1 else None
+            correct = row(c) if c is not None else None
             update = row(pred[i]) if i < self.nfe - 1 else None
             if i == self.nfe - 1 and self.final.numel() > 1:
                 f = self.final_weights()[: min(self.final.numel(), self.nfe)]

@@ -47,6 +47,7 @@ def teacher(
         return hit
     with torch.no_grad():
         out = sample(model, x, "rk45", rtol=rtol, atol=rtol, cond=cond)
+    assert isinstance(out, Tensor)  # no return_info: the sample alone
     if len(_CACHE) >= _CACHE_LIMIT:
         _CACHE.pop(next(iter(_CACHE)))
     _CACHE[key] = out
@@ -76,4 +77,5 @@ def teacher_path(
             model, x, "rk45", times=times, rtol=rtol, atol=rtol, cond=dict(cond or {}),
             callback=keep,
         )  # fmt: skip
+    assert isinstance(end, Tensor)  # no return_info: the sample alone
     return states, end

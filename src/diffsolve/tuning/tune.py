@@ -272,18 +272,19 @@ def tune(
     parts = {"train": _split(x, target, cond, 0, cut), "val": _split(x, target, cond, cut, None)}
     parts["all"] = (x, target, cond)
 
-    def loss_of(s: Student, part: str = "all") -> float:
+    def loss_of(s: Student | BespokeStudent, part: str = "all") -> float:
         xs, ts, cs = parts[part]
         with torch.no_grad():
             return float(_loss(s(xs, cs), ts))
 
-    def val_score(s: Student) -> float:
+    def val_score(s: Student | BespokeStudent) -> float:
         xs, ts, cs = parts["val"]
         with torch.no_grad():
             return _robust(s(xs, cs), ts)
 
     # the best of the standard grids starts every method
     scored: list[tuple[float, str, Any]] = []
+    cand: Student | BespokeStudent
     if method == "bespoke":  # its step nodes on each standard grid, the base EI solver there
         kinds = bespoke_steps(nfe, min(order, 2))
         for name, sched in _initial_schedules(process, nfe):
