@@ -98,3 +98,15 @@ def test_local_regularizer_bad_kind():
     with pytest.raises(ValueError, match="kind"):
         local_regularizer(lambda u, z: -z, 0.0, 1.0, torch.ones(1, 1), rtol=1e-6, atol=1e-6,
                           kind="both")  # fmt: skip
+
+
+def test_docs_python_blocks_run():
+    """docs/diagnostics.md's code runs as written."""
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "diagnostics.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert blocks
+    for code in blocks:
+        exec(compile(code, str(doc), "exec"), {"__name__": "docs"})
