@@ -31,6 +31,19 @@ __all__ = ["CFG", "PREDICTIONS", "Denoiser", "EvalPoint", "Prediction"]
 PREDICTIONS = ("eps", "x0", "v", "score", "velocity")
 
 
+def _scalars(*vs: Any) -> bool:
+    return all(isinstance(v, (int, float)) for v in vs)
+
+
+def _lin(u: Tensor, cu: float, w: Tensor, cw: float, den: float) -> Tensor:
+    """(cu·u + cw·w)/den in one new tensor: the views' conversions, fused (an allocation and
+    its first touch cost more than the arithmetic on a CPU)."""
+    if cu == 1.0:
+        out = torch.add(u, w, alpha=cw)
+        return out if den == 1.0 else out.div_(den)
+    return torch.mul(u, cu / den).add_(w, alpha=cw / den)
+
+
 class Prediction:
     """The two views of one network call, x̂_0 and ε̂, both shaped like x (compute dtype).
 
@@ -67,7 +80,17 @@ class Prediction:
         if self._x0 is None:
             x, out, pt = self._parts()
             a, s, k = pt.alpha, pt.sigma, self._kind
-            if k == "eps":
+            if _scalars(a, s, pt.d_alpha, pt.d_sigma):  # one new tensor, two passes
+                if k == "eps":
+                    self._x0 = _lin(x, 1.0, out, -s, a)
+                elif k == "v":
+                    self._x0 = _lin(x, a, out, -s, a * a + s * s)
+                elif k == "score":
+                    self._x0 = _lin(x, 1.0, out, s * s, a)
+                else:
+                    den = a * pt.d_sigma - s * pt.d_alpha
+                    self._x0 = _lin(x, pt.d_sigma, out, -s, den)
+            elif k == "eps":
                 self._x0 = (x - s * out) / a
             elif k == "v":
                 self._x0 = (a * x - s * out) / (a * a + s * s)
@@ -83,7 +106,17 @@ class Prediction:
         if self._eps is None:
             x, out, pt = self._parts()
             a, s, k = pt.alpha, pt.sigma, self._kind
-            if k == "x0":
+            if _scalars(a, s, pt.d_alpha, pt.d_sigma):  # one new tensor, two passes
+                if k == "x0":
+                    self._eps = _lin(x, 1.0, out, -a, s)
+                elif k == "v":
+                    self._eps = _lin(x, s, out, a, a * a + s * s)
+                elif k == "score":
+                    self._eps = out * (-s)
+                else:
+                    den = a * pt.d_sigma - s * pt.d_alpha
+                    self._eps = _lin(out, a, x, -pt.d_alpha, den)
+            elif k == "x0":
                 self._eps = (x - a * out) / s
             elif k == "v":
                 self._eps = (s * x + a * out) / (a * a + s * s)

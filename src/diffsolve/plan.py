@@ -7,6 +7,7 @@ its step plan back out of the grid.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -19,6 +20,43 @@ from .solvers.engine import RowSolver, eval_points
 __all__ = ["FINALS", "make_plan"]
 
 FINALS = ("standard", "extrapolate", "tmin")
+
+# Plans already made, per process (weakly held): (grid, calls, rules) per configuration, and
+# evaluation points per model and batch — a repeated run skips the set-up. Only configurations
+# that hash (frozen solvers, schedule names or frozen schedules) and were planned without an
+# error enter; at most _KEEP of each per owner, oldest dropped first.
+_GRIDS: weakref.WeakKeyDictionary[Any, dict[tuple, tuple]] = weakref.WeakKeyDictionary()
+_POINTS: weakref.WeakKeyDictionary[Any, dict[tuple, tuple]] = weakref.WeakKeyDictionary()
+_KEEP = 32
+
+
+def _config_key(*parts: Any) -> tuple | None:
+    try:
+        hash(parts)
+    except TypeError:
+        return None
+    return parts
+
+
+def _lookup(table: weakref.WeakKeyDictionary, owner: Any, key: tuple | None) -> Any:
+    if key is None:
+        return None
+    try:
+        return table.get(owner, {}).get(key)
+    except TypeError:  # an owner that cannot be weakly referenced or hashed
+        return None
+
+
+def _store(table: weakref.WeakKeyDictionary, owner: Any, key: tuple | None, value: Any) -> None:
+    if key is None:
+        return
+    try:
+        entries = table.setdefault(owner, {})
+    except TypeError:
+        return
+    entries[key] = value
+    while len(entries) > _KEEP:
+        del entries[next(iter(entries))]
 
 
 def _positive(name: str, v: Any) -> int:
@@ -51,6 +89,39 @@ def make_plan(
         raise ValueError(f"unknown final {final!r}; valid: {', '.join(FINALS)}")
     process = model.process
     solver.check_model(model)
+    nfe = None if nfe is None else _positive("nfe", nfe)  # before the key: True is not 1
+    steps = None if steps is None else _positive("steps", steps)
+    times_key = None if times is None else tuple(torch.as_tensor(times).reshape(-1).tolist())
+    key = _config_key(solver, nfe, steps, times_key, schedule, final)
+    hit = _lookup(_GRIDS, process, key)
+    if hit is None:
+        grid, calls, rules = _grid_calls_rules(process, solver, nfe, steps, times, schedule, final)
+        # the grid's tensors without the process (a value holding its key would never be freed)
+        hit = ((grid.t, grid.alpha, grid.sigma, grid.lam, grid.clean_end, grid.nfe), calls, rules)
+        _store(_GRIDS, process, key, hit)
+    (t, alpha, sigma, lam, clean, budget), calls, rules = hit
+    points: tuple = ()
+    if rules is not None:
+        pkey = None if key is None else (key, like.shape[0], like.dtype, like.device)
+        points = _lookup(_POINTS, model, pkey)
+        if points is None:
+            points = eval_points(model, rules, like)
+            _store(_POINTS, model, pkey, points)
+    return Plan(
+        process, t, alpha, sigma, lam, clean, budget, calls=calls, rules=rules, points=points
+    )
+
+
+def _grid_calls_rules(
+    process: Any,
+    solver: Solver,
+    nfe: int | None,
+    steps: int | None,
+    times: Tensor | None,
+    schedule: str | Schedule | None,
+    final: str,
+) -> tuple[Grid, tuple[int, ...], tuple | None]:
+    """What :func:`make_plan` plans before the evaluation points (validating as it goes)."""
     clean_end = final != "tmin"
     own = solver.planned_nfe
     if own is not None:  # a tuned solver: its own grid and budget
@@ -93,11 +164,5 @@ def make_plan(
     grid = Grid.build(process, grid_t, clean_end, nfe=nfe)
     if not calls and not legacy:
         calls = tuple(solver.calls(grid.steps, clean_end))
-    rules, points = None, ()
-    if isinstance(solver, RowSolver):
-        rules = tuple(solver.rules(grid, calls))
-        points = eval_points(model, rules, like)
-    return Plan(
-        grid.process, grid.t, grid.alpha, grid.sigma, grid.lam, grid.clean_end, grid.nfe,
-        calls=calls, rules=rules, points=points,
-    )  # fmt: skip
+    rules = tuple(solver.rules(grid, calls)) if isinstance(solver, RowSolver) else None
+    return grid, calls, rules
