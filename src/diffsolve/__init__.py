@@ -10,6 +10,7 @@ from .ctm import CTM, CTMGamma
 from .denoiser import CFG, PREDICTIONS, Denoiser, EvalPoint, Prediction
 from .discrete import MaskedDiffusion, sample_masked
 from .dlg import dlg_chain, dlg_sample
+from .fp_residual import FPPath, fp_residual, fp_residual_path
 from .guidance import (
     FK,
     SVDD,
@@ -96,6 +97,7 @@ __all__ = [
     "DynamicThreshold",
     "EvalPoint",
     "Exponential",
+    "FPPath",
     "FlowMatching",
     "FlowPath",
     "GaussianPath",
@@ -147,6 +149,8 @@ __all__ = [
     "dequantization_shift",
     "dlg_chain",
     "dlg_sample",
+    "fp_residual",
+    "fp_residual_path",
     "get_solver",
     "integrate",
     "load_shards",
