@@ -22,18 +22,7 @@ import torch
 
 import diffsolve as ds
 from diffsolve.bench.gmm import GaussianMixture
-from diffsolve.bench.minority import MinorityCase, log_density_1d
-
-
-def t_of_alpha(proc, a: float) -> float:
-    lo, hi = proc.t_min, proc.t_max
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if float(proc.alpha(torch.tensor(mid, dtype=torch.float64))) > a:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+from diffsolve.bench.minority import MinorityCase, log_density_1d, t_of_alpha
 
 
 def main() -> None:

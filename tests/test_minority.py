@@ -10,18 +10,7 @@ import torch
 
 import diffsolve as ds
 from diffsolve.bench.gmm import GaussianMixture
-from diffsolve.bench.minority import MinorityCase, log_density_1d
-
-
-def _t_of_alpha(proc, a):
-    lo, hi = proc.t_min, proc.t_max
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if float(proc.alpha(torch.tensor(mid, dtype=torch.float64))) > a:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+from diffsolve.bench.minority import MinorityCase, log_density_1d, t_of_alpha
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +35,7 @@ def test_classifier_form_samples_the_minority_class(setup):
     0.10 → 1.00 (measured, 4000 samples, dpmpp_2m NFE 50), and the samples' log-density stays
     that of the exact minority-class law (its mean over the rare mode's region)."""
     mix, proc, x_T = setup
-    case = MinorityCase(mix, proc, _t_of_alpha(proc, 0.53))
+    case = MinorityCase(mix, proc, t_of_alpha(proc, 0.53))
     base = ds.sample(case.denoiser, x_T, "dpmpp_2m", 50)
     g = ds.MinorityGuidance(case.denoiser, 1.0, t_p=case.t_p, classifier=case.classifier)
     x = ds.sample(g, x_T, "dpmpp_2m", 50)
@@ -65,7 +54,7 @@ def test_noisier_t_p_means_rarer_modes(setup):
     """α_p = 0.98 (the official setting): the top decile is every mode's tail, so guidance
     fills it (top-decile fraction > 0.9 at w = 1) without raising the rare mode's share."""
     mix, proc, x_T = setup
-    case = MinorityCase(mix, proc, _t_of_alpha(proc, 0.98))
+    case = MinorityCase(mix, proc, t_of_alpha(proc, 0.98))
     g = ds.MinorityGuidance(case.denoiser, 1.0, t_p=case.t_p, classifier=case.classifier)
     x = ds.sample(g, x_T, "dpmpp_2m", 50)
     assert float(case.is_minority(x).double().mean()) > 0.9
@@ -77,7 +66,7 @@ def test_self_guided_form_rises_with_the_scale(setup):
     4000 samples, NFE 20): 0.047 / 0.14 / 0.20 / 0.31 at w = 0 / 0.5 / 1 / 2, mean log-density
     −0.94 / −1.29 / −1.76 / −3.3 (w = 4 leaves the data: −15)."""
     mix, proc, x_T = setup
-    case = MinorityCase(mix, proc, _t_of_alpha(proc, 0.53))
+    case = MinorityCase(mix, proc, t_of_alpha(proc, 0.53))
     fr, ll = [], []
     for w in (0.0, 0.5, 1.0, 2.0):
         g = ds.MinorityGuidance(case.denoiser, w, t_p=case.t_p, n_iter=4)
@@ -90,7 +79,7 @@ def test_self_guided_form_rises_with_the_scale(setup):
 
 def test_minority_score_and_classes(setup):
     mix, proc, _ = setup
-    case = MinorityCase(mix, proc, _t_of_alpha(proc, 0.53))
+    case = MinorityCase(mix, proc, t_of_alpha(proc, 0.53))
     x0 = torch.tensor([[-2.0], [2.0]], dtype=torch.float64)
     exact = case.score(x0)
     mc = ds.guidance.minority_score(case.denoiser, x0.repeat_interleave(20_000, 0), case.t_p, 1)

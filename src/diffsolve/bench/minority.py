@@ -16,7 +16,19 @@ from torch import Tensor
 from ..processes.base import GaussianProcess
 from .gmm import GaussianMixture
 
-__all__ = ["MinorityCase", "log_density_1d"]
+__all__ = ["MinorityCase", "log_density_1d", "t_of_alpha"]
+
+
+def t_of_alpha(process: GaussianProcess, alpha: float) -> float:
+    """The process time where α(t) = ``alpha`` (bisection on [t_min, t_max]; α decreasing)."""
+    lo, hi = process.t_min, process.t_max
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if float(process.alpha(torch.tensor(mid, dtype=torch.float64))) > alpha:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def log_density_1d(mix: GaussianMixture, x: Tensor) -> Tensor:
