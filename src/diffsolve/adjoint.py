@@ -16,8 +16,9 @@ order; two network calls with a vector–Jacobian product per interval, ``subste
 grid interval of the forward run). The forward run's last step (x̂0 at t_K, the ``standard`` end)
 is differentiated exactly. The paper writes the same flow in DDIM's variables y = x/α, ρ = σ/α
 (dy/dρ = ε̂); in those variables the adjoint grows like 1/ρ at high noise and the ρ-grid is
-coarse there, and an exponential-weight form that is exact in the stiff low-noise limit was
-worse on smooth data (measured in benchmarks/adjoint.py's history): the t-form is kept.
+coarse there; an exponential-weight form exact in the stiff low-noise limit, tried while
+writing this, was worse on smooth data (Gaussian, VP, NFE 20: 4.9e-2 against the t-form's
+2.3e-3, though better on gmm2d's median, 4.8e-2 against 8.8e-2): the t-form is kept.
 
 The gradient is the exact flow map's, to the backward solver's accuracy on that grid (not the
 discrete sampler's own Jacobian: ``grad="backprop"`` differentiates through the steps instead,
@@ -126,16 +127,10 @@ class _Backward:
         return x + (0.5 * h) * (f1 + f2), a_x - (0.5 * h) * (v1 + v2)
 
     def run(
-        self,
-        states: list[Tensor | None],
-        g: Tensor,
-        clean_end: bool,
-        leaves: list[Tensor],
-        keys: list[str],
+        self, x_last: Tensor, g: Tensor, clean_end: bool, leaves: list[Tensor], keys: list[str]
     ) -> tuple[Tensor, list[Tensor | None]]:
-        """∂L/∂x_T and the leaves' gradients for the cotangent g of x0; ``states[j]`` is the
-        forward run's x at grid point j where kept (always the last evaluated one), else None
-        (recomputed by the backward solve)."""
+        """∂L/∂x_T and the leaves' gradients for the cotangent g of x0, from the forward run's x
+        at its last evaluated time (the trajectory before it is recomputed)."""
         ts = self.times.tolist()
         acc: list[Tensor | None] = [None] * len(leaves)
 
@@ -145,15 +140,12 @@ class _Backward:
                     acc[j] = w * v if acc[j] is None else acc[j] + w * v
 
         k = len(ts) - 2 if clean_end else len(ts) - 1
-        x = states[k]
-        assert x is not None  # the last evaluated state is always kept
+        x = x_last
         a_x = g
         if clean_end:  # x0 = x̂0(x_K, t_K): its exact vector–Jacobian product
             _, a_x, gl = self._vjp(x, g, ts[k], leaves, keys, "x0")
             add(gl, 1.0)
         for j in range(k, 0, -1):  # toward the noise end: grid point j → j − 1
-            if states[j] is not None:  # the forward run's own state where it was kept
-                x = states[j]
             sub = torch.linspace(ts[j], ts[j - 1], self.substeps + 1, dtype=torch.float64).tolist()
             for u0, u1 in pairwise(sub):
                 x, a_x = self._heun_step(x, a_x, u0, u1, leaves, keys, add)
@@ -165,20 +157,18 @@ class _AdjointFn(torch.autograd.Function):
     def forward(ctx, x_T: Tensor, spec: dict, *leaves: Tensor) -> Tensor:  # type: ignore[override]
         ctx.spec = spec
         with torch.no_grad():
-            out, states = spec["forward"](x_T.detach())
-        ctx.kept = [x is not None for x in states]
-        ctx.save_for_backward(*[x for x in states if x is not None])
+            out, x_last = spec["forward"](x_T.detach())
+        ctx.save_for_backward(x_last)
         ctx.n_leaves = len(leaves)
         ctx.leaves = leaves
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        saved = iter(ctx.saved_tensors)
-        states = [next(saved) if k else None for k in ctx.kept]
+        (x_last,) = ctx.saved_tensors
         spec = ctx.spec
         bw: _Backward = spec["backward"]
-        grad_x, acc = bw.run(states, g, spec["clean_end"], list(ctx.leaves), spec["keys"])
+        grad_x, acc = bw.run(x_last, g, spec["clean_end"], list(ctx.leaves), spec["keys"])
         out = [None if v is None else v.to(leaf.dtype) for v, leaf in zip(acc, ctx.leaves)]
         return (grad_x.to(g.dtype), None, *out)
 
@@ -204,16 +194,15 @@ def adjoint_sample(
     leaves = [cond[k] for k in keys] + list(network_parameters(model) if params is None else params)
     stop = steps - 2 if clean_end else steps - 1  # the step whose output is x at last_t
 
-    def forward(x_T: Tensor) -> tuple[Tensor, list[Tensor | None]]:
-        kept: list[Tensor | None] = [x_T if stop < 0 else None]
-        kept += [None] * (stop + 1)
+    def forward(x_T: Tensor) -> tuple[Tensor, Tensor]:
+        kept = [x_T]  # x at the last evaluated time (x_T itself for a one-step run)
 
         def grab(i: int, xi: Tensor, state: Any) -> None:
             if i == stop:
-                kept[i + 1] = xi.detach().clone()
+                kept[0] = xi.detach().clone()
 
         out = sample_fn(x_T, grab)
-        return out, kept
+        return out, kept[0]
 
     spec = {
         "forward": forward,

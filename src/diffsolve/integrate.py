@@ -162,21 +162,20 @@ class StepDiagnostics:
         self.local_errors += other.local_errors
         self.stiffness += other.stiffness
 
+    def _weighted(self, values: list[Tensor]) -> Tensor:
+        """Σ_j values_j·|h_j| (0 with no step)."""
+        if not values:
+            return torch.zeros((), dtype=torch.float64)
+        v = torch.stack(values)
+        return (v * torch.tensor(self.step_sizes, dtype=v.dtype, device=v.device)).sum()
+
     def error_regularizer(self) -> Tensor:
         """R_E = Σ_j EEst_j·|h_j| (Pal et al. 2021, eq. 5)."""
-        if not self.local_errors:
-            return torch.zeros((), dtype=torch.float64)
-        h = torch.tensor(self.step_sizes, dtype=torch.float64)
-        e = torch.stack(self.local_errors)
-        return (e * h.to(e.device, e.dtype)).sum()
+        return self._weighted(self.local_errors)
 
     def stiffness_regularizer(self) -> Tensor:
         """R_S = Σ_j S_j·|h_j| (Pal et al. 2021, eq. 6, as their code weights it by dt)."""
-        if not self.stiffness:
-            return torch.zeros((), dtype=torch.float64)
-        h = torch.tensor(self.step_sizes, dtype=torch.float64)
-        s = torch.stack(self.stiffness)
-        return (s * h.to(s.device, s.dtype)).sum()
+        return self._weighted(self.stiffness)
 
 
 @dataclass(frozen=True)

@@ -323,7 +323,7 @@ def sample(
             raise ValueError("steer=SVDD: final='extrapolate' is not supported (candidate batch)")
     run = steer.start(xc, plan.steps) if steer is not None else None
     start = time.perf_counter()
-    keep = 6 if final == "extrapolate" else (1 if run is not None else 0)
+    keep = 6 if final == "extrapolate" else 0  # FK scores its own call, not the history
     ev = _Evaluator(model, cond, check_finite, keep=keep)
     mu = process.offset(cond)  # a path in y = x − μ (MeanReverting): solvers run on y
     if mu is not None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -91,7 +91,7 @@ class SVDD:
         return CandidateNoise(noise, batch, self.candidates)
 
     def start(self, x: Tensor, steps: int) -> SVDDRun:
-        return SVDDRun(self, x.shape[0], steps)
+        return SVDDRun(self, x.shape[0])
 
 
 class CandidateNoise(Noise):
@@ -130,8 +130,6 @@ class SVDDRun:
 
     svdd: SVDD
     batch: int
-    steps: int
-    values: list[Tensor] = field(init=False, default_factory=list)
     offset: Tensor | None = None  # μ of a mean-reverting path: the reward sees x̂0 + μ
 
     def _score(self, x0: Tensor, x: Tensor, t_in: Tensor, step: int) -> Tensor:
@@ -181,7 +179,6 @@ class SVDDRun:
             mu = self.offset
             x0 = x0 + (mu[rep] if mu.ndim > 0 and mu.shape[0] == b else mu)
         v = self._score(x0, xc, p.t_in, i).reshape(b, m)
-        self.values.append(v)
         lam = float(self.svdd.scale)
         if math.isinf(lam) or m == 1:
             pick = v.argmax(dim=1)
