@@ -28,6 +28,14 @@ round (before, after, after, before, ...), so both see the same machine load; ea
 the fastest over all rounds. The NaN watch (``check_finite=True``, ds.sample's default) is timed
 as a separate run and reported as its extra cost per step.
 
+``--cold`` times the set-up of a *first* run instead (no plan cache: ``diffsolve.plan``'s
+``_GRIDS`` and ``_POINTS`` are emptied before each repetition), CPU time, median of at least 20
+repetitions, for every solver that takes ``steps=`` (or ``--solvers``); with ``--compare-to``,
+before and after interleaved as above:
+
+    python benchmarks/overhead.py --cold --threads 1
+    python benchmarks/overhead.py --cold --threads 1 --compare-to /tmp/before/src --rounds 3
+
 ``--cuda-graph`` also captures diffsolve's whole step loop (after ``init``) in one CUDA graph and
 times its replay; solvers whose ``step`` syncs with the host cannot be captured and say so.
 Never run from the unit tests.
@@ -37,7 +45,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -144,6 +154,24 @@ def _setup(name: str, model: Any, x_T: torch.Tensor, steps: int):
     ev = _Evaluator(model, {}, False, 0)
     ev.prefetch(grid.t[:-1], x_T)
     return solver, grid, solver.init(x_T, grid, ev)
+
+
+def cold_setup(name: str, model: Any, x_T: torch.Tensor, steps: int, repeats: int) -> float:
+    """Median CPU time of a first run's set-up: the plan caches emptied before each repetition
+    (a diffsolve without them, e.g. before commit d8cc51e, has nothing to empty)."""
+    from diffsolve import plan as plan_module
+
+    caches = [getattr(plan_module, c, None) for c in ("_GRIDS", "_POINTS")] if HAS_PLAN else []
+    _setup(name, model, x_T, steps)  # imports, lazily built tables: not what a run pays
+    times = []
+    for _ in range(max(repeats, 20)):
+        for cache in caches:
+            if cache is not None:
+                cache.clear()
+        start = time.process_time()
+        _setup(name, model, x_T, steps)
+        times.append(time.process_time() - start)
+    return statistics.median(times)
 
 
 def bench_diffsolve(
@@ -306,6 +334,8 @@ class Bench:
         """(T_run, T_setup, NFE) in seconds; mode "eager", "check" (NaN watch on), "cuda-graph"."""
         args = (self.x_T, self.steps, self.device, warmup, repeats)
         if library == "diffsolve":
+            if mode == "cold":  # (no run, set-up of a first run, no NFE)
+                return math.nan, cold_setup(name, self.model, self.x_T, self.steps, repeats), 0
             if mode == "cuda-graph":
                 return bench_graph(name, self.model, *args)
             return bench_diffsolve(name, self.model, *args, check=mode == "check")
@@ -370,6 +400,8 @@ def run_single(args) -> list[dict[str, Any]]:
     def add(library: str, name: str, mode: str) -> None:
         rows.append(_row(library, name, mode, n, t_net, *bench.run(library, name, mode, w, r)))
 
+    if args.cold:
+        return run_cold(args, bench)
     names = [s for s in args.solvers.split(",") if s] or ode_solvers()
     for name in names:
         try:
@@ -417,6 +449,29 @@ def run_single(args) -> list[dict[str, Any]]:
         }
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return rows
+
+
+def run_cold(args, bench: Bench) -> list[dict[str, Any]]:
+    """``--cold``: each solver's first-run set-up (see :func:`cold_setup`), one table."""
+    rows = []
+    for name in [s for s in args.solvers.split(",") if s] or list(ds.solvers()):
+        try:
+            setup = bench.run("diffsolve", name, "cold", 0, args.repeats)[1]
+        except (ValueError, TypeError) as e:  # adaptive solvers choose their own steps
+            print(f"  {name}: skipped ({e})")
+            continue
+        rows.append(_row("diffsolve", name, "cold", args.steps, 0.0, math.nan, setup, 0))
+    print(
+        f"\ncold set-up (no plan cache), {args.shape} float32 on {bench.device}, "
+        f"{args.steps} steps, SD scaled-linear VP, {torch.get_num_threads()} CPU threads, "
+        f"CPU time, median of {max(args.repeats, 20)}\n\n| solver | set-up µs/step |\n|---|--:|"
+    )
+    for row in rows:
+        print(f"| {row['name']} | {row['setup_us_per_step']:.1f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": {"mode": "cold", "steps": args.steps}, "rows": rows}, f, indent=1)
     return rows
 
 
@@ -487,6 +542,8 @@ class Worker:
 def compare(args) -> list[dict[str, Any]]:
     after_src = str(Path(__file__).resolve().parents[1] / "src")
     names = [s for s in (args.solvers or COMPARE).split(",") if s]
+    if args.cold and not args.solvers:
+        names = list(ds.solvers())
     shapes = args.shapes or [args.shape]
     w, r, n = args.warmup, args.repeats, args.steps
     peers = {"no_diffusers": args.no_diffusers, "no_kdiffusion": args.no_kdiffusion}
@@ -521,13 +578,14 @@ def compare(args) -> list[dict[str, Any]]:
             print(f"{wk.label}: diffsolve from {info[wk.label]['diffsolve']}", flush=True)
         have_diffusers, have_k = info["after"]["peers"]
         # (library, name, mode, which workers): k-diffusion's reference in both, as a control
-        items = [
-            ("diffsolve", s, m, ("before", "after")) for s in names for m in ("eager", "check")
-        ]
+        modes = ("cold",) if args.cold else ("eager", "check")
+        items = [("diffsolve", s, m, ("before", "after")) for s in names for m in modes]
         items += [
-            ("diffusers", label, "eager", ("after",)) for label in DIFFUSERS if have_diffusers
+            ("diffusers", label, "eager", ("after",))
+            for label in DIFFUSERS
+            if have_diffusers and not args.cold
         ]
-        if have_k:
+        if have_k and not args.cold:
             items += [("k-diffusion", KREF, "eager", ("before", "after"))]
             items += [
                 ("k-diffusion", k, "eager", ("after",)) for k in [*KDIFFUSION, KEPS] if k != KREF
@@ -573,7 +631,10 @@ def compare(args) -> list[dict[str, Any]]:
             "net_us": {k: 1e6 * v for k, v in net.items()},
             "workers": info,
         }
-        print_compare(rows, shape_text, n, net, names)
+        if args.cold:
+            print_cold_compare(rows, shape_text, n, names)
+        else:
+            print_compare(rows, shape_text, n, net, names)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
@@ -640,6 +701,20 @@ def print_compare(rows, shape: str, steps: int, net: dict[str, float], names) ->
         )
 
 
+def print_cold_compare(rows, shape: str, steps: int, names) -> None:
+    get = {(r["version"], r["name"]): r for r in rows if (r["shape"], r["mode"]) == (shape, "cold")}
+    print(
+        f"\n{shape} float32, {steps} steps, SD scaled-linear VP: cold set-up (no plan cache), "
+        "CPU time, the median of each round's repetitions, fastest round\n"
+    )
+    print("| solver | cold set-up µs/step before → after |\n|---|--:|")
+    for name in names:
+        b, a = get.get(("before", name)), get.get(("after", name))
+        if a is not None or b is not None:
+            shown = [f"{r['setup_us_per_step']:.1f}" if r else "—" for r in (b, a)]
+            print(f"| {name} | {shown[0]} → {shown[1]} |")
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -657,6 +732,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         help="wall time, or the process's CPU time (CPU only; steadier under load)",
     )
     p.add_argument("--cuda-graph", action="store_true", help="also time diffsolve in a CUDA graph")
+    p.add_argument(
+        "--cold", action="store_true", help="time a first run's set-up (no plan cache) instead"
+    )
     p.add_argument("--check-finite", action="store_true", help="time ds.sample with its NaN watch")
     p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' schedulers")
     p.add_argument("--no-kdiffusion", action="store_true", help="skip k-diffusion's samplers")

@@ -200,10 +200,11 @@ def test_stream_noise_pairs_have_the_tree_law(g64):
     times = torch.tensor([0.8, 0.4], dtype=torch.float64)
     grid = Grid.build(p, times, clean_end=False)
     state = DPMSolverPPSDE().init(x, grid, g64.denoiser(p), NoiseSource(0))
-    plan = state.plan[0]
-    z_u, z_t = DPMSolverPPSDE._pair(state.noise, x, 0, plan)
+    rule, spans = state.rules[0], iter(state.rules[0].spans)
+    z_u = DPMSolverPPSDE._draw(state, x, 0, 1, rule.stages[0], spans, rule.mix, None)
+    z_t = DPMSolverPPSDE._draw(state, x, 0, 0, rule.update, spans, rule.mix, z_u)
     w1, w2 = NoiseSource(0).randn(x, 0, 0), NoiseSource(0).randn(x, 0, 1)
-    rho = p.rho(torch.tensor([0.8, float(plan.t[1]), 0.4], dtype=torch.float64))
+    rho = p.rho(torch.tensor([0.8, float(rule.t[1]), 0.4], dtype=torch.float64))
     c = math.sqrt(float((rho[0] - rho[1]) / (rho[0] - rho[2])))
     assert torch.equal(z_u, w1)
     assert rel_err(z_t, c * w1 + math.sqrt(1 - c * c) * w2) <= 1e-14

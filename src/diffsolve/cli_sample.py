@@ -166,7 +166,8 @@ def _planned_steps(model: Any, solver: Any, schedule: Any, nfe: int) -> int | No
 
     try:
         sched = get_schedule(schedule if schedule is not None else solver.default_schedule)
-        return int(solver.plan_times(model.process, sched, nfe, True).numel())
+        times = solver.grid_times(model.process, sched, solver.budget(nfe, True), True)
+        return int(times.numel())
     except Exception:  # the bar then counts without a total
         return None
 

@@ -144,15 +144,11 @@ def _grid_calls_rules(
     elif sum(v is not None for v in (nfe, steps, times)) != 1:
         raise ValueError("give exactly one of nfe=, steps= or times=")
     sched = get_schedule(schedule if schedule is not None else solver.default_schedule)
-    legacy = type(solver).plan_times is not Solver.plan_times
     calls: tuple[int, ...] = ()
     if nfe is not None:
         nfe = _positive("nfe", nfe)
-        if legacy:
-            grid_t = solver.plan_times(process, sched, nfe, clean_end)
-        else:
-            calls = tuple(solver.budget(nfe, clean_end))
-            grid_t = solver.grid_times(process, sched, calls, clean_end)
+        calls = tuple(solver.budget(nfe, clean_end))
+        grid_t = solver.grid_times(process, sched, calls, clean_end)
     elif steps is not None:
         n = _positive("steps", steps)
         grid_t = sched(process, n if clean_end else n + 1)
@@ -162,7 +158,7 @@ def _grid_calls_rules(
         if not clean_end and grid_t.numel() < 2:
             raise ValueError("final='tmin' needs at least two times")
     grid = Grid.build(process, grid_t, clean_end, nfe=nfe)
-    if not calls and not legacy:
+    if not calls and not solver.adaptive:
         calls = tuple(solver.calls(grid.steps, clean_end))
     rules = tuple(solver.rules(grid, calls)) if isinstance(solver, RowSolver) else None
     return grid, calls, rules

@@ -1,65 +1,80 @@
-"""Adaptive Dormand–Prince 5(4) on the probability-flow ODE: the black-box baseline.
-
-The ODE is the one of :mod:`diffsolve.solvers.rk` (state y = x/α; variable u = log(σ/α) = −λ
-or ρ = σ/α), integrated by the project's Dormand–Prince 5(4)
-(:func:`diffsolve.integrate.dormand_prince`). Steps are accepted when the embedded error
-estimate, an RMS per sample of (y₅ − y₄)/(atol + rtol·max(|y|, |y'|)) maximised over the batch
-(DPM-Solver's norm, Lu et al. 2022 §5; in the sample's dtype), is at most 1; the next step
-comes from a PID controller (Söderlind 2003; the parameterisation of diffrax's
-``PIDController``):
-
-    h' = h · clip(safety · E_n^{−β₁} · E_{n−1}^{−β₂} · E_{n−2}^{−β₃}, factor_min, factor_max),
-    β₁ = (p + i + d)/5, β₂ = −(p + 2d)/5, β₃ = d/5.
-
-With p = d = 0 and i = 1 this is the classical I-controller. Adaptive stepping needs the error
-norm on the host: this solver reads it once per attempted step (the only solvers that sync).
-The last stage is the first of the next step (FSAL), and with a clean end it also gives x̂_0 at
-t_min, so the jump to σ = 0 costs no call.
-
-Every accepted step's size, embedded error estimate EEst and stiffness estimate are kept
-(:class:`~diffsolve.integrate.StepDiagnostics`, in the integration variable u = log ρ or ρ and
-the state y = x/α) and reported as ``info.step_sizes``, ``info.local_errors``,
-``info.stiffness`` (differentiable with ``grad="backprop"``): Pal et al.'s regularisers
-R_E = Σ EEst·|h| and R_S = Σ S·|h| are ``info.diagnostics.error_regularizer()`` and
-``.stiffness_regularizer()``.
+"""Adaptive Dormand–Prince 5(4) on the probability-flow ODE (the black-box baseline), and what
+the adaptive solvers share: a state with the step tally and diagnostics, no ``nfe=`` budget, the
+jump to σ = 0. Details: docs/solvers-singlestep.md#rk45.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from functools import partial
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
 
 from ..integrate import PIDController, StepDiagnostics, dormand_prince, initial_step
-from ..processes.base import GaussianProcess
 from .base import Grid, Model, Solver, State, host, register
 
-__all__ = ["RK45"]
+__all__ = ["RK45", "AdaptiveSolver", "AdaptiveState"]
+
+A = TypeVar("A", bound="AdaptiveState")
 
 
 @dataclass(frozen=True)
-class RK45State(State):
+class AdaptiveState(State):
+    """An adaptive run: its grid, x̂_0 at the end of the integration if known (FSAL, for the
+    jump to σ = 0), the accepted and rejected steps and their diagnostics so far."""
+
     grid: Grid = host()
-    x0: Tensor | None = None  # x̂_0 at the end of the integration (FSAL), for the jump
+    x0: Tensor | None = None
     accepted: int = host(default=0)
     rejected: int = host(default=0)
     diagnostics: StepDiagnostics | None = host(default=None)
 
+    def tally(self: A, accepted: int, rejected: int, diag: StepDiagnostics, **changes: Any) -> A:
+        """This state after one grid interval's steps, their diagnostics appended."""
+        joined = StepDiagnostics.empty()
+        joined.extend(self.diagnostics or StepDiagnostics.empty())
+        joined.extend(diag)
+        return self.replace(
+            accepted=self.accepted + accepted, rejected=self.rejected + rejected,
+            diagnostics=joined, **changes,
+        )  # fmt: skip
+
+
+class AdaptiveSolver(Solver[A]):
+    """A solver that chooses its own steps between the grid's times (no ``nfe=`` budget); the
+    step to σ = 0 returns the carried x̂_0, or makes one call."""
+
+    adaptive: ClassVar[bool] = True
+
+    def budget(self, nfe: int, clean_end: bool) -> tuple[int, ...]:
+        raise ValueError(f"{self.name} chooses its own steps: call it without nfe= (set rtol/atol)")
+
+    def step(self, x: Tensor, i: int, state: A, model: Model) -> tuple[Tensor, A]:
+        if not state.grid.is_final(i):
+            return self.integrate(x, i, state, model)
+        if state.x0 is None:
+            return model(x, model.point(state.grid.t[i], x)).x0, state
+        return state.x0, state
+
+    def integrate(self, x: Tensor, i: int, state: A, model: Model) -> tuple[Tensor, A]:
+        """x at grid time i + 1 from x at grid time i, by adaptive steps."""
+        raise NotImplementedError
+
 
 @register
 @dataclass(frozen=True)
-class RK45(Solver):
-    """Dormand–Prince 5(4) with a PID step controller (module docstring).
-
-    Options: ``rtol``, ``atol`` (on y = x/α), ``variable`` ("lambda" or "sigma"), ``h_init``
-    (first step in the variable; default from Hairer et al. 1993, II.4), ``pcoeff``, ``icoeff``,
-    ``dcoeff``, ``safety``, ``factor_min``, ``factor_max``, ``max_steps``.
-
-    Call it without ``nfe``/``steps``: ``ds.sample(model, x_T, "rk45", rtol=1e-5)``; the grid
-    is t_max → t_min (→ σ = 0). ``info.nfe`` reports the calls it made.
+class RK45(AdaptiveSolver[AdaptiveState]):
+    """Dormand–Prince 5(4) (:func:`diffsolve.integrate.dormand_prince`) on :mod:`.rk`'s ODE,
+    y = x/α against u = log(σ/α) = −λ (``variable="lambda"``) or ρ = σ/α (``"sigma"``). A step
+    is accepted when the per-sample RMS of (y₅ − y₄)/(atol + rtol·max(|y|, |y'|)), maximised
+    over the batch in the sample's dtype, is ≤ 1; the PID controller (``pcoeff``, ``icoeff``,
+    ``dcoeff``, ``safety``, ``factor_min``, ``factor_max``) sets the next step; ``h_init``
+    default: Hairer et al. 1993, II.4. Call it without ``nfe``/``steps``; the last stage's x̂_0
+    gives the jump to σ = 0. ``info.step_sizes/local_errors/stiffness`` report the accepted
+    steps. Order 5. Shapes: x (B, ...).
     """
 
     rtol: float = 1e-5
@@ -76,7 +91,6 @@ class RK45(Solver):
 
     name: ClassVar[str] = "rk45"
     description: ClassVar[str] = "adaptive Dormand–Prince 5(4) with a PID controller (baseline)"
-    adaptive: ClassVar[bool] = True
 
     def validate(self) -> None:
         if self.variable not in ("lambda", "sigma"):
@@ -88,23 +102,13 @@ class RK45(Solver):
     def order(self) -> int:
         return 5
 
-    def plan_times(self, process: GaussianProcess, schedule, nfe: int, clean_end: bool) -> Tensor:
-        raise ValueError("rk45 chooses its own steps: call it without nfe= (set rtol/atol)")
+    def init(self, x: Tensor, grid: Grid, model: Model, noise: object = None) -> AdaptiveState:
+        return AdaptiveState(grid=grid)
 
-    def init(self, x: Tensor, grid: Grid, model: Model, noise: object = None) -> RK45State:
-        return RK45State(grid=grid)
-
-    def step(self, x: Tensor, i: int, state: RK45State, model: Model) -> tuple[Tensor, RK45State]:
-        if state.grid.is_final(i):
-            if state.x0 is None:  # a single-step grid: only the jump
-                return model(x, model.point(state.grid.t[i], x)).x0, state
-            return state.x0, state
-        return self._integrate(x, i, state, model)
-
-    # -- the adaptive integration between two grid times ----------------------------------------
-    def _integrate(self, x: Tensor, i: int, state: RK45State, model: Model):
-        grid = state.grid
-        proc = grid.process
+    def integrate(
+        self, x: Tensor, i: int, state: AdaptiveState, model: Model
+    ) -> tuple[Tensor, AdaptiveState]:
+        grid, proc = state.grid, state.grid.process
         lam_var = self.variable == "lambda"
         r0, r1 = float(proc.rho(grid.t[i])), float(proc.rho(grid.t[i + 1]))
         v0, v1 = (math.log(r0), math.log(r1)) if lam_var else (r0, r1)
@@ -112,45 +116,20 @@ class RK45(Solver):
         def field(v: float, y: Tensor) -> tuple[Tensor, Tensor]:
             rho = math.exp(v) if lam_var else v
             t = proc.t_of_rho(rho)
-            a = float(proc.alpha(t))
-            x0 = model(a * y, model.point(t, y)).x0
-            k = y - x0 if lam_var else (y - x0) / rho
-            return k, x0
+            x0 = model(float(proc.alpha(t)) * y, model.point(t, y)).x0
+            return (y - x0 if lam_var else (y - x0) / rho), x0
 
-        y = x / float(grid.alpha[i])
+        pid = PIDController(
+            self.pcoeff, self.icoeff, self.dcoeff, self.safety, self.factor_min, self.factor_max
+        )
         sol = dormand_prince(
-            field,
-            v0,
-            v1,
-            y,
-            rtol=self.rtol,
-            atol=self.atol,
-            controller=PIDController(
-                self.pcoeff,
-                self.icoeff,
-                self.dcoeff,
-                self.safety,
-                self.factor_min,
-                self.factor_max,
-            ),
-            h0=_first_step if self.h_init is None else self.h_init,
-            norm=_rms,
-            max_steps=self.max_steps,
-            name="rk45",
-            record=True,
-        )
-        diag = StepDiagnostics.empty()
-        if state.diagnostics is not None:
-            diag.extend(state.diagnostics)
+            field, v0, v1, x / float(grid.alpha[i]), rtol=self.rtol, atol=self.atol,
+            controller=pid, h0=_first_step if self.h_init is None else self.h_init, norm=_rms,
+            max_steps=self.max_steps, name="rk45", record=True,
+        )  # fmt: skip
         assert sol.diagnostics is not None
-        diag.extend(sol.diagnostics)
-        new_state = state.replace(
-            x0=sol.last[1],
-            accepted=state.accepted + sol.steps,
-            rejected=state.rejected + sol.rejected,
-            diagnostics=diag,
-        )
-        return float(grid.alpha[i + 1]) * sol.y, new_state
+        new = state.tally(sol.steps, sol.rejected, sol.diagnostics, x0=sol.last[1])
+        return float(grid.alpha[i + 1]) * sol.y, new
 
 
 def _rms_tensor(v: Tensor) -> Tensor:
@@ -166,7 +145,4 @@ def _rms(v: Tensor) -> float:
 
 _rms.tensor = _rms_tensor  # type: ignore[attr-defined]  # the differentiable diagnostics' form
 
-
-def _first_step(y: Tensor, k: Tensor) -> float:
-    """Hairer et al.'s rule of thumb on the unscaled y and dy/dv."""
-    return initial_step(y, k, 1.0, _rms)
+_first_step = partial(initial_step, scale=1.0, norm=_rms)  # Hairer et al.'s, on the unscaled y

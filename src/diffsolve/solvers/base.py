@@ -9,7 +9,7 @@ live in the state, never on the solver, so one solver object can serve concurren
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import math
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -177,21 +177,13 @@ class State:
 
 @dataclass(frozen=True)
 class FinalOrders:
-    """How a multistep run lowers its order over its last steps: one rule object behind the
-    multistep solvers' ``lower_order_final`` and ``euler_at_final`` options.
-
-    Step i of N (a step to σ = 0 counts as the last one) uses order ≤ ``cap(i, N)``:
-
-    * ``lower_below`` (``lower_order_final``): a run of N < ``lower_below`` steps ends with
-      orders ≤ N − i (the last step first order, the one before at most second). Thresholds
-      follow each method's reference code: 15 for DPM-Solver++ (2M/3M) and DEIS (diffusers),
-      10 for DPM-Solver (the official code), ∞ for UniPC (applied at every N); 0 turns it off.
-    * ``euler`` (``euler_at_final``, diffusers #5433/#5541): the last step is first order at
-      every N (DDIM for the exponential integrators, Euler in σ/α for the ρ-Adams methods),
-      which removes high-order extrapolation artefacts near σ → 0 at high step counts.
-
-    With a clean end the last step returns x̂_0 anyway (order 0), so both rules matter only for
-    the steps before it (``lower_below``) or for ``final="tmin"`` runs (``euler``).
+    """How a multistep run lowers its order over its last steps (``lower_order_final``,
+    ``euler_at_final``): step i of N (a step to σ = 0 counts as the last) uses order ≤
+    ``cap(i, N)``. ``lower_below``: a run of N < lower_below steps ends with orders ≤ N − i
+    (15 for DPM-Solver++ 2M/3M and DEIS as diffusers, 10 for DPM-Solver as the official code, ∞
+    for UniPC; 0 turns it off). ``euler``: the last step first order at every N (diffusers
+    #5433/#5541: no high-order extrapolation near σ → 0). With a clean end the last step returns
+    x̂_0 anyway, so these matter for the steps before it or with ``final="tmin"``.
     """
 
     lower_below: float = 0.0
@@ -202,16 +194,35 @@ class FinalOrders:
         cls, solver: str, lower_order_final: Any, below: float, euler_at_final: Any
     ) -> FinalOrders:
         """The rule of a solver's two boolean options (ValueError if they are not bools)."""
-        flags = {"lower_order_final": lower_order_final, "euler_at_final": euler_at_final}
-        for name, v in flags.items():
-            if not isinstance(v, bool):
-                raise ValueError(f"{solver}: {name} must be a bool, got {v!r}")
+        check_bools(solver, lower_order_final=lower_order_final, euler_at_final=euler_at_final)
         return cls(below if lower_order_final else 0.0, euler_at_final)
 
     def cap(self, i: int, steps: int) -> int:
         """The highest order step i of ``steps`` may use (``steps`` if unconstrained)."""
         k = steps - i if steps < self.lower_below else steps
         return 1 if self.euler and i == steps - 1 else k
+
+
+def check_nonnegative(solver: str, **values: Any) -> None:
+    """ValueError unless every value is a finite number >= 0 (a bool is not a number here)."""
+    for name, v in values.items():
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not (number and math.isfinite(v) and v >= 0):
+            raise ValueError(f"{solver}: {name} must be a finite number >= 0, got {v!r}")
+
+
+def check_choices(solver: str, **options: tuple[Any, tuple[str, ...]]) -> None:
+    """ValueError unless each option's value (first) is one of its choices (second)."""
+    for name, (v, choices) in options.items():
+        if v not in choices:
+            raise ValueError(f"{solver}: {name} must be one of {choices}, got {v!r}")
+
+
+def check_bools(solver: str, **values: Any) -> None:
+    """ValueError unless every value is a bool."""
+    for name, v in values.items():
+        if not isinstance(v, bool):
+            raise ValueError(f"{solver}: {name} must be a bool, got {v!r}")
 
 
 def host(**kw: Any) -> Any:
@@ -223,11 +234,10 @@ def host(**kw: Any) -> Any:
 class Solver(Generic[S]):
     """A sampling method: configuration only (frozen); see the module docstring.
 
-    Generic in its state type S: ``step`` takes the state its own ``init`` made, so a subclass
-    declares it (``class RK45(Solver[RK45State])``) and its ``step`` is a valid override.
-    Subclasses set ``name`` and ``description`` and implement ``init`` and ``step``. The
-    defaults below fit a method that makes one network call per step; others override
-    ``nfe_of`` and ``plan_times``.
+    Generic in its state type S: ``step`` takes the state its own ``init`` made (``class
+    DPMSolverV3(Solver[V3State])``). Subclasses set ``name`` and ``description`` and implement
+    ``init`` and ``step``; the defaults below fit one network call per step (others override
+    ``calls``, ``budget`` and ``grid_times``).
     """
 
     name: ClassVar[str] = ""
@@ -278,17 +288,6 @@ class Solver(Generic[S]):
         """Grid times (without the clean end) for steps making ``calls`` calls each: the
         schedule's points, one per step (plus the last time with ``final="tmin"``)."""
         return schedule(process, len(calls) if clean_end else len(calls) + 1)
-
-    def plan_times(
-        self,
-        process: GaussianProcess,
-        schedule: Callable[[GaussianProcess, int], Tensor],
-        nfe: int,
-        clean_end: bool,
-    ) -> Tensor:
-        """Grid times (without the clean end) that use exactly ``nfe`` network calls: the
-        times of :meth:`budget`'s plan (solvers still off the engine override it)."""
-        return self.grid_times(process, schedule, self.budget(nfe, clean_end), clean_end)
 
     def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> S:
         """Precompute per-step coefficients (float64 → Python floats) and evaluation points.

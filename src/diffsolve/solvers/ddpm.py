@@ -1,37 +1,55 @@
-"""Ancestral sampling: DDPM and DDIM with η (Song et al. 2021, eq. 12)."""
+"""Ancestral sampling: DDPM and DDIM with η (Song et al. 2021, eq. 12), and what the stochastic
+solvers share: the ancestral row, one-row step rules, option checks."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
-
-import torch
 
 from .base import Grid, register
 from .engine import Row, RowSolver, StepRule
 
-__all__ = ["DDPM"]
+__all__ = ["DDPM", "ancestral", "update_rule"]
+
+
+def update_rule(times: tuple[float, ...], update: Row | None, t_next: float) -> StepRule:
+    """A step evaluating at ``times`` (``times[0]`` its start) with one ``update`` row whose
+    noise is the increment over times[0] → t_next (None: the step returns x̂_0)."""
+    if update is None:
+        return StepRule(times)
+    spans = ((times[0], t_next),) if update.noise != 0.0 else ()
+    return StepRule(times, update=update, spans=spans)
+
+
+def ancestral(
+    sig_s: float, sig_v: float, alpha_v: float, h: float, eta: float, s_noise: float = 1.0
+) -> Row:
+    """The row of A_η(s → v; x̂_0), DDIM eq. 12 with η on x, h = λ_v − λ_s (+∞ from α_s = 0):
+
+        x_v = (σ_v/σ_s)·q·x_s + α_v·(1 − e^{−h}·q)·x̂_0 + s_noise·σ_v·sqrt(1 − q²)·z,
+        q = sqrt(1 − min(1, η²·(1 − e^{−2h})))   (the clamp acts only for η > 1).
+
+    DDPM's step, and both of ``dpmpp_sde``'s (k-diffusion's ``get_ancestral_step``)."""
+    u = -math.expm1(-h)  # 1 − e^{−2h} = u·(2 − u), accurate for small h
+    frac = min(1.0, eta**2 * u * (2 - u))
+    q = math.sqrt(1 - frac)
+    noise = sig_v * math.sqrt(frac) * s_noise
+    return Row(sig_v / sig_s * q, (alpha_v * (1 - (1 - u) * q),), (), noise)
 
 
 @register
 @dataclass(frozen=True)
 class DDPM(RowSolver):
-    """Ancestral sampling (Ho et al. 2020; Song et al. 2021, DDIM eq. 12 with σ_t(η)).
+    """Ancestral sampling (Ho et al. 2020; Song et al. 2021, DDIM eq. 12 with σ_t(η)), for any
+    Gaussian path (ᾱ = α² on a VP path), step s → t, h = λ_t − λ_s:
 
-    DDIM eq. 12, step s → t (ᾱ = α² on a VP path, and written for any Gaussian path):
+        x_t = α_t·x̂_0 + sqrt(σ_t² − c²)·ε̂ + c·z,   c = η·σ_t·sqrt(1 − e^{−2h}),
 
-        x_t = α_t·x̂_0 + sqrt(σ_t² − c²)·ε̂ + c·z,   z ~ N(0, I)
-        c   = η·sqrt((1 − ᾱ_t)/(1 − ᾱ_s))·sqrt(1 − ᾱ_s/ᾱ_t) = η·σ_t·sqrt(1 − e^{−2h}),
-
-    h = λ_t − λ_s. With ε̂ = (x_s − α_s·x̂_0)/σ_s and q = sqrt(1 − η²·(1 − e^{−2h})) this is
-
-        x_t = (σ_t/σ_s)·q·x_s + α_t·(1 − e^{−h}·q)·x̂_0 + c·z,
-
-    one row per step, its noise the increment over s → t. η = 1 (the default) is DDPM's
-    posterior q(x_t | x_s, x̂_0), i.e. SDE-DPM-Solver++(1):
-    x_t = (σ_t/σ_s)·e^{−h}·x_s + α_t·(1 − e^{−2h})·x̂_0 + σ_t·sqrt(1 − e^{−2h})·z; η = 0 is
-    exactly DDIM (``euler``, no noise drawn). The step to σ = 0 returns x̂_0. Weak order 1.
-    Shapes: x (B, ...).
+    one row per step (:func:`ancestral`), its noise the increment over s → t. η = 1 (default)
+    is DDPM's posterior q(x_t | x_s, x̂_0), i.e. SDE-DPM-Solver++(1); η = 0 is DDIM (``euler``,
+    no draw). The step to σ = 0 returns x̂_0. Weak order 1. Shapes: x (B, ...).
+    Derivation: docs/solvers-stochastic.md#ddpm.
     """
 
     eta: float = 1.0
@@ -49,20 +67,10 @@ class DDPM(RowSolver):
         return 1
 
     def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
-        ratio = grid.sigma[1:] / grid.sigma[:-1]
-        en = grid.exp_neg_h
-        # 1 − e^{−2h} = u·(2 − u) with u = 1 − e^{−h}, accurate for small h
-        u = -torch.expm1(-grid.h.clamp(max=1e300))
-        q = torch.sqrt(1 - self.eta**2 * u * (2 - u))
-        a = (ratio * q).tolist()
-        b = (grid.alpha[1:] * (1 - en * q)).tolist()
-        c = (self.eta * grid.sigma[1:] * torch.sqrt(u * (2 - u))).tolist()
-        t = grid.t.tolist()
+        t, sig, alpha, h = (v.tolist() for v in (grid.t, grid.sigma, grid.alpha, grid.h))
         out = []
         for i in range(grid.steps):
-            if grid.is_final(i):  # a = c = 0, b = 1: x̂_0
-                out.append(StepRule((t[i],)))
-                continue
-            spans = ((t[i], t[i + 1]),) if c[i] != 0.0 else ()
-            out.append(StepRule((t[i],), update=Row(a[i], (b[i],), (), c[i]), spans=spans))
+            final = grid.is_final(i)  # x̂_0
+            row = None if final else ancestral(sig[i], sig[i + 1], alpha[i + 1], h[i], self.eta)
+            out.append(update_rule((t[i],), row, t[i + 1]))
         return tuple(out)

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from ..denoiser import EvalPoint
-from .base import Grid, Model, Solver, State, host, register
+from .base import Grid, Model, Solver, State, check_bools, host, register
 from .multistep import multistep_orders
 
 __all__ = ["DPMSolverV3", "V3State", "phi"]
@@ -378,9 +378,8 @@ class DPMSolverV3(Solver[V3State]):
     def validate(self) -> None:
         if isinstance(self.order, bool) or self.order not in (1, 2, 3):
             raise ValueError(f"dpm_solver_v3: order must be 1, 2 or 3, got {self.order!r}")
-        for k in ("predictor_pseudo", "corrector", "corrector_pseudo", "lower_order_final"):
-            if not isinstance(getattr(self, k), bool):
-                raise ValueError(f"dpm_solver_v3: {k} must be a bool, got {getattr(self, k)!r}")
+        names = ("predictor_pseudo", "corrector", "corrector_pseudo", "lower_order_final")
+        check_bools("dpm_solver_v3", **{k: getattr(self, k) for k in names})
         st = self.statistics
         if st is not None and not all(hasattr(st, k) for k in ("lam", "l", "s", "b")):
             raise ValueError(

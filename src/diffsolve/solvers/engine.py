@@ -18,8 +18,9 @@ it saves).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -68,7 +69,10 @@ class StepRule:
     previous step's start and its weights read the evaluations including that call.
     ``spans`` are the (t_from, t_to) intervals of the noise of each row that draws (stage rows
     first, then the update), so a Brownian path gives consistent increments; a span of None is
-    an independent draw that is no path increment (a Langevin corrector's noise).
+    an independent draw that is no path increment (a Langevin corrector's noise). ``mix`` (one
+    stage): where the source has no path, the stage's and the update's noises are built as the
+    path's two increments over [s, u] ⊂ [s, t], w1 and mix·w1 + sqrt(1 − mix²)·w2, from the
+    step's draws 0 and 1 (mix = their correlation).
     """
 
     t: tuple[float, ...]
@@ -76,6 +80,7 @@ class StepRule:
     update: Row | None = None
     correct: Row | None = None
     spans: tuple[tuple[float, float] | None, ...] = ()
+    mix: float | None = field(default=None, kw_only=True)
 
     @property
     def calls(self) -> int:
@@ -173,23 +178,29 @@ class RowSolver(Solver[RowState]):
         hist = (model(x, pts[0]), *state.history)
         if rule.correct is not None and state.x_prev is not None:
             x = combine(rule.correct, state.x_prev, hist, None)
-        start, spans = x, iter(rule.spans)
+        start, spans, z = x, iter(rule.spans), None
         for k, row in enumerate(rule.stages):
-            z = self._draw(state, x, i, k + 1, row, spans)
+            z = self._draw(state, x, i, k + 1, row, spans, rule.mix, None)
             hist = (model(combine(row, start, hist, z), pts[k + 1]), *hist)
         if rule.update is None:
             return hist[0].x0, state.replace(history=hist[: state.keep])
-        z = self._draw(state, x, i, 0, rule.update, spans)
+        z = self._draw(state, x, i, 0, rule.update, spans, rule.mix, z)
         out = combine(rule.update, start, hist, z)
         return out, state.replace(
             history=hist[: state.keep], x_prev=start if state.track_prev else None
         )
 
     @staticmethod
-    def _draw(state: RowState, x: Tensor, i: int, stage: int, row: Row, spans: Any) -> Any:
+    def _draw(
+        state: RowState, x: Tensor, i: int, stage: int, row: Row, spans: Any, mix: Any, prev: Any
+    ) -> Any:
         if row.noise == 0.0:
             return None
         span = next(spans)
+        if mix is not None and not state.noise.path:  # StepRule.mix: one path's two increments
+            if prev is None:
+                return state.noise.randn(x, i, 0)
+            return mix * prev + math.sqrt(max(0.0, 1 - mix * mix)) * state.noise.randn(x, i, 1)
         if span is None:
             return state.noise.randn(x, i, stage)
         return state.noise.randn_between(x, i, span[0], span[1], stage)

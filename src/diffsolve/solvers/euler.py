@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .base import Grid, alias, register
-from .engine import Row, RowSolver, StepRule
+from .engine import RowSolver, StepRule
+from .singlestep import singlestep_rules
 
 __all__ = ["Euler"]
 
@@ -20,7 +21,7 @@ class Euler(RowSolver):
 
     The same update is DPM-Solver-1 (Lu et al. 2022, eq. 3.7), DPM-Solver++(1), UniP-1, and
     Euler's method in σ/α on the state x/α (Karras et al. 2022, Alg. 1 without the Heun stage;
-    k-diffusion ``sample_euler``). Order 1. The step to σ = 0 returns x̂_0.
+    k-diffusion ``sample_euler``). Order 1. The step to σ = 0 returns x̂_0. Shapes: x (B, ...).
     """
 
     name: ClassVar[str] = "euler"
@@ -31,13 +32,7 @@ class Euler(RowSolver):
         return 1
 
     def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
-        t = grid.t.tolist()
-        ratio = (grid.sigma[1:] / grid.sigma[:-1]).tolist()
-        gain = (grid.alpha[1:] * -(grid.exp_neg_h - 1)).tolist()
-        return tuple(
-            StepRule((t[i],)) if grid.is_final(i) else StepRule((t[i],), update=Row(r, (g,)))
-            for i, (r, g) in enumerate(zip(ratio, gain))
-        )
+        return singlestep_rules(grid, calls, data=True)  # order 1 on every step: DDIM
 
 
 alias("ddim", "euler", "alias of euler (DDIM, η = 0)")

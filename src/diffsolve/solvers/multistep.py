@@ -1,31 +1,11 @@
 """Multistep rows of the DPM family, for every η: one builder for DPM-Solver (noise form),
-DPM-Solver++ (data form) and their SDE forms (Lu et al. 2022a, 2022b).
+DPM-Solver++ (data form) and their SDE forms (Lu et al. 2022a, 2022b; Song et al. 2021).
 
-The family (Song et al. 2021; Lu et al. 2022b, §5; k-diffusion's ``eta``)
-
-    dx = [f_t·x − ½(1 + η)·g_t²·∇log p_t(x)] dt + sqrt(η)·g_t dw̄,     ∇log p = −ε̂/σ,
-
-has the data marginals for every η ≥ 0 (η = 0: the probability-flow ODE). With h = λ_t − λ_s
-and H = (1 + η)·h, variation of constants in λ gives exactly
-
-    data  (m = x̂_0):  x_t = (σ_t/σ_s)·e^{−ηh}·x_s + α_t(1 + η)∫e^{(1+η)(λ−λ_t)}·x̂_0 dλ
-                              + σ_t·sqrt(1 − e^{−2ηh})·z,
-    noise (m = ε̂):    x_t = (α_t/α_s)·x_s − (1 + η)·α_t∫e^{−λ}·ε̂ dλ + σ_t·sqrt(η(e^{2h} − 1))·z.
-
-Expanding m in λ around λ_s, the k-th term is S·P(k+1)/H^k·(h^k·m^{(k)}) with
-(S, P) = (α_t, H^k·φ_k(−H)) in the data form and (−(1 + η)σ_t, h^k·φ_k(h)) in the noise form.
-The derivatives come from the history m_0 (newest), m_1, m_2 with r0 = h_{i−1}/h, r1 = h_{i−2}/h,
-D1_0 = (m_0 − m_1)/r0, D1_1 = (m_1 − m_2)/r1:
-
-    order 2: c·D1_0, c = (1 − e^{−H})/2 or (e^h − 1)/2 (``second="half"``: DPM-Solver++'s
-             midpoint, DPM-Solver's ``dpmsolver``) or P(2)/H (``"taylor"``: ``heun``/``taylor``)
-    order 3: P(2)/H·D1 + P(3)/H²·D2, D1 = D1_0 + r0/(r0 + r1)·(D1_0 − D1_1),
-             D2 = 2·(D1_0 − D1_1)/(r0 + r1)  (the quadratic's derivatives: local error O(h⁴));
-             ``reference=True``: D2 with 1 in place of 2, the official/diffusers/k-diffusion
-             code (half the second derivative: local error O(h³), global order 2).
-
-The k = 0 term of the noise form is folded onto x and x̂_0 with ε̂ = (x − α_s·x̂_0)/σ_s, so it is
-finite as α_s → 0 and exactly DDIM at η = 0.
+History m_0 (newest), m_1, m_2 (x̂_0 or ε̂), r0 = h_{i−1}/h, r1 = h_{i−2}/h, D1_0 = (m_0 − m_1)/r0,
+D1_1 = (m_1 − m_2)/r1, H = (1 + η)·h, P(k) the form's φ-weights: order 2 adds c·D1_0
+(``second="half"``: c = (1 − e^{−H})/2 or (e^h − 1)/2; ``"taylor"``: P(2)/H), order 3
+P(2)/H·D1 + P(3)/H²·D2, D1 = D1_0 + r0/(r0 + r1)·(D1_0 − D1_1), D2 = 2·(D1_0 − D1_1)/(r0 + r1)
+(``reference=True``: 1 in place of 2). Derivation: docs/solvers-multistep.md#the-multistep-builder.
 """
 
 from __future__ import annotations
@@ -43,25 +23,16 @@ __all__ = ["multistep_orders", "multistep_rules"]
 def multistep_orders(
     grid: Grid, order: int, lower_order_final: bool, below: float, euler_at_final: bool = False
 ) -> list[int]:
-    """Order of each step (0 for the step to σ = 0, which returns x̂_0).
-
-    Step i uses min(order, i + 1) (warm-up from the single evaluation at t_max), never a history
-    point where λ = −∞ (α = 0: no Taylor expansion in λ there), and, with ``lower_order_final``
-    and fewer than ``below`` steps, at most N − i (the last step first order, the one before at
-    most second): DPM-Solver's rule (``below`` = 10) and diffusers' (15, its ``lower_order_final``
-    plus ``lower_order_second``). With a clean end the step to σ = 0 counts as the last step.
-    ``euler_at_final``: the last step first order at any N (see :class:`.base.FinalOrders`).
-    """
+    """Order of each step (0 for the step to σ = 0, which returns x̂_0): min(order, i + 1)
+    (warm-up), no history point where λ = −∞ (α = 0), and the final-step rules of
+    :class:`.base.FinalOrders` (``below``: DPM-Solver's 10, diffusers' 15)."""
     rule = FinalOrders(below if lower_order_final else 0.0, euler_at_final)
-    n = grid.steps
-    lam = grid.lam.tolist()
+    n, lam = grid.steps, grid.lam.tolist()
     out, run = [], 0
-    for i in range(n):
+    for i in range(n - int(grid.clean_end)):  # then the step to σ = 0: 0
         run = run + 1 if math.isfinite(lam[i]) else 0
-        k = min(order, i + 1, max(run, 1))
-        k = min(k, rule.cap(i, n))
-        out.append(0 if grid.is_final(i) else k)
-    return out
+        out.append(min(order, i + 1, max(run, 1), rule.cap(i, n)))
+    return out + [0] * int(grid.clean_end)
 
 
 def multistep_rules(

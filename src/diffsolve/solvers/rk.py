@@ -1,24 +1,11 @@
-"""Explicit Runge–Kutta methods on the probability-flow ODE, as Butcher tableaux on one engine.
-
-The ODE is written for the α-scaled state y = x/α against the noise level ρ = σ/α
-(Karras et al. 2022, eq. 4 after the change of variables):
-
-* ``variable="sigma"``:  dy/dρ = ε̂ = (y − x̂_0)/ρ       (k-diffusion's σ-space; EDM's Heun)
-* ``variable="lambda"``: dy/du = y − x̂_0,  u = log ρ = −λ (uniform in the half-log-SNR)
-
-An s-stage method makes s network calls per step. The step to σ = 0 is the usual first-order
-jump to x̂_0 (1 NFE). Budgets that are not 1 + s·k are filled with Euler steps at the noise end,
-where the field is smoothest, so ``nfe=`` is met exactly; the order is then that of the tableau
-only asymptotically.
-
-Both fields are linear in ε̂: with w_j = 1 (sigma) or w_j = ρ_j (lambda), k_j = w_j·ε̂_j, so on
-x = α·y stage j of a step from ρ_0 (α_0) is the row x_j = (α_j/α_0)·x + α_j·Σ_l Δ·a_jl·w_l·ε̂_l
-and the update x' = (α_1/α_0)·x + α_1·Σ_l Δ·b_l·w_l·ε̂_l (Δ the step in the chosen variable).
+"""Explicit Runge–Kutta methods on the probability-flow ODE, as Butcher tableaux on the engine
+(and the rows of EDM's Heun, ``heun2`` in σ/α). Details: docs/solvers-singlestep.md#rk.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,8 +13,9 @@ import torch
 
 from .base import Grid, alias, register
 from .engine import Row, RowSolver, StepRule
+from .singlestep import check_calls, singlestep_calls
 
-__all__ = ["RK", "TABLEAUX", "Tableau"]
+__all__ = ["RK", "TABLEAUX", "Tableau", "filled_budget", "tableau_rules"]
 
 
 @dataclass(frozen=True)
@@ -67,21 +55,17 @@ TABLEAUX: dict[str, Tableau] = {
     ),
 }
 
-VARIABLES = ("lambda", "sigma")
-
 
 @register
 @dataclass(frozen=True)
 class RK(RowSolver):
-    """Explicit Runge–Kutta on the PF-ODE in ρ = σ/α or in λ (module docstring).
-
-    Options:
-        tableau: one of ``TABLEAUX`` (``rk4`` by default).
-        variable: ``"sigma"`` (default; at few NFE it is much more accurate than ``"lambda"``,
-            whose explicit stages overshoot at the wide early steps) or ``"lambda"``.
-
-    Step (y = x/α, Δ the step in the chosen variable): k_i = f(y + Δ·Σ_j a_ij·k_j, v + c_i·Δ),
-    y' = y + Δ·Σ_i b_i·k_i (Butcher 2016, §23). Order = the tableau's.
+    """Explicit Runge–Kutta on the PF-ODE of y = x/α: dy/dρ = ε̂ in ρ = σ/α (``variable=
+    "sigma"``, default) or dy/du = ρ·ε̂ in u = log ρ = −λ (``"lambda"``). With Δ the step in the
+    variable v, k_i = f(y + Δ·Σ_j a_ij·k_j, v + c_i·Δ), y' = y + Δ·Σ_i b_i·k_i (Butcher 2016,
+    §23): linear in ε̂, so each stage and the update is a row. ``tableau``: one of ``TABLEAUX``
+    (``rk4`` by default). s stages make s calls a step, the step to σ = 0 one (x̂_0); budgets
+    not 1 + s·k are filled with Euler steps at the noise end. Order = the tableau's. Shapes:
+    x (B, ...).
     """
 
     tableau: str = "rk4"
@@ -93,8 +77,8 @@ class RK(RowSolver):
     def validate(self) -> None:
         if self.tableau not in TABLEAUX:
             raise ValueError(f"unknown tableau {self.tableau!r}; valid: {', '.join(TABLEAUX)}")
-        if self.variable not in VARIABLES:
-            raise ValueError(f"unknown variable {self.variable!r}; valid: {', '.join(VARIABLES)}")
+        if self.variable not in ("lambda", "sigma"):
+            raise ValueError(f"unknown variable {self.variable!r}; valid: lambda, sigma")
 
     @property
     def _tab(self) -> Tableau:
@@ -105,72 +89,77 @@ class RK(RowSolver):
         return self._tab.order
 
     def calls(self, steps: int, clean_end: bool) -> tuple[int, ...]:
-        """The tableau's stages on every step, then the jump to σ = 0 (one call)."""
-        s = self._tab.stages
-        return (s,) * (steps - 1) + (1,) if clean_end else (s,) * steps
+        return singlestep_calls(self._tab.stages, steps, clean_end)
 
     def budget(self, nfe: int, clean_end: bool) -> tuple[int, ...]:
-        """⌊B/s⌋ full steps after (B mod s) Euler fillers spend B = nfe − (jump) exactly."""
-        s = self._tab.stages
-        left = nfe - (1 if clean_end else 0)
-        if left < 1 and not clean_end:
-            raise ValueError("final='tmin' needs at least one network call per step")
-        full, fillers = divmod(left, s)
-        return (1,) * fillers + (s,) * full + ((1,) if clean_end else ())
-
-    def stage_plan(
-        self, r0: float, r1: float, n_stage: int
-    ) -> tuple[list[float], tuple[tuple[float, ...], ...], tuple[float, ...]]:
-        """Stage noise levels ρ and the step-scaled weights Δ·a_ij, Δ·b_i of one step from ρ_0
-        to ρ_1 (an ``n_stage`` of 1 is an Euler filler)."""
-        tab = self._tab if n_stage > 1 else TABLEAUX["euler"]
-        lam_var = self.variable == "lambda"
-        v0, v1 = (math.log(r0), math.log(r1)) if lam_var else (r0, r1)
-        delta = v1 - v0
-        rhos = []
-        for c in tab.c:
-            v = v0 + c * delta
-            rhos.append(r0 if c == 0.0 else r1 if c == 1.0 else math.exp(v) if lam_var else v)
-        a = tuple(tuple(delta * w for w in row) for row in tab.a)
-        return rhos, a, tuple(delta * w for w in tab.b)
+        return filled_budget(self._tab.stages, nfe, clean_end)
 
     def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
-        s, proc = self._tab.stages, grid.process
-        t, alpha, sigma = grid.t.tolist(), grid.alpha.tolist(), grid.sigma.tolist()
-        rho = (grid.sigma / grid.alpha).tolist()
-        plans: list[tuple[list[float], tuple[tuple[float, ...], ...], tuple[float, ...]] | None]
-        plans, inner = [], []  # per step (ρ's, Δ·a, Δ·b); the stage ρ's off the grid
-        for i, k in enumerate(calls):
-            if k not in ((1,) if grid.is_final(i) else (1, s)):
-                raise ValueError(f"rk: step {i} cannot make {k} network calls")
-            if grid.is_final(i):
-                plans.append(None)
-                continue
-            made = self.stage_plan(rho[i], rho[i + 1], k)
-            plans.append(made)
-            inner += [r for r in made[0] if r not in (rho[i], rho[i + 1])]
-        # the stage points off the grid, in one pass: t(ρ) and α there
-        at: dict[float, tuple[float, float, float]] = {}
-        if inner:
-            tt = proc.t_of_rho(torch.tensor(inner, dtype=torch.float64))
-            vals = zip(tt.tolist(), proc.alpha(tt).tolist(), proc.sigma(tt).tolist())
-            at = dict(zip(inner, vals))
-        lam_var = self.variable == "lambda"
-        out = []
-        for i, plan in enumerate(plans):
-            if plan is None:
-                out.append(StepRule((t[i],)))
-                continue
-            rhos, a, b = plan
-            # grid points are taken as they are: no round trip through t_of_rho
-            ends = {rho[j]: (t[j], alpha[j], sigma[j]) for j in (i, i + 1)}
-            pts = [ends[r] if r in ends else at[r] for r in rhos]
-            # k_l = w_l·ε̂_l: w = ρ at the point (lambda) or 1 (sigma)
-            w = [p[2] / p[1] if lam_var else 1.0 for p in pts]
-            stages = tuple(_row(alpha[i], p[1], row, w) for p, row in zip(pts[1:], a[1:]))
-            update = _row(alpha[i], alpha[i + 1], b, w)
-            out.append(StepRule(tuple(p[0] for p in pts), stages, update))
-        return tuple(out)
+        check_calls("rk", grid, calls, self._tab.stages)
+        return tableau_rules(grid, calls, self._tab, self.variable == "lambda")
+
+
+def filled_budget(stages: int, nfe: int, clean_end: bool) -> tuple[int, ...]:
+    """⌊B/s⌋ full steps after (B mod s) Euler fillers spend B = nfe − (jump) exactly."""
+    left = nfe - (1 if clean_end else 0)
+    if left < 1 and not clean_end:
+        raise ValueError("final='tmin' needs at least one network call per step")
+    full, fillers = divmod(left, stages)
+    return (1,) * fillers + (stages,) * full + ((1,) if clean_end else ())
+
+
+def tableau_rules(
+    grid: Grid,
+    calls: Sequence[int],
+    tab: Tableau,
+    lam_var: bool,
+    starts: Sequence[tuple[float, float, float, float]] | None = None,
+) -> tuple[StepRule, ...]:
+    """The rules of ``tab`` on ``grid`` (module docstring; a 1-call step is an Euler filler).
+    ``starts``: each step's start (t, α, σ, ρ) where it is not the grid point (Heun's churn)."""
+    proc = grid.process
+    t, alpha, sigma = grid.t.tolist(), grid.alpha.tolist(), grid.sigma.tolist()
+    rho = (grid.sigma / grid.alpha).tolist()
+    starts = starts or list(zip(t, alpha, sigma, rho))
+    # per step but the one to σ = 0: (ρ's, Δ·a, Δ·b); the stage ρ's off the grid
+    plans = {
+        i: _stage_plan(tab if k > 1 else TABLEAUX["euler"], lam_var, starts[i][3], rho[i + 1])
+        for i, k in enumerate(calls)
+        if not grid.is_final(i)
+    }
+    inner = [r for i, p in plans.items() for r in p[0] if r not in (starts[i][3], rho[i + 1])]
+    at: dict[float, tuple[float, float, float]] = {}
+    if inner:  # the stage points off the grid, in one pass: t(ρ), α and σ there
+        tt = proc.t_of_rho(torch.tensor(inner, dtype=torch.float64))
+        at = dict(zip(inner, zip(tt.tolist(), proc.alpha(tt).tolist(), proc.sigma(tt).tolist())))
+    out = []
+    for i, (t0, a0, s0, r0) in enumerate(starts[: len(calls)]):
+        if i not in plans:
+            out.append(StepRule((t0,)))
+            continue
+        rhos, a, b = plans[i]
+        # the step's ends are taken as they are: no round trip through t_of_rho
+        ends = {r0: (t0, a0, s0), rho[i + 1]: (t[i + 1], alpha[i + 1], sigma[i + 1])}
+        pts = [ends[r] if r in ends else at[r] for r in rhos]
+        # k_l = w_l·ε̂_l: w = ρ at the point (lambda) or 1 (sigma)
+        w = [p[2] / p[1] if lam_var else 1.0 for p in pts]
+        stages = tuple(_row(a0, p[1], row, w) for p, row in zip(pts[1:], a[1:]))
+        out.append(StepRule(tuple(p[0] for p in pts), stages, _row(a0, alpha[i + 1], b, w)))
+    return tuple(out)
+
+
+def _stage_plan(
+    tab: Tableau, lam_var: bool, r0: float, r1: float
+) -> tuple[list[float], tuple[tuple[float, ...], ...], tuple[float, ...]]:
+    """Stage noise levels ρ and the step-scaled weights Δ·a_ij, Δ·b_i of one step ρ_0 → ρ_1."""
+    v0, v1 = (math.log(r0), math.log(r1)) if lam_var else (r0, r1)
+    delta = v1 - v0
+    rhos = []
+    for c in tab.c:
+        v = v0 + c * delta
+        rhos.append(r0 if c == 0.0 else r1 if c == 1.0 else math.exp(v) if lam_var else v)
+    a = tuple(tuple(delta * w for w in row) for row in tab.a)
+    return rhos, a, tuple(delta * w for w in tab.b)
 
 
 def _row(alpha_0: float, alpha_j: float, coefs: tuple[float, ...], w: list[float]) -> Row:

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-import torch
 
-from ._expint import phi_data, zphi
-from .base import Grid, register
+from ._expint import phi_data_float, phi_noise_float
+from .base import Grid, check_nonnegative, register
+from .ddpm import update_rule
 from .engine import Row, RowSolver, StepRule
 
 __all__ = ["SASolver"]
@@ -19,7 +19,7 @@ __all__ = ["SASolver"]
 def _moment(k: int, z: float) -> float:
     """∫_0^1 v^k·e^{−z·v} dv = k!·e^{−z}·φ_{k+1}(z), z > 0, float64."""
     if z < 1:
-        zp = float(zphi(k + 1, torch.tensor(z, dtype=torch.float64)))
+        zp = phi_noise_float(k + 1, z)  # z^{k+1}·φ_{k+1}(z)
         return math.factorial(k) * math.exp(-z) * zp / z ** (k + 1)
     head = sum(z**j / math.factorial(j) for j in range(k + 1))
     return math.factorial(k) / z ** (k + 1) * (1 - math.exp(-z) * head)
@@ -53,7 +53,7 @@ def _row(grid: Grid, i: int, nodes: list[int], tau: float, corrector: bool) -> R
         # SA-Solver's (and diffusers') second-order modification, like UniPC's ρ = ½: the
         # first divided difference gets weight c·h²/2 (predictor) or c·h/2 (corrector) instead
         # of the exact-interpolant ones; same order, better at few steps.
-        ex = float(phi_data(2, c * h)) / c**2
+        ex = phi_data_float(2, c * h) / c**2
         delta = (
             c * (h * h / 2 - ex) / (lam_s - lam[i - 1]) if not corrector else c * (h / 2 - ex / h)
         )
@@ -87,37 +87,17 @@ def _fold(predict: Row, correct: Row, previous: Row) -> Row:
 @register
 @dataclass(frozen=True)
 class SASolver(RowSolver):
-    """SA-Solver (Xue et al., NeurIPS 2023), data prediction, as diffusers' ``SASolverScheduler``.
-
-    The SDE family dx = (f·x − ½(1 + τ²)g²∇log p)dt + τ·g·dw̄ (τ = 0: the probability-flow ODE)
-    solved by variation of constants in λ (their eq. 13): step s → t, h = λ_t − λ_s,
+    """SA-Solver (Xue et al., NeurIPS 2023), data prediction, as diffusers' ``SASolverScheduler``:
+    on dx = (f·x − ½(1 + τ²)g²∇log p)dt + τ·g·dw̄, step s → t, h = λ_t − λ_s (their eq. 13):
 
         x_t = e^{−τ²h}·(σ_t/σ_s)·x_s + α_t·Σ_j w_j·x̂_0(λ_j) + σ_t·sqrt(1 − e^{−2τ²h})·z,
         w_j = (1 + τ²)·∫_{λ_s}^{λ_t} e^{(1+τ²)(λ − λ_t)}·ℓ_j(λ) dλ,
 
-    ℓ_j the Lagrange basis on the nodes λ_j. SA-Predictor (eq. 14): nodes λ_s, λ_{s−1}, …
-    (``predictor_order`` of them). SA-Corrector (eq. 16): from the same x_s with the same z,
-    nodes λ_t, λ_s, … (``corrector_order``), using x̂_0 at the predicted x̃_t, the evaluation the
-    next step makes anyway; that value (taken at the uncorrected point) enters the history, as
-    in UniPC. The corrector costs no network call. With two nodes the weights get the paper's
-    (and diffusers') order-preserving modification (see ``_row``). τ = 0 (the default) is
-    an ODE solver; τ > 0 draws z from the run's NoiseSource at every step where
-    ``tau_tmin ≤ t_s ≤ tau_tmax`` (diffusers' default ``tau_func`` is τ = 1 on timesteps
-    200…800, i.e. ``tau=1, tau_tmin=0.201, tau_tmax=0.801`` on a 1000-step table).
-
-    As rows (:mod:`.engine`): since the corrector restarts from the predictor's x_s and z, the
-    corrected point is x̃_t + Δ with Δ = α_t·Σ_j (w^C_j − w^P_j)·x̂_0 (x_s and z cancel), so
-    each step's update is its predictor row applied to x̃_t + Δ, one row on x̃_t and the x̂_0
-    history (``_fold``): no second draw, and no stored x_s or z. :meth:`rows` gives the two
-    rows unfolded.
-
-    Orders follow diffusers (0.42): step i of n uses predictor order min(p, i + 1) and, with
-    ``lower_order_final``, ≤ n − i; the corrector at the start of step k ≥ 1 uses
-    min(c, k + 1), with ``lower_order_final`` ≤ n − k + 2. The corrector is skipped on the step
-    to σ = 0, which returns x̂_0 at its start. ``corrector_order=0`` turns the corrector off.
-    Defaults p = c = 2 are diffusers' (the paper recommends 3/3 unconditional, 2/2 guided).
-
-    Accuracy order (τ = 0): p without corrector, min(c, p + 1) with it. Shapes: x (B, ...).
+    ℓ_j the Lagrange basis on λ_s, λ_{s−1}, … (SA-Predictor, eq. 14, ``predictor_order`` nodes)
+    or λ_t, λ_s, … (SA-Corrector, eq. 16, ``corrector_order``; 0: off; no extra call, folded into
+    the next row by :func:`_fold`). τ > 0 draws z where ``tau_tmin ≤ t_s ≤ tau_tmax``. Orders
+    follow diffusers (0.42). Accuracy order (τ = 0): p, or min(c, p + 1) with the corrector.
+    Shapes: x (B, ...). Notes: docs/solvers-stochastic.md#sa_solver.
     """
 
     predictor_order: int = 2
@@ -139,8 +119,7 @@ class SASolver(RowSolver):
             raise ValueError(
                 f"sa_solver: corrector_order must be 0 (off) or 1-4, got {self.corrector_order!r}"
             )
-        if not (math.isfinite(self.tau) and self.tau >= 0):
-            raise ValueError(f"sa_solver: tau must be a finite number >= 0, got {self.tau!r}")
+        check_nonnegative("sa_solver", tau=self.tau)
         if not self.tau_tmin <= self.tau_tmax:
             raise ValueError("sa_solver: tau_tmin must not exceed tau_tmax")
 
@@ -191,10 +170,7 @@ class SASolver(RowSolver):
         t = grid.t.tolist()
         out = []
         for i, (pred, corr) in enumerate(zip(predict, correct)):
-            if pred is None:
-                out.append(StepRule((t[i],)))
-                continue
-            row = pred if corr is None else _fold(pred, corr, predict[i - 1])  # type: ignore[arg-type]
-            spans = ((t[i], t[i + 1]),) if row.noise != 0.0 else ()
-            out.append(StepRule((t[i],), update=row, spans=spans))
+            prev = predict[i - 1]
+            row = pred if pred is None or corr is None or prev is None else _fold(pred, corr, prev)
+            out.append(update_rule((t[i],), row, t[i + 1]))
         return tuple(out)
