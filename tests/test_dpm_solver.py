@@ -210,9 +210,13 @@ def test_outer_grid_subsamples_the_schedule_at_cumulative_orders():
     p = sd_process()
     solver = ds.get_solver("dpm_solver", order=3, method="singlestep")
     every = ds.Uniform()(p, 10)
-    outer = solver.plan_times(p, ds.Uniform(), 10, True)  # plan [3, 3, 3, 1]
+
+    def plan_times(schedule, nfe, clean):
+        return solver.grid_times(p, schedule, solver.budget(nfe, clean), clean)
+
+    outer = plan_times(ds.Uniform(), 10, True)  # plan [3, 3, 3, 1]
     assert torch.equal(outer, every[[0, 3, 6, 9]])
-    lam = p.lambda_(solver.plan_times(p, ds.LogSNR(), 10, False))  # 4 steps uniform in λ
+    lam = p.lambda_(plan_times(ds.LogSNR(), 10, False))  # 4 steps uniform in λ
     assert lam.numel() == 5 and torch.allclose(lam.diff(), lam.diff()[0].expand(4), rtol=1e-9)
 
 
