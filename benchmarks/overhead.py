@@ -29,7 +29,8 @@ the fastest over all rounds. The NaN watch (``check_finite=True``, ds.sample's d
 as a separate run and reported as its extra cost per step.
 
 ``--cold`` times the set-up of a *first* run instead (no plan cache: ``diffsolve.plan``'s
-``_GRIDS`` and ``_POINTS`` are emptied before each repetition), CPU time, median of at least 20
+``_GRIDS`` and ``_POINTS`` and dpm_solver_v3's ``_TABLES`` are emptied before each repetition),
+CPU time, median of at least 20
 repetitions, for every solver that takes ``steps=`` (or ``--solvers``); with ``--compare-to``,
 before and after interleaved as above:
 
@@ -162,6 +163,12 @@ def cold_setup(name: str, model: Any, x_T: torch.Tensor, steps: int, repeats: in
     from diffsolve import plan as plan_module
 
     caches = [getattr(plan_module, c, None) for c in ("_GRIDS", "_POINTS")] if HAS_PLAN else []
+    try:  # dpm_solver_v3 keeps its per-element rows (after commit 7f15e04)
+        from diffsolve.solvers import dpm_solver_v3
+
+        caches.append(getattr(dpm_solver_v3, "_TABLES", None))
+    except ImportError:
+        pass
     _setup(name, model, x_T, steps)  # imports, lazily built tables: not what a run pays
     times = []
     for _ in range(max(repeats, 20)):

@@ -229,6 +229,40 @@ def test_batch_split_select_and_float32_with_statistics(sd, g64, small_stats):
     assert f32.dtype == torch.float32 and rel_err(f32, full) < 1e-5
 
 
+def test_repeated_run_reuses_the_rows_and_gives_the_same_sample(sd, g64, small_stats):
+    """The per-element rows are built once per (solver, grid, sample shape, device, dtype):
+    a repeated run takes them from the cache and is bit for bit the first run; another grid,
+    dtype or statistics object builds its own."""
+    from diffsolve.solvers import dpm_solver_v3 as v3
+
+    model = g64.denoiser(sd)
+    solver = DPMSolverV3(statistics=small_stats)
+    x = prior64(sd, n=3, seed=2)
+    v3._TABLES.clear()
+    first = ds.sample(model, x, solver, nfe=6)
+    assert len(v3._TABLES[sd]) == 1
+    built = 0
+    original = DPMSolverV3._rows
+
+    def counting(self, *a, **k):
+        nonlocal built
+        built += 1
+        return original(self, *a, **k)
+
+    DPMSolverV3._rows = counting  # type: ignore[method-assign]
+    try:
+        again = ds.sample(model, x, solver, nfe=6)
+        assert built == 0 and torch.equal(again, first)
+        ds.sample(model, x, solver, nfe=7)
+        ds.sample(model, x.float(), solver, nfe=6)
+        ds.sample(model, x, DPMSolverV3(statistics=_const_stats(sd, (), 1.0, 0.0, 0.0)), nfe=6)
+        assert built == 3
+    finally:
+        DPMSolverV3._rows = original  # type: ignore[method-assign]
+    v3._TABLES.clear()
+    assert torch.equal(ds.sample(model, x, solver, nfe=6), first)
+
+
 # -- the file -----------------------------------------------------------------------------------
 def test_save_load_round_trip_and_errors(tmp_path, sd, edm, g64, small_stats):
     model = g64.denoiser(sd)

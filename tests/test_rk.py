@@ -79,3 +79,13 @@ def test_rk45_rejects_budgets():
         ds.sample(ds.Denoiser(lambda x, t: x, p), prior64(p, n=1), "rk45", nfe=10)
     with pytest.raises(ValueError, match="unknown variable"):
         RK45(variable="time")
+
+
+def test_rk_refuses_a_start_where_alpha_is_zero():
+    """y = x/α has no value at a flow path's t = 1: a clear error, not a ZeroDivisionError."""
+    p = ds.FlowMatching()
+    m = ds.Denoiser(lambda x, t: 0 * x, p, prediction="velocity")
+    x = p.prior((2, 3), generator=None)
+    with pytest.raises(ValueError, match=r"undefined at t = 1\.0 where α = 0"):
+        ds.sample(m, x, "rk", times=[1.0, 0.5, 0.1])
+    assert ds.sample(m, x, "rk", steps=4).shape == x.shape  # the default grid starts below

@@ -269,11 +269,9 @@ class Denoiser:
             d_alpha, d_sigma = proc.d_alpha(t64).tolist(), proc.d_sigma(t64).tolist()
         else:
             d_alpha = d_sigma = [0.0] * len(alpha)
-        b = like.shape[0]
-        return [
-            EvalPoint(t, a, s, da, ds, t_in[i].expand(b))
-            for i, (t, a, s, da, ds) in enumerate(zip(t64.tolist(), alpha, sigma, d_alpha, d_sigma))
-        ]
+        # one view per time in a single call (an index and an expand each cost ~1 µs a point)
+        t_ins = t_in.unsqueeze(1).expand(-1, like.shape[0]).unbind(0)
+        return [EvalPoint(*v) for v in zip(t64.tolist(), alpha, sigma, d_alpha, d_sigma, t_ins)]
 
     # -- the call ---------------------------------------------------------------------------
     def raw(self, x: Tensor, point: EvalPoint, **cond: Any) -> Tensor:

@@ -34,6 +34,13 @@ class _VP(GaussianProcess):
     def d_log_alpha(self, t: float | Tensor) -> Tensor:
         raise NotImplementedError
 
+    def drift_coef(self, t: float | Tensor) -> Tensor:
+        return self.d_log_alpha(t)
+
+    def diffusion_sq(self, t: float | Tensor) -> Tensor:
+        # σ² = 1 − α² ⇒ g² = dσ²/dt − 2f·σ² = −2f(α² + σ²) = −2f (the base class's general form)
+        return -2.0 * self.d_log_alpha(t)
+
     def d_alpha(self, t: float | Tensor) -> Tensor:
         return self.alpha(t) * self.d_log_alpha(t)
 
@@ -68,6 +75,7 @@ class VPDiscrete(_VP):
         self.num_train_steps = n = ac.numel()
         self._t = torch.arange(1, n + 1, dtype=torch.float64) / n
         self._log_alpha = 0.5 * torch.log(ac)
+        self._neg_log_alpha = -self._log_alpha  # increasing: t_of_lambda's table
         self.t_min = 1.0 / n
         self.t_max = 1.0
 
@@ -106,17 +114,17 @@ class VPDiscrete(_VP):
         return _interp(as_time(t), self._t, self._log_alpha)
 
     def d_log_alpha(self, t: float | Tensor) -> Tensor:
-        t = as_time(t)
-        idx = torch.searchsorted(self._t, t.clamp(self._t[0], self._t[-1])).clamp(
-            1, len(self._t) - 1
-        )
-        la, t_ = self._log_alpha, self._t
-        return (la[idx] - la[idx - 1]) / (t_[idx] - t_[idx - 1])
+        # the slope of the segment holding t (a grid point: the one below it); numpy, as in
+        # _interp: the plan's SDE rows look this up on a few dozen host times
+        tn, tp, la = as_time(t).detach().numpy(), self._t.numpy(), self._log_alpha.numpy()
+        j = np.searchsorted(tp, np.minimum(np.maximum(tn, tp[0]), tp[-1]))
+        j = np.minimum(np.maximum(j, 1), len(tp) - 1)
+        return torch.from_numpy(np.asarray((la[j] - la[j - 1]) / (tp[j] - tp[j - 1])))
 
     def t_of_lambda(self, lam: float | Tensor) -> Tensor:
         log_a = _log_alpha_of_lambda(as_time(lam))
         # log α decreases in t: interpolate on the flipped table
-        return _interp(-log_a, -self._log_alpha, self._t)
+        return _interp(-log_a, self._neg_log_alpha, self._t)
 
     def model_time(self, t: float | Tensor) -> Tensor:
         return as_time(t) * self.num_train_steps - 1.0

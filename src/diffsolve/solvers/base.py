@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, fields
+from functools import cached_property
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import torch
@@ -91,6 +92,15 @@ class Grid:
     def is_final(self, i: int) -> bool:
         """Whether step i lands on the clean end σ = 0."""
         return self.clean_end and i == self.steps - 1
+
+    @cached_property
+    def _host(self) -> dict[str, list[float]]:
+        return {n: getattr(self, n).tolist() for n in ("t", "alpha", "sigma", "lam")}
+
+    def lists(self, *names: str) -> tuple[list[float], ...]:
+        """Columns of the grid ("t", "alpha", "sigma", "lam") as Python floats, made once per
+        grid: the row builders read them element by element."""
+        return tuple(self._host[n] for n in names)
 
 
 @dataclass(frozen=True)

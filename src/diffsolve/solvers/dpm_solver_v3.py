@@ -44,6 +44,7 @@ floats when the statistics are scalars): a step is x_t = a ⊙ x_s + Σ_j W_j �
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -59,6 +60,12 @@ __all__ = ["DPMSolverV3", "V3State", "phi"]
 
 _F64 = torch.float64
 _SERIES = 30
+# The per-element rows of runs already set up, per process (weakly held), keyed by the solver
+# (its statistics included), the grid and the samples' shape, device and dtype: a repeated run
+# skips the quadrature, as the plan cache does for the engine's solvers. At most _KEEP each.
+_TABLES: weakref.WeakKeyDictionary[Any, dict[tuple, tuple]] = weakref.WeakKeyDictionary()
+_KEEP = 8
+_CACHE_BYTES = 64 * 2**20
 
 
 # Gauss–Legendre nodes on [0, 1] and the inverse of their Vandermonde matrix V[i, m] = u_i^m:
@@ -211,9 +218,16 @@ class _Profile:
         n = len(node_lams) - 1
         start = (self.nodes[ps:pt] - lam_s).reshape(self.shp)  # cells' starts − λ_s
         a_k = []
-        for k in range(1, n + 1):  # ∫ e^E·(λ − λ_s)^k/k!, the polynomial expanded at each cell
+        # ∫ e^E·(λ − λ_s)^k/k!, the polynomial expanded at each cell; the powers made once
+        start_pow = [start**m for m in range(n + 1)]
+        dd_pow = [dd**m for m in range(n + 1)]
+        for k in range(1, n + 1):
             poly = sum(
-                start ** (k - m) / math.factorial(k - m) * dd**m / math.factorial(m) * moments[m]
+                start_pow[k - m]
+                / math.factorial(k - m)
+                * dd_pow[m]
+                / math.factorial(m)
+                * moments[m]
                 for m in range(k + 1)
             )
             a_k.append((base * poly).sum(0))
@@ -399,6 +413,42 @@ class DPMSolverV3(Solver[V3State]):
                 f"dpm_solver_v3: statistics of per-sample shape {tuple(st.l.shape[1:])} do not "
                 f"fit samples of shape {tuple(x.shape[1:])}"
             )
+        rows, keep = self._cached_rows(x, grid)
+        many = getattr(model, "points", None)  # every step's point in one vectorised pass
+        ts = grid.t[: grid.steps]
+        points = many(ts, x) if many is not None else [model.point(t, x) for t in ts]
+        steps = tuple(_Step(pt, u, pred, corr) for pt, (u, pred, corr) in zip(points, rows))
+        return V3State(steps=steps, keep=keep)
+
+    def _cached_rows(self, x: Tensor, grid: Grid) -> tuple[tuple[tuple[Any, Any, Any], ...], int]:
+        """:meth:`_rows`, kept for a repeated run (see ``_TABLES``; rows over _CACHE_BYTES of
+        per-element weights are not kept)."""
+        key = (self, tuple(grid.t.tolist()), grid.clean_end, tuple(x.shape[1:]), x.device, x.dtype)
+        try:
+            table = _TABLES.setdefault(grid.process, {})
+            hit = table.get(key)
+        except TypeError:  # an unhashable configuration or process: no cache
+            return self._rows(x, grid)
+        if hit is None:
+            hit = self._rows(x, grid)
+            size = sum(
+                v.numel() * v.element_size()
+                for u, *rows in hit[0]
+                for r in rows
+                if r is not None
+                for v in (r.a, *r.w, r.c)
+                if isinstance(v, Tensor)
+            )
+            if size <= _CACHE_BYTES:
+                table[key] = hit
+                while len(table) > _KEEP:
+                    del table[next(iter(table))]
+        return hit
+
+    def _rows(self, x: Tensor, grid: Grid) -> tuple[tuple[tuple[Any, Any, Any], ...], int]:
+        """Per step (u, predictor row, corrector row) on x's device and dtype, and the history
+        the rows read."""
+        st = self.statistics
         n = grid.steps
         evals = n if grid.clean_end else n + 1  # grid points with a network call or a landing
         lam, alp = grid.lam.tolist(), grid.alpha.tolist()
@@ -437,8 +487,8 @@ class DPMSolverV3(Solver[V3State]):
                 if r is not None:
                     keep = max(keep, *r.hist)
             u = (1.0 - prof.l[prof.pos[lam[i]]]) / alp[i]
-            steps.append(_Step(model.point(grid.t[i], x), cast(u), pred, corr))
-        return V3State(steps=tuple(steps), keep=keep)
+            steps.append((cast(u), pred, corr))
+        return tuple(steps), keep
 
     def step(self, x: Tensor, i: int, state: V3State, model: Model) -> tuple[Tensor, V3State]:
         st = state.steps[i]

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -32,9 +32,11 @@ from .base import Grid, Model, Plan, Solver, State, host
 __all__ = ["Row", "RowSolver", "RowState", "StepRule", "combine"]
 
 
-@dataclass(frozen=True)
-class Row:
-    """x_new = a·x + Σ_j x0[j]·x̂_0[j] + Σ_j eps[j]·ε̂[j] + noise·ξ (evaluations newest first)."""
+class Row(NamedTuple):
+    """x_new = a·x + Σ_j x0[j]·x̂_0[j] + Σ_j eps[j]·ε̂[j] + noise·ξ (evaluations newest first).
+
+    Rows and rules are immutable records made by the dozen per plan: NamedTuples, a third of a
+    frozen dataclass's construction cost."""
 
     a: float
     x0: tuple[float, ...] = ()
@@ -59,8 +61,7 @@ class Row:
         )
 
 
-@dataclass(frozen=True)
-class StepRule:
+class StepRule(NamedTuple):
     """One step: the process times it evaluates (``t[0]`` is the step's start), the rows that
     form the inputs of ``t[1:]`` from the step's start x and the evaluations so far, and the
     update to the next grid point (None: the step to σ = 0, which returns the last x̂_0).
@@ -72,7 +73,8 @@ class StepRule:
     an independent draw that is no path increment (a Langevin corrector's noise). ``mix`` (one
     stage): where the source has no path, the stage's and the update's noises are built as the
     path's two increments over [s, u] ⊂ [s, t], w1 and mix·w1 + sqrt(1 − mix²)·w2, from the
-    step's draws 0 and 1 (mix = their correlation).
+    step's draws 0 and 1 (mix = their correlation). ``consts``: a solver's own per-step
+    constants that are not rows (PC: the corrector's snr and Langevin α).
     """
 
     t: tuple[float, ...]
@@ -80,7 +82,8 @@ class StepRule:
     update: Row | None = None
     correct: Row | None = None
     spans: tuple[tuple[float, float] | None, ...] = ()
-    mix: float | None = field(default=None, kw_only=True)
+    mix: float | None = None
+    consts: tuple[float, ...] = ()
 
     @property
     def calls(self) -> int:
@@ -133,18 +136,16 @@ class RowState(State):
 
 
 def eval_points(model: Model, rules: Sequence[StepRule], like: Tensor) -> tuple:
-    """Every rule's evaluation points, built in one vectorised pass where the model offers one."""
-    flat = [t for r in rules for t in r.t]
-    if not flat:
+    """Every rule's evaluation points, built in one vectorised pass where the model offers one;
+    a time several rules evaluate (a step's end and the next one's start) is built once."""
+    where: dict[float, int] = {}
+    slots = [[where.setdefault(t, len(where)) for t in r.t] for r in rules]
+    if not where:
         return tuple(() for _ in rules)
-    ts = torch.tensor(flat, dtype=torch.float64)
+    ts = torch.tensor(list(where), dtype=torch.float64)
     many = getattr(model, "points", None)
     pts = many(ts, like) if many is not None else [model.point(t, like) for t in ts]
-    out, k = [], 0
-    for r in rules:
-        out.append(tuple(pts[k : k + r.calls]))
-        k += r.calls
-    return tuple(out)
+    return tuple(tuple(pts[k] for k in slot) for slot in slots)
 
 
 class RowSolver(Solver[RowState]):
@@ -161,14 +162,17 @@ class RowSolver(Solver[RowState]):
         else:  # a bare grid (tests, the diffusers adapter's probes): plan it here
             rules = self.rules(grid, self.calls(grid.steps, grid.clean_end))
             points = eval_points(model, rules, x)
-        draws = any(r.noise != 0.0 for rule in rules for r in rule.rows())
-        keep = max((r.width for rule in rules for r in rule.rows()), default=1)
+        draws, keep, track = False, 1, False
+        for rule in rules:  # one pass: a cold run pays this once per step
+            track = track or rule.correct is not None
+            for r in rule.rows():
+                draws = draws or r.noise != 0.0
+                keep = max(keep, len(r.x0), len(r.eps))
         source = None
         if draws:
             from ..noise import NoiseSource
 
             source = (noise if noise is not None else NoiseSource()).bind(grid)
-        track = any(rule.correct is not None for rule in rules)
         return RowState(
             rules=rules, points=points, keep=max(keep - 1, 1), track_prev=track, noise=source
         )

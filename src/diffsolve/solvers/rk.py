@@ -96,6 +96,12 @@ class RK(RowSolver):
 
     def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
         check_calls("rk", grid, calls, self._tab.stages)
+        if float(grid.alpha[0]) == 0.0:
+            raise ValueError(
+                f"rk integrates y = x/α, undefined at t = {float(grid.t[0])!r} where α = 0 (a "
+                "flow path's noise end): start at process.t_max_finite (the default schedules "
+                "do), or use an exponential integrator such as 'dpmpp_2m' or 'heun'"
+            )
         return tableau_rules(grid, calls, self._tab, self.variable == "lambda")
 
 
@@ -118,23 +124,25 @@ def tableau_rules(
     """The rules of ``tab`` on ``grid`` (module docstring; a 1-call step is an Euler filler).
     ``starts``: each step's start (t, α, σ, ρ) where it is not the grid point (Heun's churn)."""
     proc = grid.process
-    t, alpha, sigma = grid.t.tolist(), grid.alpha.tolist(), grid.sigma.tolist()
-    rho = (grid.sigma / grid.alpha).tolist()
+    t, alpha, sigma = grid.lists("t", "alpha", "sigma")
+    rho = [s / a if a else math.inf for s, a in zip(sigma, alpha)]  # σ/α
     starts = starts or list(zip(t, alpha, sigma, rho))
+    final = grid.steps - 1 if grid.clean_end else -1
     # per step but the one to σ = 0: (ρ's, Δ·a, Δ·b); the stage ρ's off the grid
     plans = {
         i: _stage_plan(tab if k > 1 else TABLEAUX["euler"], lam_var, starts[i][3], rho[i + 1])
         for i, k in enumerate(calls)
-        if not grid.is_final(i)
+        if i != final
     }
-    inner = [r for i, p in plans.items() for r in p[0] if r not in (starts[i][3], rho[i + 1])]
+    inner = [r for i, p in plans.items() for r in p[0] if r != starts[i][3] and r != rho[i + 1]]
     at: dict[float, tuple[float, float, float]] = {}
     if inner:  # the stage points off the grid, in one pass: t(ρ), α and σ there
         tt = proc.t_of_rho(torch.tensor(inner, dtype=torch.float64))
-        at = dict(zip(inner, zip(tt.tolist(), proc.alpha(tt).tolist(), proc.sigma(tt).tolist())))
+        a_in, s_in, _ = proc.coefficients(tt)
+        at = dict(zip(inner, zip(tt.tolist(), a_in.tolist(), s_in.tolist())))
     out = []
     for i, (t0, a0, s0, r0) in enumerate(starts[: len(calls)]):
-        if i not in plans:
+        if i == final:
             out.append(StepRule((t0,)))
             continue
         rhos, a, b = plans[i]
@@ -142,15 +150,15 @@ def tableau_rules(
         ends = {r0: (t0, a0, s0), rho[i + 1]: (t[i + 1], alpha[i + 1], sigma[i + 1])}
         pts = [ends[r] if r in ends else at[r] for r in rhos]
         # k_l = w_l·ε̂_l: w = ρ at the point (lambda) or 1 (sigma)
-        w = [p[2] / p[1] if lam_var else 1.0 for p in pts]
-        stages = tuple(_row(a0, p[1], row, w) for p, row in zip(pts[1:], a[1:]))
-        out.append(StepRule(tuple(p[0] for p in pts), stages, _row(a0, alpha[i + 1], b, w)))
+        w = [p[2] / p[1] for p in pts] if lam_var else [1.0] * len(pts)
+        stages = tuple([_row(a0, p[1], row, w) for p, row in zip(pts[1:], a[1:])])
+        out.append(StepRule(tuple([p[0] for p in pts]), stages, _row(a0, alpha[i + 1], b, w)))
     return tuple(out)
 
 
 def _stage_plan(
     tab: Tableau, lam_var: bool, r0: float, r1: float
-) -> tuple[list[float], tuple[tuple[float, ...], ...], tuple[float, ...]]:
+) -> tuple[list[float], list[list[float]], list[float]]:
     """Stage noise levels ρ and the step-scaled weights Δ·a_ij, Δ·b_i of one step ρ_0 → ρ_1."""
     v0, v1 = (math.log(r0), math.log(r1)) if lam_var else (r0, r1)
     delta = v1 - v0
@@ -158,14 +166,15 @@ def _stage_plan(
     for c in tab.c:
         v = v0 + c * delta
         rhos.append(r0 if c == 0.0 else r1 if c == 1.0 else math.exp(v) if lam_var else v)
-    a = tuple(tuple(delta * w for w in row) for row in tab.a)
-    return rhos, a, tuple(delta * w for w in tab.b)
+    return rhos, [[delta * w for w in row] for row in tab.a], [delta * w for w in tab.b]
 
 
-def _row(alpha_0: float, alpha_j: float, coefs: tuple[float, ...], w: list[float]) -> Row:
+def _row(alpha_0: float, alpha_j: float, coefs: Sequence[float], w: list[float]) -> Row:
     """x_j = (α_j/α_0)·x + α_j·Σ_l coefs_l·w_l·ε̂_l over the step's calls l (oldest first), as
     a row over the evaluations newest first."""
-    return Row(alpha_j / alpha_0, eps=tuple(alpha_j * c * wl for c, wl in zip(coefs, w))[::-1])
+    eps = [alpha_j * c * wl for c, wl in zip(coefs, w)]
+    eps.reverse()
+    return Row(alpha_j / alpha_0, eps=tuple(eps))
 
 
 alias("rk4", "rk", "classical 4th-order Runge–Kutta in σ/α", tableau="rk4")

@@ -6,8 +6,6 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
-
 from ._expint import phi_data_float, phi_noise_float
 from .base import Grid, check_nonnegative, register
 from .ddpm import update_rule
@@ -25,42 +23,66 @@ def _moment(k: int, z: float) -> float:
     return math.factorial(k) / z ** (k + 1) * (1 - math.exp(-z) * head)
 
 
-def _adams_weights(nodes: list[float], lam_s: float, lam_t: float, c: float) -> list[float]:
+def _adams_weights(
+    nodes: list[float], lam_s: float, lam_t: float, c: float, memo: dict | None = None
+) -> list[float]:
     """w_j = c·∫_{λ_s}^{λ_t} e^{c(λ − λ_t)}·ℓ_j(λ) dλ for the Lagrange basis ℓ_j on ``nodes``.
 
-    In u = (λ − λ_t)/h this is c·h·Σ_k C_{jk}·∫_{−1}^0 e^{c·h·u}·u^k du with ℓ_j(u) = Σ_k C_{jk}u^k,
-    i.e. w = c·h·(Vᵀ)^{−1}·I with V_{jk} = u_j^k (Xue et al. 2023, eq. 14 and App. B).
+    In u = (λ − λ_t)/h this is c·h·Σ_k C_{jk}·∫_{−1}^0 e^{c·h·u}·u^k du with ℓ_j(u) = Σ_k C_{jk}u^k
+    (Xue et al. 2023, eq. 14 and App. B); C from the product form of ℓ_j (at most 4 nodes).
+    ``memo`` keeps the moments of one plan (a step's predictor and corrector share c·h).
     """
     h = lam_t - lam_s
-    u = (np.asarray(nodes, dtype=np.float64) - lam_t) / h
-    q = len(nodes)
-    moments = np.array([(-1) ** k * _moment(k, c * h) for k in range(q)])
-    vander = u[:, None] ** np.arange(q)[None, :]
-    return (c * h * np.linalg.solve(vander.T, moments)).tolist()
+    z = c * h
+    u = [(v - lam_t) / h for v in nodes]
+    memo = {} if memo is None else memo
+    moments = memo.setdefault(z, [])  # (−1)^k·∫_0^1 v^k·e^{−z·v} dv, k = 0, 1, …
+    while len(moments) < len(u):
+        moments.append((-1) ** len(moments) * _moment(len(moments), z))
+    if len(u) == 1:
+        return [z * moments[0]]
+    if len(u) == 2:  # ℓ_0 = (u − u_1)/(u_0 − u_1), ℓ_1 = (u − u_0)/(u_1 − u_0)
+        (u0, u1), (m0, m1) = u, moments[:2]
+        return [z * (m1 - u1 * m0) / (u0 - u1), z * (u0 * m0 - m1) / (u0 - u1)]
+    out = []
+    for j, uj in enumerate(u):
+        coef, scale = [1.0], 1.0  # ℓ_j's coefficients, lowest power first
+        for m, um in enumerate(u):
+            if m != j:
+                coef = [0.0, *coef]
+                for k in range(len(coef) - 1):
+                    coef[k] -= um * coef[k + 1]
+                scale *= uj - um
+        out.append(z * sum(a * b for a, b in zip(coef, moments)) / scale)
+    return out
 
 
-def _row(grid: Grid, i: int, nodes: list[int], tau: float, corrector: bool) -> Row:
+def _row(grid: Grid, i: int, nodes: list[int], tau: float, corrector: bool, memo: dict) -> Row:
     """The SA-Predictor (``corrector=False``; nodes i, i−1, …) or SA-Corrector (nodes i+1, i, …)
     row of the step grid.t[i] → grid.t[i+1]: x_t = decay·x_s + Σ_j α_t·w_j·x̂_0[j] + noise·z,
-    x̂_0 over the nodes newest first."""
-    lam = grid.lam.tolist()
+    x̂_0 over the nodes newest first. ``memo``: what the plan's rows share (a step's predictor
+    and corrector have the same c·h)."""
+    lam, alpha, sigma = memo.get("grid") or memo.setdefault(
+        "grid", grid.lists("lam", "alpha", "sigma")
+    )
     lam_s, lam_t = lam[i], lam[i + 1]
     h = lam_t - lam_s
     c = 1 + tau**2
-    alpha_t, sigma_t = float(grid.alpha[i + 1]), float(grid.sigma[i + 1])
-    w = _adams_weights([lam[j] for j in nodes], lam_s, lam_t, c)
+    w = _adams_weights([lam[j] for j in nodes], lam_s, lam_t, c, memo)
     if len(nodes) == 2:
         # SA-Solver's (and diffusers') second-order modification, like UniPC's ρ = ½: the
         # first divided difference gets weight c·h²/2 (predictor) or c·h/2 (corrector) instead
         # of the exact-interpolant ones; same order, better at few steps.
-        ex = phi_data_float(2, c * h) / c**2
+        ex = memo.get(("ex", c, h))
+        if ex is None:
+            ex = memo[("ex", c, h)] = phi_data_float(2, c * h) / c**2
         delta = (
             c * (h * h / 2 - ex) / (lam_s - lam[i - 1]) if not corrector else c * (h / 2 - ex / h)
         )
         w = [w[0] + delta, w[1] - delta]
-    decay = math.exp(-(tau**2) * h) * float(grid.sigma[i + 1] / grid.sigma[i])
-    noise = sigma_t * math.sqrt(-math.expm1(-2 * tau**2 * h))
-    return Row(decay, tuple(alpha_t * wj for wj in w), (), noise)
+    decay = math.exp(-(tau**2) * h) * (sigma[i + 1] / sigma[i])
+    noise = sigma[i + 1] * math.sqrt(-math.expm1(-2 * tau**2 * h))
+    return Row(decay, tuple(alpha[i + 1] * wj for wj in w), (), noise)
 
 
 def _fold(predict: Row, correct: Row, previous: Row) -> Row:
@@ -148,13 +170,14 @@ class SASolver(RowSolver):
         t = grid.t.tolist()
         predict: list[Row | None] = []
         correct: list[Row | None] = [None]
+        memo: dict = {}
         for i in range(n):
             tau = self._tau_at(t[i])
             if grid.is_final(i):
                 predict.append(None)
             else:
                 p = min(self.predictor_order, i + 1, n - i if lof else 4)
-                predict.append(_row(grid, i, [i - j for j in range(p)], tau, False))
+                predict.append(_row(grid, i, [i - j for j in range(p)], tau, False, memo))
             if i == 0:
                 continue
             q = min(self.corrector_order, i + 1, n - i + 2 if lof else 4)
@@ -162,7 +185,7 @@ class SASolver(RowSolver):
             use = q > 0 and not grid.is_final(i)
             nodes = [i - j for j in range(q)]
             tau_prev = self._tau_at(t[i - 1])
-            correct.append(_row(grid, i - 1, nodes, tau_prev, True) if use else None)
+            correct.append(_row(grid, i - 1, nodes, tau_prev, True, memo) if use else None)
         return predict, correct
 
     def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:

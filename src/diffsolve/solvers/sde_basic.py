@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -103,14 +103,6 @@ class EulerMaruyama(RowSolver):
         return tuple(update_rule((t[i],), r, t[i + 1]) for i, r in enumerate(rows))
 
 
-@dataclass(frozen=True)
-class _PCRule(StepRule):
-    """A PC step: Langevin calls at t_i, then the predictor row; with the corrector's constants."""
-
-    snr: float = 0.0
-    langevin_alpha: float = 1.0  # (α_i/α_{i+1})²
-
-
 PREDICTORS = ("reverse_diffusion", "euler_maruyama")
 SNR_NORMS = ("sample", "batch")
 
@@ -190,7 +182,8 @@ class PC(RowSolver):
         out = []
         for i, (k, r) in enumerate(zip(calls, rows)):
             spans = ((t[i], t[i + 1]),) if r is not None and r.noise != 0.0 else ()
-            out.append(_PCRule((t[i],) * k, (), r, None, spans, snr=snr, langevin_alpha=a[i] ** 2))
+            # the corrector's constants: snr and its α_i = (α_{t_i}/α_{t_{i+1}})²
+            out.append(StepRule((t[i],) * k, (), r, None, spans, consts=(snr, a[i] ** 2)))
         return tuple(out)
 
     def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> RowState:
@@ -206,12 +199,13 @@ class PC(RowSolver):
         return nrm.reshape(-1, *([1] * (v.ndim - 1)))
 
     def step(self, x: Tensor, i: int, state: RowState, model: Model) -> tuple[Tensor, RowState]:
-        rule, points = cast(_PCRule, state.rules[i]), state.points[i]
+        rule, points = state.rules[i], state.points[i]
+        snr, langevin_alpha = rule.consts
         inv_sigma = 1.0 / points[0].sigma
         for k in range(rule.calls - 1):  # Langevin: a step size from the norms, not a row
             score = model(x, points[k]).eps * -inv_sigma
             z = state.noise.randn(x, i, k + 1)
-            ratio = rule.snr * self._norm(z) / self._norm(score).clamp_min(1e-30)
-            eps_l = (2.0 * rule.langevin_alpha) * ratio * ratio
+            ratio = snr * self._norm(z) / self._norm(score).clamp_min(1e-30)
+            eps_l = (2.0 * langevin_alpha) * ratio * ratio
             x = x + eps_l * score + torch.sqrt(2.0 * eps_l) * z
         return super().step(x, i, state, model)  # the predictor: the step's row

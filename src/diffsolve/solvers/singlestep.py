@@ -73,20 +73,24 @@ def check_calls(solver: str, grid: Grid, calls: Sequence[int], full: int) -> Non
             raise ValueError(f"{solver}: step {i} cannot make {k} network calls")
 
 
+def _newest_first(calls: int, w: Sequence[float]) -> tuple[float, ...]:
+    return (*([0.0] * (calls - len(w))), *reversed(w)) if any(w) else ()
+
+
 def combination(
     calls: int, a: float, x0: Sequence[float], data: bool = True, diff: Sequence[float] = ()
 ) -> Row:
     """The row a·x + Σ_l x0_l·x̂_0,l + Σ_l diff_l·m_l (m = x̂_0 if ``data`` else ε̂) over a
     step's ``calls`` calls, weights given oldest first (l = 0: the call at s)."""
-
-    def newest_first(w: Sequence[float]) -> tuple[float, ...]:
-        return tuple(reversed([*w, *([0.0] * (calls - len(w)))])) if any(w) else ()
-
     if not data:
-        return Row(a, newest_first(x0), newest_first(diff))
-    n = max(len(x0), len(diff))
-    pad = [0.0] * n
-    return Row(a, newest_first([u + v for u, v in zip([*x0, *pad][:n], [*diff, *pad][:n])]))
+        return Row(a, _newest_first(calls, x0), _newest_first(calls, diff))
+    w = list(x0)
+    for l, v in enumerate(diff):
+        if l < len(w):
+            w[l] += v
+        else:
+            w.append(v)
+    return Row(a, _newest_first(calls, w))
 
 
 def singlestep_rules(
@@ -94,46 +98,59 @@ def singlestep_rules(
 ) -> tuple[StepRule, ...]:
     """One rule per step, step i of order ``orders[i]`` (module docstring)."""
     process = grid.process
-    t, lam, sigma = grid.t.tolist(), grid.lam.tolist(), grid.sigma.tolist()
-    alpha = grid.alpha.tolist()
-    ratio = (grid.sigma[1:] / grid.sigma[:-1]).tolist()
-    gain = (grid.alpha[1:] * -(grid.exp_neg_h - 1)).tolist()
+    t, lam, sigma, alpha = grid.lists("t", "lam", "sigma", "alpha")
+    final = grid.steps - 1 if grid.clean_end else -1
 
-    # stage times of all steps at once: uniform in λ, or in t where λ_s = −∞ (α_s = 0)
-    t_stage: dict[tuple[int, int], float] = {}
-    lam_stage: dict[tuple[int, int], float] = {}
+    # stage times of all steps at once, in step order: uniform in λ, or in t where λ_s = −∞
+    # (α_s = 0); then their (t, α, σ, λ) in one pass
+    in_lam: list[bool] = []
+    lam_q: list[float] = []
+    t_q: list[float] = []
     for i, k in enumerate(orders):
-        for j in range(1, 1 if grid.is_final(i) else k):
-            if math.isfinite(lam[i]):
-                lam_stage[(i, j)] = lam[i] + j / k * (lam[i + 1] - lam[i])
+        if i == final or k == 1:
+            continue
+        finite = math.isfinite(lam[i])
+        for j in range(1, k):
+            if finite:
+                lam_q.append(lam[i] + j / k * (lam[i + 1] - lam[i]))
             else:
-                t_stage[(i, j)] = t[i] + j / k * (t[i + 1] - t[i])
-    if lam_stage:
-        ts = process.t_of_lambda(torch.tensor(list(lam_stage.values()), dtype=torch.float64))
-        t_stage.update(zip(lam_stage, ts.tolist()))
-    tt = torch.tensor(list(t_stage.values()), dtype=torch.float64)
-    coefs = zip(tt.tolist(), *(v.tolist() for v in process.coefficients(tt))) if t_stage else ()
-    stage_pts = dict(zip(t_stage, coefs))
+                t_q.append(t[i] + j / k * (t[i + 1] - t[i]))
+            in_lam.append(finite)
+    stage_pts: list[Any] = []
+    if in_lam:
+        of_lam = iter(
+            process.t_of_lambda(torch.tensor(lam_q, dtype=torch.float64)).tolist() if lam_q else ()
+        )
+        given = iter(t_q)
+        stage_t = [next(of_lam) if f else next(given) for f in in_lam]
+        coefs = process.coefficients(torch.tensor(stage_t, dtype=torch.float64))
+        stage_pts = list(zip(stage_t, *(v.tolist() for v in coefs)))
+    at = 0
 
     out: list[StepRule] = []
     for i, k in enumerate(orders):
-        if grid.is_final(i):
+        if i == final:
             out.append(StepRule((t[i],)))
             continue
-        st = [stage_pts[(i, j)] for j in range(1, k)]
-        if k == 1:
-            stages, final = [], combination(1, ratio[i], (gain[i],))
-        elif not math.isfinite(lam[i]):
+        # DDIM(s → t) = (σ_t/σ_s)·x + α_t(1 − e^{−h})·x̂_0, e^{−h} = σ_t·α_s/(σ_s·α_t) (finite
+        # where λ_s = −∞)
+        ratio = sigma[i + 1] / sigma[i]
+        gain = alpha[i + 1] * -(sigma[i + 1] * alpha[i] / (sigma[i] * alpha[i + 1]) - 1)
+        if k == 1:  # DDIM
+            out.append(StepRule((t[i],), (), Row(ratio, (gain,) if gain else ())))
+            continue
+        st, at = stage_pts[at : at + k - 1], at + k - 1
+        if not math.isfinite(lam[i]):
             stages = [
                 combination(j + 1, p[2] / sigma[i], (*([0.0] * j), p[1])) for j, p in enumerate(st)
             ]
-            final = combination(k, ratio[i], (*([0.0] * len(st)), gain[i]))
+            update = combination(k, ratio, (*([0.0] * len(st)), gain))
         else:
-            stages, final = stage_rows(
+            stages, update = stage_rows(
                 k, lam[i + 1] - lam[i], st, (lam[i], sigma[i]), (alpha[i + 1], sigma[i + 1]),
-                (ratio[i], gain[i]), data, solver_type,
+                (ratio, gain), data, solver_type,
             )  # fmt: skip
-        out.append(StepRule((t[i], *(p[0] for p in st)), tuple(stages), final))
+        out.append(StepRule((t[i], *(p[0] for p in st)), tuple(stages), update))
     return tuple(out)
 
 

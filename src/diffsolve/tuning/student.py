@@ -62,7 +62,7 @@ def _unipc_row(
     lam: Tensor, sig: Tensor, alp: Tensor, i: int, p: int, corrector: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(a, x̂_0 weights newest first, gain) of UniP-p or UniC-p (bh2) for step t_i → t_{i+1}:
-    the torch twin of :func:`diffsolve.solvers.unipc._row`."""
+    the torch twin of :func:`diffsolve.solvers.unipc._rows`."""
     h = lam[i + 1] - lam[i]
     gain = alp[i + 1] * _pk(1, h)
     nodes = [(lam[i - k] - lam[i]) / h for k in range(1, p)]
