@@ -18,16 +18,50 @@ def _log_alpha_of_lambda(lam: Tensor) -> Tensor:
     return -0.5 * torch.nn.functional.softplus(-2.0 * lam)
 
 
+def _log1mexp_np(x: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):  # both branches are evaluated
+        return np.where(x > -math.log(2.0), np.log(-np.expm1(x)), np.log1p(-np.exp(x)))
+
+
+def _host(v: Tensor) -> bool:
+    # a CPU float64 value outside autograd: a plan's few dozen host times, where numpy costs
+    # ~1 µs an operation and a torch kernel ~3–5 (every host caller takes this same path, so
+    # α, σ and λ agree bit for bit however they are asked for)
+    return v.device.type == "cpu" and v.dtype == torch.float64 and not v.requires_grad
+
+
+def _np(v: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.asarray(v, dtype=np.float64))
+
+
 class _VP(GaussianProcess):
     def log_sigma(self, t: float | Tensor) -> Tensor:
-        return 0.5 * log1mexp(2.0 * self.log_alpha(t))
+        la = self.log_alpha(t)
+        if _host(la):
+            return _np(0.5 * _log1mexp_np(2.0 * la.numpy()))
+        return 0.5 * log1mexp(2.0 * la)
+
+    def alpha(self, t: float | Tensor) -> Tensor:
+        la = self.log_alpha(t)
+        return _np(np.exp(la.numpy())) if _host(la) else torch.exp(la)
+
+    def sigma(self, t: float | Tensor) -> Tensor:
+        ls = self.log_sigma(t)
+        return _np(np.exp(ls.numpy())) if _host(ls) else torch.exp(ls)
 
     def lambda_(self, t: float | Tensor) -> Tensor:
         la = self.log_alpha(t)  # once: a table lookup on discrete processes
+        if _host(la):
+            a = la.numpy()
+            return _np(a - 0.5 * _log1mexp_np(2.0 * a))
         return la - 0.5 * log1mexp(2.0 * la)
 
     def coefficients(self, t: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
         la = self.log_alpha(t)
+        if _host(la):
+            a = la.numpy()
+            s = 0.5 * _log1mexp_np(2.0 * a)
+            return _np(np.exp(a)), _np(np.exp(s)), _np(a - s)
         ls = 0.5 * log1mexp(2.0 * la)
         return torch.exp(la), torch.exp(ls), la - ls
 
