@@ -152,6 +152,8 @@ def test_runner_errors_match_an_independent_computation(g64, sd):
     assert row["err_continued"] == pytest.approx(rel_err(x, reference(g64, sd, x_T, 0.0)), 1e-8)
     std = reference(g64, sd, x_T, sd.t_min, x0=True)
     assert row["err_standard"] == pytest.approx(rel_err(x, std), rel=1e-8)
+    # the run ends at t_min: the one standard-end truth of every run is its own here
+    assert row["err_tmin"] == pytest.approx(rel_err(x, std), rel=1e-8)
 
 
 def test_default_solvers_are_deterministic_and_unaliased():

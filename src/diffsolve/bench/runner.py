@@ -10,7 +10,10 @@ batch, :func:`~diffsolve.bench.metrics.rel_rmse`):
   σ → 0 limit by O(ρ²/λ_min(S)) ≈ 1e-14, and returns x̂_0 there);
 - ``err_standard``: against the "standard endpoint": the exact solution at the run's last
   evaluated time, then the exact x̂_0 there — what a sampler that ends with x̂_0 at its last
-  σ > 0 can at best deliver (k-diffusion, EDM, diffusers' ``final_sigmas_type="zero"``).
+  σ > 0 can at best deliver (k-diffusion, EDM, diffusers' ``final_sigmas_type="zero"``);
+- ``err_tmin``: against one reference for every run, the exact solution at the process's data
+  end t_min ended the standard way (x̂_0 there): what the network's own ODE gives where it was
+  never trained below σ_min (a discrete-time process), the truth ``ds.tune``'s teacher uses.
 
 Reference states are cached per start time: an exact state at time t is reused for every run
 that ends there, and a new end time is reached from the nearest cached state above it (each
@@ -147,11 +150,11 @@ class ExactReference:
         return exact_x0_at(self.gmm, self.process, self.at(t_start, t_last), float(t_last))
 
     def errors(self, x: Tensor, t_start: float, t_last: float) -> dict[str, float]:
-        """Both errors of a clean sample x from a run over [t_start … t_last, σ = 0].
+        """The errors of a clean sample x from a run over [t_start … t_last, σ = 0].
 
         The reference is always the trajectory of x_T from the process's own start: x_T is a
         sample of the prior there, so a run that starts lower (diffusers' "leading" spacing,
-        a narrowed ``sigma_max``) carries its start error in both numbers.
+        a narrowed ``sigma_max``) carries its start error in every number.
         """
         del t_start  # reported in the row; the exact answer does not depend on it
         anchor = float(self.process.t_max_finite)
@@ -159,6 +162,7 @@ class ExactReference:
         per = per_sample_rel_err(x, std)
         return {
             "err_continued": rel_rmse(x, self.continued(anchor)),
+            "err_tmin": rel_rmse(x, self.standard(anchor, float(self.process.t_min))),
             "err_standard": rel_rmse(x, std),
             "err_standard_median": float(per.median()),
             "err_standard_max": float(per.max()),
@@ -189,7 +193,7 @@ def _clean(v: Any) -> Any:
 
 def _empty_errors() -> dict[str, float | None]:
     return dict.fromkeys(
-        ("err_continued", "err_standard", "err_standard_median", "err_standard_max")
+        ("err_continued", "err_tmin", "err_standard", "err_standard_median", "err_standard_max")
     )
 
 
@@ -315,7 +319,8 @@ def run_benchmark(
     Returns:
         :class:`BenchResult`; each row has ``kind`` (``diffsolve`` | ``peer``), ``label``,
         ``library``, ``solver``, ``options``, ``schedule``, ``nfe`` (requested), ``nfe_used``,
-        ``err_continued``, ``err_standard`` (+ per-sample median / max), ``seconds``, ``error``;
+        ``err_continued``, ``err_tmin``, ``err_standard`` (+ per-sample median / max),
+        ``seconds``, ``error``;
         peer rows add ``ours`` (the same algorithm on the peer's grid) and ``ratio_standard`` /
         ``ratio_continued`` = ours / peer.
     """
