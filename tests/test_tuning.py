@@ -14,6 +14,7 @@ import torch
 
 import diffsolve as ds
 from diffsolve.bench import gmm2d, gmm64
+from diffsolve.schedules import get_schedule
 from diffsolve.tuning import TunedFileError, TuningError
 from diffsolve.tuning.student import Student
 from diffsolve.tuning.teacher import teacher
@@ -27,7 +28,7 @@ def sd64():
     model = gmm64().denoiser(p)
     calib = ds.prior(p, (96, 64), generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     held = ds.prior(p, (96, 64), generator=torch.Generator().manual_seed(12), dtype=torch.float64)
-    return p, model, calib, held, teacher(model, calib), teacher(model, held)
+    return p, model, calib, held, teacher(model, calib, rtol=1e-6), teacher(model, held, rtol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +166,52 @@ def test_tuning_a_flow_model_keeps_its_start(tmp_path):
     assert tuned.prediction == "velocity"
     out = ds.sample(model, x, solver=tuned)
     assert torch.isfinite(out).all()
+
+
+def test_one_run_scores_both_ends_of_a_grid(sd64):
+    """The start's scoring pass runs each standard grid once for its two ends (standard and
+    extrapolated): the shared run's outputs are the two students' own."""
+    p, model, calib, _, _, _ = sd64
+    t = get_schedule("logsnr")(p, 6)
+    lam = p.lambda_(t)
+    lam_hi = float(p.lambda_(torch.tensor(p.t_min, dtype=torch.float64)))
+    a = Student(model, 6, float(p.t_max_finite), lam, lam_hi, lam_hi - 5.0, final_width=3)
+    f = torch.tensor([1.8, -1.0, 0.2], dtype=torch.float64)
+    b = Student(
+        model, 6, float(p.t_max_finite), lam, lam_hi, lam_hi - 5.0, final_width=3, final_init=f
+    )
+    with torch.no_grad():
+        hist = a.history(calib[:16])
+        assert torch.equal(a.end(hist), a(calib[:16]))
+        assert torch.allclose(a.end(hist, b.final_weights()), b(calib[:16]), atol=1e-12, rtol=0)
+
+
+def test_a_phase_stops_when_validation_stalls_and_its_bar_completes(sd64, monkeypatch):
+    """The early stop: a phase ends after ``_PATIENCE`` iterations without a better validation
+    score, reports itself complete to the progress bar, and keeps its best iterate."""
+    import sys
+
+    tune_mod = sys.modules["diffsolve.tuning.tune"]
+    _p, model, calib, _, target, _ = sd64
+    monkeypatch.setattr(tune_mod, "_PATIENCE", 2)
+    monkeypatch.setattr(tune_mod, "_MIN_ITERS", 0)
+    calls: list[tuple[str, int, int]] = []
+    tuned = ds.tune(
+        model, calib[:64], 5, target=target[:64], iters=50, lr=2.0,
+        progress=lambda ph, i, n, v: calls.append((ph, i, n)),
+    )  # fmt: skip
+    assert len(calls) < 4 * 50  # some phase stopped early (lr = 2 overshoots)
+    ends = [c for k, c in enumerate(calls) if k + 1 == len(calls) or calls[k + 1][0] != c[0]]
+    assert all(i == n for _ph, i, n in ends), ends
+    info = tuned.info
+    assert info["calib_rel_rmse_after"] <= info["calib_rel_rmse_before"] * (1 + 1e-9)
+
+
+def test_the_teacher_default_tolerance_is_far_below_a_tuned_error(sd64):
+    """The calibration target's default rtol (1e-5, half the calls of 1e-6) is ≪ the error of
+    any few-step solver tuned to it: here within 1e-4 of the 1e-6 solution."""
+    from diffsolve.tuning.teacher import TEACHER_RTOL
+
+    _p, model, calib, _, target, _ = sd64
+    assert TEACHER_RTOL == 1e-5
+    assert rel_err(teacher(model, calib), target) < 1e-4

@@ -539,9 +539,14 @@ def tune(
         "(default: none, or all if guided)",
     ),
     iters: int = typer.Option(
-        None, min=1, help="iterations per phase (default: 120; autodiffusion: 15 generations)"
+        None,
+        min=1,
+        help="iterations per phase at most (default: 60, stopped early once the validation "
+        "score stalls; autodiffusion: 15 generations)",
     ),
-    rtol: float = typer.Option(1e-6, min=0.0, help="the teacher's tolerance (rk45)"),
+    rtol: float | None = typer.Option(
+        None, min=0.0, help="the teacher's tolerance (rk45; default: ds.tune's, 1e-5)"
+    ),
     threads: int = typer.Option(
         1, min=0, help="torch intra-op threads (0: torch's default; the digits nets are tiny)"
     ),
@@ -580,6 +585,10 @@ def tune(
                 f"{model} is an analytic mixture: no classes to guide toward",
                 param_hint="--guidance/--label",
             )
+    if rtol is None:
+        from .tuning.teacher import TEACHER_RTOL
+
+        rtol = TEACHER_RTOL
     if not rtol > 0:
         raise typer.BadParameter(f"must be positive, got {rtol}", param_hint="--rtol")
     guided = guidance is not None and guidance != 1.0

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .teacher import teacher_path
+from .teacher import TEACHER_RTOL, teacher_path
 
 __all__ = ["evolve", "gits_grid"]
 
@@ -38,7 +38,7 @@ def gits_grid(
     target: Tensor,
     cond: Mapping[str, Any] | None = None,
     fine: int | None = None,
-    rtol: float = 1e-6,
+    rtol: float = TEACHER_RTOL,
 ) -> Tensor:
     """The GITS grid in λ, shape (nfe,), from λ(t_start) to at most ``lam_hi``.
 

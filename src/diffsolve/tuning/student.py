@@ -272,26 +272,37 @@ class Student(nn.Module):
 
     def forward(self, x: Tensor, cond: dict[str, Any] | None = None) -> Tensor:
         """The student's sample from x (B, ...), taken as the state at the grid's start."""
+        return self.end(self.history(x, cond))
+
+    def end(self, hist: list[Tensor], weights: Tensor | None = None) -> Tensor:
+        """The output from :meth:`history`'s x̂_0's: Σ_j f_j·x̂_0[j] with f the learned final
+        weights, or ``weights`` (newest first; e.g. another end rule scored on the same run)."""
+        f = self.final_weights() if weights is None else weights
+        if f.numel() == 1:
+            return hist[0]
+        out = sum(f[j].to(hist[0].dtype) * hist[j] for j in range(min(f.numel(), len(hist))))
+        assert isinstance(out, Tensor)  # hist is never empty here: ≥ 1 term
+        return out
+
+    def history(self, x: Tensor, cond: dict[str, Any] | None = None) -> list[Tensor]:
+        """The run's last x̂_0's, newest first (at least the final width of them, if the budget
+        has them): every network call of :meth:`forward` without the output's combination."""
         cond = cond or {}
         t = self.times()
         pred, corr = self.rows(t)
         hist: list[Tensor] = []
         x_prev = x
+        keep = max(max(self.orders, default=self.order) + 1, self.final.numel())
         for i in range(self.nfe):
             hist.insert(0, self.model(x, self._point(t[i], x), **cond).x0)
             if i == self.nfe - 1:
-                f = self.final_weights()
-                if f.numel() == 1:
-                    return hist[0]
-                out = sum(f[j].to(x.dtype) * hist[j] for j in range(min(f.numel(), len(hist))))
-                assert isinstance(out, Tensor)  # hist is never empty here: ≥ 1 term
-                return out
+                return hist
             c = corr[i - 1] if i >= 1 else None
             if c is not None:
                 x = self._combine(c, x_prev, hist)
             x_prev = x
             x = self._combine(pred[i], x, hist)
-            del hist[max(self.order + 1, self.final.numel()) :]
+            del hist[keep:]
         raise AssertionError("unreachable")
 
     # -- export -----------------------------------------------------------------------------
