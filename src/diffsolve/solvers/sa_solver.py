@@ -39,9 +39,7 @@ def _adams_weights(
     moments = memo.setdefault(z, [])  # (−1)^k·∫_0^1 v^k·e^{−z·v} dv, k = 0, 1, …
     while len(moments) < len(u):
         moments.append((-1) ** len(moments) * _moment(len(moments), z))
-    if len(u) == 1:
-        return [z * moments[0]]
-    if len(u) == 2:  # ℓ_0 = (u − u_1)/(u_0 − u_1), ℓ_1 = (u − u_0)/(u_1 − u_0)
+    if len(u) == 2:  # the default orders, in closed form: ℓ_0 = (u − u_1)/(u_0 − u_1), …
         (u0, u1), (m0, m1) = u, moments[:2]
         return [z * (m1 - u1 * m0) / (u0 - u1), z * (u0 * m0 - m1) / (u0 - u1)]
     out = []
@@ -62,9 +60,7 @@ def _row(grid: Grid, i: int, nodes: list[int], tau: float, corrector: bool, memo
     row of the step grid.t[i] → grid.t[i+1]: x_t = decay·x_s + Σ_j α_t·w_j·x̂_0[j] + noise·z,
     x̂_0 over the nodes newest first. ``memo``: what the plan's rows share (a step's predictor
     and corrector have the same c·h)."""
-    lam, alpha, sigma = memo.get("grid") or memo.setdefault(
-        "grid", grid.lists("lam", "alpha", "sigma")
-    )
+    lam, alpha, sigma = grid.lists("lam", "alpha", "sigma")
     lam_s, lam_t = lam[i], lam[i + 1]
     h = lam_t - lam_s
     c = 1 + tau**2
