@@ -413,11 +413,12 @@ def test_auto_detects_guidance_from_the_pipeline():
     sched = DiffsolveScheduler.from_config(diffusers.DDIMScheduler(**SD).config, solver="auto")
     assert sched.config.guided is None
     pipe = _TinyPipeline(sched)
-    for scale, n in ((7.5, 10), (1.0, 10), (4.0, 20)):
+    for scale, n in ((7.5, 10), (1.0, 10), (4.0, 20), (1.0, 20)):
         assert pipe(scale, n) == recommend(sched.process, n, scale > 1).solver, (scale, n)
-    assert pipe(7.5, 10) != pipe(1.0, 10)
+    # NFE 20: guided → DPM-Solver++(2M), unguided → UniPC-3 (at NFE 8–11 both are 2M on SD)
+    assert pipe(7.5, 20) != pipe(1.0, 20)
     # an explicit setting wins; outside a pipeline: unguided
     pipe.scheduler = DiffsolveScheduler.from_config(sched.config, guided=False)
-    assert pipe(7.5, 10) == recommend(sched.process, 10, False).solver
-    sched.set_timesteps(10)
-    assert sched.solver == recommend(sched.process, 10, False).solver
+    assert pipe(7.5, 20) == recommend(sched.process, 20, False).solver
+    sched.set_timesteps(20)
+    assert sched.solver == recommend(sched.process, 20, False).solver

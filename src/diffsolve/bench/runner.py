@@ -15,6 +15,12 @@ batch, :func:`~diffsolve.bench.metrics.rel_rmse`):
   end t_min ended the standard way (x̂_0 there): what the network's own ODE gives where it was
   never trained below σ_min (a discrete-time process), the truth ``ds.tune``'s teacher uses.
 
+``err_continued_median`` and ``err_tmin_median`` are the median per-sample relative errors
+against the same two truths: a mixture trajectory near a boundary between components can end
+at another component under one sampler and not another, and one such sample sets the RMSE of a
+batch (on heldout48 + SD at NFE 10 the RMSE is 0.017 or 0.17 depending on one sample), so a
+rule is judged on the median, which follows the bulk.
+
 Reference states are cached per start time: an exact state at time t is reused for every run
 that ends there, and a new end time is reached from the nearest cached state above it (each
 segment solved at 1e-12, so chaining costs nothing in accuracy).
@@ -160,9 +166,13 @@ class ExactReference:
         anchor = float(self.process.t_max_finite)
         std = self.standard(anchor, t_last)
         per = per_sample_rel_err(x, std)
+        tmin = self.standard(anchor, float(self.process.t_min))
+        cont = self.continued(anchor)
         return {
-            "err_continued": rel_rmse(x, self.continued(anchor)),
-            "err_tmin": rel_rmse(x, self.standard(anchor, float(self.process.t_min))),
+            "err_continued": rel_rmse(x, cont),
+            "err_continued_median": float(per_sample_rel_err(x, cont).median()),
+            "err_tmin": rel_rmse(x, tmin),
+            "err_tmin_median": float(per_sample_rel_err(x, tmin).median()),
             "err_standard": rel_rmse(x, std),
             "err_standard_median": float(per.median()),
             "err_standard_max": float(per.max()),
@@ -193,7 +203,15 @@ def _clean(v: Any) -> Any:
 
 def _empty_errors() -> dict[str, float | None]:
     return dict.fromkeys(
-        ("err_continued", "err_tmin", "err_standard", "err_standard_median", "err_standard_max")
+        (
+            "err_continued",
+            "err_continued_median",
+            "err_tmin",
+            "err_tmin_median",
+            "err_standard",
+            "err_standard_median",
+            "err_standard_max",
+        )
     )
 
 
@@ -319,7 +337,8 @@ def run_benchmark(
     Returns:
         :class:`BenchResult`; each row has ``kind`` (``diffsolve`` | ``peer``), ``label``,
         ``library``, ``solver``, ``options``, ``schedule``, ``nfe`` (requested), ``nfe_used``,
-        ``err_continued``, ``err_tmin``, ``err_standard`` (+ per-sample median / max),
+        ``err_continued``, ``err_tmin`` (+ their per-sample medians), ``err_standard`` (+ per-sample
+        median / max),
         ``seconds``, ``error``;
         peer rows add ``ours`` (the same algorithm on the peer's grid) and ``ratio_standard`` /
         ``ratio_continued`` = ours / peer.
