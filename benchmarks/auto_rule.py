@@ -6,10 +6,12 @@ NFE, and prints, per model and NFE, auto's error, the best peer configuration's 
 auto / best peer. The truth depends on the process (``auto.py`` says why):
 
 - a discrete-time process (``sd``, ``ddpm``: ``VPDiscrete``; its network never saw σ < σ_min):
-  the exact solution at t_min ended the standard way (``err_tmin``), and the error is the
-  **median per-sample** relative error (``err_tmin_median``: one mixture sample that ends at
-  another component sets a batch's RMSE; ``bench.runner``); the RMSE ratio is printed beside it;
-- a continuous-time process: the exact solution continued to σ = 0 (``err_continued``), RMSE.
+  the exact solution at t_min ended the standard way (``err_tmin``);
+- a continuous-time process: the exact solution continued to σ = 0 (``err_continued``).
+
+The error ranked is the **median per-sample** relative error (``err_tmin_median``,
+``err_continued_median``: one mixture sample that ends at another component sets a batch's RMSE;
+``bench.runner``); the RMSE ratio is printed beside it.
 
 Writes the rows to ``--out`` as JSON. ``--models`` also takes the held-out mixtures
 (``heldout16``, ``heldout48``, ``heldout128``; ``diffsolve.bench.gmm.HELDOUT``), batch 64: test
@@ -17,8 +19,10 @@ data for the rule, never a source for it.
 
     python benchmarks/auto_rule.py [--nfe 4,5,6,8,10,12,15,20,25] [--process sd] [--out F.json]
     python benchmarks/auto_rule.py --models heldout16,heldout48,heldout128 --process ddpm
+    python benchmarks/auto_rule.py --process vp-cosine --nfe 4,5,6,8,10,12,13,14,15,17,20,25 \
+        --models gmm2d,gmm64,gmm3072,heldout16,heldout48,heldout128
 
-About 3 minutes per process on 2 CPU cores (the peers dominate).
+About 1–3 minutes per process on 2 CPU cores (the peers dominate).
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ def main() -> None:
         )
         out[model] = res.to_json()
         discrete = isinstance(get_process(args.process), VPDiscrete)
-        key, rmse = ("err_tmin_median", "err_tmin") if discrete else ("err_continued",) * 2
+        truth = "err_tmin" if discrete else "err_continued"
+        key, rmse = truth + "_median", truth
         for n in nfes:
             rows = [r for r in res.rows if r["nfe"] == n and r[key] is not None]
             ours = next(r for r in rows if r["kind"] == "diffsolve")

@@ -20,6 +20,16 @@ gmm2d,gmm64,gmm3072,heldout16,heldout48,heldout128``; same seeds and batches as 
 The two design cells above 1 are bounded at their measured ratio (+5 %): a regression guard,
 not the claim. The test re-runs, live, the peer configurations that came within the top three at
 any of these points in the full sweep.
+
+For a continuous-time process the truth is the exact solution continued to σ = 0
+(``err_continued_median``) and the envelope is all 12 k-diffusion configurations; the rule was
+read off gmm2d/gmm64/gmm3072 × EDM/VE/VP-linear, and VP-cosine is a process never used:
+
+    model       process    NFE 5  NFE 10  NFE 20
+    gmm3072     vp-linear  0.62   1.08    0.21
+    heldout16   edm        0.70   0.27    0.23
+    heldout48   vp-cosine  0.26   0.73    0.15
+    heldout128  ve         0.67   1.01    0.26   (held out, above 1: bounded like the design cell)
 """
 
 from __future__ import annotations
@@ -83,6 +93,40 @@ def test_auto_is_at_or_below_the_peer_envelope(model, process):
         assert ours["err_tmin_median"] <= bound * best, (model, n, ours["err_tmin_median"], best)
 
 
+# continuous-time processes: every k-diffusion configuration (diffusers has none for them)
+KNOWN_CONTINUOUS = {("gmm3072", "vp-linear", 10): 1.13, ("heldout128", "ve", 10): 1.06}
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize(
+    "model,process",
+    [
+        ("gmm3072", "vp-linear"),
+        ("heldout16", "edm"),
+        ("heldout48", "vp-cosine"),
+        ("heldout128", "ve"),
+    ],
+)
+def test_auto_is_at_or_below_the_peer_envelope_continuous(model, process):
+    pytest.importorskip("diffsolve.interop.kdiffusion")
+    res = run_benchmark(
+        get_heldout(model) if model in HELDOUT else model,
+        process,
+        solver_names=["auto"],
+        nfes=(5, 10, 20),
+        batch=BATCH.get(model, 64),
+        peers=True,
+    )
+    ran = [r for r in res.rows if r["kind"] == "peer" and r["error"] is None]
+    assert len({r["label"] for r in ran}) == 12
+    for n in (5, 10, 20):
+        rows = [r for r in res.rows if r["nfe"] == n]
+        ours = next(r for r in rows if r["kind"] == "diffsolve")
+        best = min(r["err_continued_median"] for r in ran if r["nfe"] == n and r["nfe_used"] == n)
+        bound = KNOWN_CONTINUOUS.get((model, process, n), 1.0)
+        assert ours["err_continued_median"] <= bound * best, (model, n, ours, best)
+
+
 def test_recommendation_bands(sd):
     ddpm = ds.VPDiscrete.from_betas("linear", beta_start=1e-4, beta_end=0.02)
     # discrete-time processes: the standard end at every budget, the grid's top rising with it
@@ -104,26 +148,29 @@ def test_recommendation_bands(sd):
         assert (rec.schedule.sigma_min, rec.schedule.sigma_max) == (bottom, top), n
     assert recommend(sd, 12).schedule == LogSNR()  # SD's top (σ/α 14.6) is below 20
     assert recommend(sd, 20).solver.lower_order_final is False
-    # a continuous-time process keeps the continued end where it pays
+    # a continuous-time process: the bottom falls and (VP only) the top rises with the NFE
     vp = ds.VPLinear()
-    for n, schedule, final in [
-        (1, Karras, "standard"),
-        (4, Karras, "standard"),
-        (5, Karras, "standard"),
-        (6, LogSNR, "extrapolate"),
-        (10, LogSNR, "standard"),
-        (20, Karras, "extrapolate"),
-        (100, Karras, "extrapolate"),
+    for n, order, schedule, final, bottom, top in [
+        (1, 2, Karras, "standard", 0.1155, 12.2),
+        (5, 2, Karras, "standard", 0.1155, 12.2),
+        (6, 2, LogSNR, "extrapolate", 0.05, 12.2),
+        (7, 2, LogSNR, "extrapolate", 0.05, 12.2),
+        (8, 2, LogSNR, "extrapolate", 0.05, 14.0),
+        (11, 2, LogSNR, "extrapolate", 0.05, 14.0),
+        (12, 3, LogSNR, "extrapolate", 0.02, 20.0),
+        (14, 3, LogSNR, "extrapolate", 0.02, 20.0),
+        (15, 3, LogSNR, "extrapolate", 0.02, None),
+        (100, 3, LogSNR, "extrapolate", 0.02, None),
     ]:
         rec = recommend(vp, n)
-        assert rec.solver.name == "unipc" and rec.solver.order == 2
-        assert isinstance(rec.schedule, schedule) and rec.final == final, n
-    # the low-NFE grid is narrowed at both ends on a VP process ...
-    assert recommend(vp, 5).schedule.sigma_max == pytest.approx(9.75)
-    assert recommend(vp, 5).schedule.sigma_min == pytest.approx(0.05)
-    # ... but never starts below the top on a process whose prior is not N(0, I)
-    assert recommend(ds.EDM(), 5).schedule.sigma_max is None
-    assert recommend(ds.VE(), 6).schedule.sigma_max is None
+        assert (rec.solver.name, rec.solver.order, rec.final) == ("unipc", order, final), n
+        assert rec.solver.lower_order_final is (order == 2), n
+        assert isinstance(rec.schedule, schedule), n
+        assert (rec.schedule.sigma_min, rec.schedule.sigma_max) == (bottom, top), n
+    # ... never starting below the top on a process whose prior is not N(0, I)
+    for n in (5, 6, 10, 12, 20):
+        assert recommend(ds.EDM(), n).schedule.sigma_max is None
+        assert recommend(ds.VE(), n).schedule.sigma_max is None
     for p in (sd, vp):
         guided = recommend(p, 5, guided=True)
         assert guided.solver.name == "dpmpp_2m" and guided.final == "standard"

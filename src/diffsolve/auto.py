@@ -34,23 +34,39 @@ Design ratios auto / envelope (median, max over the 6 models): NFE 4 1.03, 5 0.9
 ≤ 1.05 at every NFE 4–25. The shipped digits-vp network (DDPM-linear, against its rk45
 solution): docs/networks.md.
 
-**Continuous-time processes** (VP-linear/cosine, sub-VP, VE, EDM: trained down to σ → 0): the
-truth is the exact solution continued to σ = 0 (``err_continued``, RMSE), read off the same
-mixtures on the SD noise levels.
+**Continuous-time processes** (VP-linear, sub-VP, VE, EDM: trained down to σ → 0): the truth
+is the exact solution continued to σ = 0 (``err_continued``), ranked on its median for the same
+reason. Read off gmm2d/gmm64/gmm3072 × EDM/VE/VP-linear (``benchmarks/auto_rule.py --process``)
+against the 12 k-diffusion configurations (diffusers has none for these processes), with the
+candidates UniPC-2/3, DPM-Solver++(2M/3M) and DEIS × uniform λ, Karras ρ = 7/12/25 and uniform t,
+each with narrowed ends and either end rule:
 
-What the sweep shows there, and so what the rule does:
+* NFE ≤ 5: UniPC-2 on Karras ρ = 12 over σ/α ∈ [0.12, max], ended the standard way.
+* NFE 6–7: UniPC-2 on uniform λ over [0.05, max], continued to σ = 0; NFE 8–11 the same.
+* NFE 12–14: UniPC-3 with its corrector on every step, uniform λ over [0.02, max], continued.
+  NFE ≥ 15: the same. On the full range order 3 loses at NFE ≤ 12 on gmm3072 (1.4–4×), as on
+  the discrete processes; with the VP start at σ/α = 20 it is within 1.03 at NFE 12, and it
+  wins from NFE 13 (design max 0.70 → 0.28 at NFE 13 → 25).
+* "max" is the process's top, except on a variance-preserving process, where the grid starts
+  at σ/α = 12.2 (NFE ≤ 7), 14 (8–11), 20 (12–14): x_T ~ N(0, I) is as good a sample of the
+  marginal there as at t_max, and the steps saved pay up to NFE 14.
+* Stopping above σ_min and continuing x̂_0 to σ = 0 is a bias that does not vanish with more
+  steps; on these mixtures it costs less than the steps it saves at every NFE measured (4–25).
 
-* Every budget: UniPC (bh2, order 2, with its corrector), whose corrector is a free order of
-  accuracy per step.
-* NFE ≤ 7: the error is dominated by the few large steps, not by where the grid ends. The grid
-  stops at σ/α = 0.05 (0.12 for NFE ≤ 4; the last x̂_0 is then already a good estimate) and,
-  for variance-preserving processes only, starts a little below the top noise level (σ/α ≈
-  10–12 instead of SD's 14.6), where x_T ~ N(0, I) is as good a sample of the marginal as at
-  t_max — the same thing diffusers' "leading" spacing does by accident. Both are biases that
-  do not vanish with more steps, so they are used only where they pay at this budget.
-* NFE 8–12: uniform λ over the whole range, ``final="standard"``.
-* NFE ≥ 13: Karras ρ = 25 over the whole range, and ``final="extrapolate"`` (the last x̂_0's
-  continued to σ = 0), which at these budgets is worth a factor 1.5–3 over stopping at t_min.
+Median ratio auto / envelope, max over the 9 design cells: NFE 4 2.20 (VE gmm2d; 1.32 VE
+gmm3072, the rest ≤ 1.25), 5 0.94, 6 0.69, 8 0.92, 10 1.10, 12 1.03, 15 0.43, 20 0.42, 25 0.28.
+Held out (heldout16/48/128 × EDM/VE/VP-linear/VP-cosine and the design mixtures on VP-cosine, a
+process never used to choose anything; 15 cells × 12 NFEs): above the envelope at 4 of 180
+points (VE heldout128 NFE 8/10: 1.07/1.01; VP-linear and VP-cosine heldout48 NFE 14: 1.19/1.07),
+max 0.82 / 1.01 / 0.42 at NFE 5 / 10 / 20, median 0.36 (the rule before this one: 37 of 180,
+median 0.74). On the RMSE, which one boundary sample sets (module text above), above the
+envelope at 45 of 180 (before: 61), median 0.63 (0.93); the worst is VP-linear heldout48 from
+NFE 10 on (5–28×): one of its 64 samples ends at another component under UniPC-3 on uniform λ,
+whatever the grid's ends (checked at NFE 15 and 25), and not under DPM-Solver++(2M) or UniPC-2
+on Karras ρ = 25.
+
+Two rules apply before the process's kind:
+
 * Flow paths (α = 0 at t_max: rectified flow, the flow-matching paths): λ-uniform and Karras
   grids put several points where the velocity barely changes. The rule is diffusers' flow grid
   (uniform t, the last evaluation at t_max/n) with UniPC-2 continued to σ = 0. On the shipped
@@ -81,10 +97,15 @@ from .solvers.base import Solver, get_solver
 
 __all__ = ["Recommendation", "is_guided", "recommend"]
 
-# σ/α levels of the low-NFE grid ends per NFE band (on SD scaled-linear these are the times
-# t_last = 0.015, 0.003, 0.003 and t_start = 0.97, 0.93, 0.97)
-_LOW_NFE_ENDS = {4: (0.1155, 12.2), 5: (0.05, 9.75), 7: (0.05, 12.2)}
-
+# continuous-time processes: (last NFE of the band or None, UniPC order, grid, σ/α bottom, σ/α top
+# for variance-preserving processes, end rule)
+_CONTINUOUS_BANDS: tuple[tuple[int | None, int, str, float, float | None, str], ...] = (
+    (5, 2, "karras", 0.1155, 12.2, "standard"),
+    (7, 2, "logsnr", 0.05, 12.2, "extrapolate"),
+    (11, 2, "logsnr", 0.05, 14.0, "extrapolate"),
+    (14, 3, "logsnr", 0.02, 20.0, "extrapolate"),
+    (None, 3, "logsnr", 0.02, None, "extrapolate"),
+)
 
 # discrete-time processes, ended the standard way: (last NFE of the band, σ/α top of the grid)
 # — a start below t_max pays at few steps and costs a bias that does not vanish with more
@@ -136,6 +157,10 @@ def _bounds(process: GaussianProcess, sigma_min: float | None, sigma_max: float 
     return out
 
 
+def _span(bounds: dict) -> str:
+    return f"[{bounds.get('sigma_min', 'σ_min')}, {bounds.get('sigma_max', 'σ_max')}]"
+
+
 def recommend(process: GaussianProcess, nfe: int, guided: bool = False) -> Recommendation:
     """The solver, schedule and end rule ``solver="auto"`` uses for this budget.
 
@@ -165,31 +190,31 @@ def recommend(process: GaussianProcess, nfe: int, guided: bool = False) -> Recom
         )
     if isinstance(process, VPDiscrete):
         return _discrete(process, nfe)
-    unipc = get_solver("unipc", order=2)
+    return _continuous(process, nfe)
+
+
+def _continuous(process: GaussianProcess, nfe: int) -> Recommendation:
+    """The rule for a continuous-time process (trained down to σ → 0): the grid's bottom falls
+    and its top (variance-preserving processes only) rises with the NFE, the order rises at
+    NFE 12, and every band but the first is continued to σ = 0 (module docstring)."""
     vp = _variance_preserving(process)
-    if nfe <= 7:
-        band = 4 if nfe <= 4 else 5 if nfe == 5 else 7
-        bottom, top = _LOW_NFE_ENDS[band]
-        bounds = _bounds(process, bottom, top if vp else None)
-        if nfe <= 5:
+    first = 1
+    for last, order, kind, bottom, top, final in _CONTINUOUS_BANDS:
+        if last is None or nfe <= last:
+            bounds = _bounds(process, bottom, top if vp else None)
+            grid = Karras(rho=12.0, **bounds) if kind == "karras" else LogSNR(**bounds)
+            band = f"NFE {first}–{last}" if last is not None else f"NFE ≥ {first}"
             return Recommendation(
-                unipc,
-                Karras(rho=12.0, **bounds),
-                "standard",
-                f"NFE {'≤ 4' if band == 4 else '5'}: UniPC-2, Karras ρ = 12 on a narrowed "
-                "noise range",
+                get_solver("unipc", order=order, lower_order_final=order == 2),
+                grid,
+                final,
+                f"{band}: UniPC-{order}, "
+                + ("Karras ρ = 12" if kind == "karras" else "uniform λ")
+                + f" over σ/α ∈ {_span(bounds)}"
+                + (", continued to σ = 0" if final == "extrapolate" else ""),
             )
-        return Recommendation(
-            unipc,
-            LogSNR(**bounds),
-            "extrapolate",
-            "NFE 6–7: UniPC-2, uniform λ on a narrowed noise range, continued to σ = 0",
-        )
-    if nfe <= 12:
-        return Recommendation(unipc, LogSNR(), "standard", "NFE 8–12: UniPC-2, uniform λ")
-    return Recommendation(
-        unipc, Karras(rho=25.0), "extrapolate", "NFE ≥ 13: UniPC-2, Karras ρ = 25, to σ = 0"
-    )
+        first = last + 1
+    raise AssertionError("unreachable: the last band has no upper NFE")
 
 
 def _discrete(process: VPDiscrete, nfe: int) -> Recommendation:
@@ -198,31 +223,33 @@ def _discrete(process: VPDiscrete, nfe: int) -> Recommendation:
     rises with the NFE, and the order with it (module docstring)."""
     top = next((t for last, t in _DISCRETE_TOPS if nfe <= last), None)
     if nfe <= 4:
+        bounds = _bounds(process, 0.1155, top)
         return Recommendation(
             get_solver("unipc", order=2),
-            Karras(rho=12.0, **_bounds(process, _LOW_NFE_ENDS[4][0], top)),
+            Karras(rho=12.0, **bounds),
             "standard",
-            "discrete, NFE ≤ 4: UniPC-2, Karras ρ = 12 on a narrowed noise range",
+            f"discrete, NFE 1–4: UniPC-2, Karras ρ = 12 over σ/α ∈ {_span(bounds)}, x̂0 there",
         )
     if nfe <= 7:
+        bounds = _bounds(process, 0.05, top)
         return Recommendation(
             get_solver("unipc", order=2),
-            LogSNR(**_bounds(process, 0.05, top)),
+            LogSNR(**bounds),
             "standard",
-            "discrete, NFE 5–7: UniPC-2, uniform λ over σ/α ∈ [0.05, 12.2]",
+            f"discrete, NFE 5–7: UniPC-2, uniform λ over σ/α ∈ {_span(bounds)}, x̂0 there",
         )
+    bounds = _bounds(process, None, top)
     if nfe <= 11:
         return Recommendation(
             get_solver("dpmpp_2m"),
-            LogSNR(**_bounds(process, None, top)),
+            LogSNR(**bounds),
             "standard",
-            "discrete, NFE 8–11: DPM-Solver++(2M), uniform λ from σ/α = 14 to t_min",
+            f"discrete, NFE 8–11: DPM-Solver++(2M), uniform λ over σ/α ∈ {_span(bounds)}, "
+            "x̂0 at t_min",
         )
     return Recommendation(
         get_solver("unipc", order=3, lower_order_final=False),
-        LogSNR(**_bounds(process, None, top)),
+        LogSNR(**bounds),
         "standard",
-        "discrete, NFE ≥ 12: UniPC-3, uniform λ"
-        + (" from σ/α = 20" if top is not None else "")
-        + " to t_min",
+        f"discrete, NFE ≥ 12: UniPC-3, uniform λ over σ/α ∈ {_span(bounds)}, x̂0 at t_min",
     )
