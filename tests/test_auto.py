@@ -59,6 +59,28 @@ BATCH = {"gmm3072": 16}  # the others 64
 KNOWN = {("gmm2d", "sd", 10): 1.50, ("gmm3072", "sd", 10): 1.05}
 
 
+def _envelope_run(model, process, peer_labels=None):
+    return run_benchmark(
+        get_heldout(model) if model in HELDOUT else model,
+        process,
+        solver_names=["auto"],
+        nfes=(5, 10, 20),
+        batch=BATCH.get(model, 64),
+        peers=True,
+        peer_labels=peer_labels,
+    )
+
+
+def _assert_at_or_below(res, model, process, key, known, peers):
+    """auto's ``key`` ≤ bound × the least of ``peers``' at NFE 5, 10 and 20."""
+    for n in (5, 10, 20):
+        ours = next(r for r in res.rows if r["nfe"] == n and r["kind"] == "diffsolve")
+        assert ours["nfe_used"] == n
+        best = min(r[key] for r in peers if r["nfe"] == n)
+        bound = known.get((model, process, n), 1.0)
+        assert ours[key] <= bound * best, (model, n, ours[key], best)
+
+
 @pytest.mark.peers
 @pytest.mark.parametrize(
     "model,process",
@@ -73,24 +95,11 @@ KNOWN = {("gmm2d", "sd", 10): 1.50, ("gmm3072", "sd", 10): 1.05}
 )
 def test_auto_is_at_or_below_the_peer_envelope(model, process):
     pytest.importorskip("diffusers")
-    res = run_benchmark(
-        get_heldout(model) if model in HELDOUT else model,
-        process,
-        solver_names=["auto"],
-        nfes=(5, 10, 20),
-        batch=BATCH.get(model, 64),
-        peers=True,
-        peer_labels=ENVELOPE_PEERS,
-    )
+    res = _envelope_run(model, process, ENVELOPE_PEERS)
     ran = {r["label"] for r in res.rows if r["kind"] == "peer" and r["error"] is None}
     assert ran == set(ENVELOPE_PEERS)
-    for n in (5, 10, 20):
-        rows = [r for r in res.rows if r["nfe"] == n]
-        ours = next(r for r in rows if r["kind"] == "diffsolve")
-        assert ours["nfe_used"] == n
-        best = min(r["err_tmin_median"] for r in rows if r["kind"] == "peer")
-        bound = KNOWN.get((model, process, n), 1.0)
-        assert ours["err_tmin_median"] <= bound * best, (model, n, ours["err_tmin_median"], best)
+    peers = [r for r in res.rows if r["kind"] == "peer"]
+    _assert_at_or_below(res, model, process, "err_tmin_median", KNOWN, peers)
 
 
 # continuous-time processes: every k-diffusion configuration (diffusers has none for them)
@@ -109,22 +118,11 @@ KNOWN_CONTINUOUS = {("gmm3072", "vp-linear", 10): 1.13, ("heldout128", "ve", 10)
 )
 def test_auto_is_at_or_below_the_peer_envelope_continuous(model, process):
     pytest.importorskip("diffsolve.interop.kdiffusion")
-    res = run_benchmark(
-        get_heldout(model) if model in HELDOUT else model,
-        process,
-        solver_names=["auto"],
-        nfes=(5, 10, 20),
-        batch=BATCH.get(model, 64),
-        peers=True,
-    )
+    res = _envelope_run(model, process)
     ran = [r for r in res.rows if r["kind"] == "peer" and r["error"] is None]
     assert len({r["label"] for r in ran}) == 12
-    for n in (5, 10, 20):
-        rows = [r for r in res.rows if r["nfe"] == n]
-        ours = next(r for r in rows if r["kind"] == "diffsolve")
-        best = min(r["err_continued_median"] for r in ran if r["nfe"] == n and r["nfe_used"] == n)
-        bound = KNOWN_CONTINUOUS.get((model, process, n), 1.0)
-        assert ours["err_continued_median"] <= bound * best, (model, n, ours, best)
+    exact = [r for r in ran if r["nfe_used"] == r["nfe"]]
+    _assert_at_or_below(res, model, process, "err_continued_median", KNOWN_CONTINUOUS, exact)
 
 
 def test_recommendation_bands(sd):
