@@ -5,10 +5,12 @@ noises drawn from one seed (``--seed-calib``) and the tuned solver is evaluated 
 (``--seed-eval``) against the exact answer:
 
 - mixtures (gmm2d, gmm64, gmm3072 and the held-out mixtures of ``diffsolve.bench.gmm``, on the
-  processes of ``--processes``): the benchmark's exact reference (DOP853 at 1e-12) from t_max
-  continued to σ = 0, the ``err_continued`` of ``bench.runner`` and ``auto_rule.py``; the tuning
-  target is that same exact reference on the calibration noises (passed as ``target=``, so
-  tuning spends no time on ``rk45``);
+  processes of ``--processes``): the benchmark's exact reference (DOP853 at 1e-12) from t_max,
+  on a discrete-time process (SD, DDPM-linear: ``VPDiscrete``) ended the standard way at t_min
+  (x̂_0 there: the ``err_tmin`` of ``bench.runner`` and ``auto_rule.py``, what the network's own
+  ODE gives; it never sees σ < σ_min), on a continuous-time one continued to σ = 0
+  (``err_continued``); the tuning target is that same exact reference on the calibration noises
+  (passed as ``target=``, so tuning spends no time on ``rk45``);
 - the shipped networks (digits-vp, digits-flow; ``ds.nets.model``, class labels
   ``arange(B) % 10`` bound to the batch positions as in ``bench.networks``): the network's own
   ODE solution ended the standard way (``diffsolve.tuning.teacher.teacher``, ``rk45``): on the
@@ -49,6 +51,7 @@ import diffsolve as ds
 from diffsolve.bench.gmm import GMMS, HELDOUT, get_gmm, get_heldout
 from diffsolve.bench.metrics import per_sample_rel_err, rel_rmse
 from diffsolve.bench.runner import ExactReference, get_process, prediction_for
+from diffsolve.processes import VPDiscrete
 from diffsolve.tuning import METHODS
 from diffsolve.tuning.teacher import TEACHER_RTOL, teacher
 
@@ -109,7 +112,7 @@ class Case:
             # the networks: the eval truth at --rtol, the calibration target (what ds.tune's
             # own teacher would compute) at --teacher-rtol
             rtol = self.args.rtol if which == "eval" else self.args.teacher_rtol
-            tag = "exact" if self.gmm is not None else f"rk45-{rtol:g}"
+            tag = self._exact_tag() if self.gmm is not None else f"rk45-{rtol:g}"
             name = f"{self.model}-{self.process_name}-{tag}-seed{seed}-n{x.shape[0]}.pt"
             path = Path(self.args.cache) / name if self.args.cache else None
             t0 = time.perf_counter()
@@ -117,7 +120,12 @@ class Case:
                 self._truth[which] = torch.load(path)
             elif self.gmm is not None:
                 ref = ExactReference(self.gmm, self.proc, x)
-                self._truth[which] = ref.continued(float(self.proc.t_max_finite))
+                t_max = float(self.proc.t_max_finite)
+                if isinstance(self.proc, VPDiscrete):
+                    # a discrete-time network never sees σ < σ_min: its own ODE ends at t_min
+                    self._truth[which] = ref.standard(t_max, float(self.proc.t_min))
+                else:
+                    self._truth[which] = ref.continued(t_max)
             else:
                 self._truth[which] = teacher(self.den, x, rtol=rtol)
             self.truth_seconds[which] = time.perf_counter() - t0
@@ -125,6 +133,9 @@ class Case:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(self._truth[which], path)
         return self._truth[which]
+
+    def _exact_tag(self) -> str:
+        return "exact-tmin" if isinstance(self.proc, VPDiscrete) else "exact"
 
     def baselines(self, nfe: int) -> dict[str, Any]:
         """Untuned auto and every peer configuration on the evaluation noise at ``nfe``."""

@@ -215,3 +215,29 @@ def test_the_teacher_default_tolerance_is_far_below_a_tuned_error(sd64):
     _p, model, calib, _, target, _ = sd64
     assert TEACHER_RTOL == 1e-5
     assert rel_err(teacher(model, calib), target) < 1e-4
+
+
+def test_the_gradient_phases_follow_the_bulk_not_the_one_sample_at_another_mode():
+    """``_objective`` (what the gradient phases minimise) prefers a solver that is better on
+    127 of 128 trajectories and worse on the one that ends near another component; the squared
+    error (the calibration RMSE it reports) prefers the other. Measured: with the squared error
+    in both rounds of ``auto`` the held-out median at NFE 5 / 10 was 2.5× / 2.6× higher on
+    gmm64 + SD and 3.0× / 4.8× on gmm3072 + SD (docs/tuning.md)."""
+    from diffsolve.tuning.tune import _loss, _objective, _robust
+
+    target = torch.randn(128, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    unit = torch.randn(128, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    unit = unit / unit.norm(dim=1, keepdim=True) * target.norm(dim=1).mean()
+
+    def output(bulk: float, outlier: float) -> torch.Tensor:
+        scale = torch.full((128, 1), bulk, dtype=torch.float64)
+        scale[0] = outlier
+        return target + scale * unit
+
+    bulk_better, outlier_better = output(0.01, 1.0), output(0.02, 0.5)
+    assert float(_objective(bulk_better, target)) < float(_objective(outlier_better, target))
+    assert float(_loss(bulk_better, target)) > float(_loss(outlier_better, target))
+    # the objective is the validation score squared, so the kept iterate is judged alike
+    assert float(_objective(bulk_better, target)) == pytest.approx(
+        _robust(bulk_better, target) ** 2
+    )
