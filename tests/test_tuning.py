@@ -218,9 +218,10 @@ def test_the_teacher_default_tolerance_is_far_below_a_tuned_error(sd64):
 
 
 def test_the_gradient_phases_follow_the_bulk_not_the_one_sample_at_another_mode():
-    """``_objective`` (what the gradient phases minimise) prefers a solver that is better on
-    127 of 128 trajectories and worse on the one that ends near another component; the squared
-    error (the calibration RMSE it reports) prefers the other. Measured: with the squared error
+    """``_objective`` (what the second round of ``auto``'s gradient phases minimises) prefers a
+    solver that is better on 127 of 128 trajectories and worse on the one that ends near another
+    component; the squared error (the first round's, and the calibration RMSE reported) prefers
+    the other. Measured: with the squared error
     in both rounds of ``auto`` the held-out median at NFE 5 / 10 was 2.5× / 2.6× higher on
     gmm64 + SD and 3.0× / 4.8× on gmm3072 + SD (docs/tuning.md)."""
     from diffsolve.tuning.tune import _loss, _objective, _robust
@@ -237,7 +238,7 @@ def test_the_gradient_phases_follow_the_bulk_not_the_one_sample_at_another_mode(
     bulk_better, outlier_better = output(0.01, 1.0), output(0.02, 0.5)
     assert float(_objective(bulk_better, target)) < float(_objective(outlier_better, target))
     assert float(_loss(bulk_better, target)) > float(_loss(outlier_better, target))
-    # the objective is the validation score squared, so the kept iterate is judged alike
+    # the validation score (which picks the kept iterate) is the objective's square root
     assert float(_objective(bulk_better, target)) == pytest.approx(
         _robust(bulk_better, target) ** 2
     )

@@ -67,8 +67,7 @@ def _robust(out: Tensor, target: Tensor) -> float:
     """The validation score: the mean per-sample error over the mean per-sample norm. Squared
     errors of a few hundred trajectories are dominated by the one or two that end near another
     mode, which no grid fixes; this score follows the bulk and still sees those."""
-    err = (out - target).reshape(out.shape[0], -1).norm(dim=1).mean()
-    return float(err / target.reshape(target.shape[0], -1).norm(dim=1).mean())
+    return math.sqrt(float(_objective(out, target)))
 
 
 def _initial_schedules(process: Any, nfe: int) -> list[tuple[str, Any]]:
