@@ -93,6 +93,7 @@ class Case:
             self.den = self.gmm.denoiser(proc, prediction_for(proc))
             shape = self.gmm.shape
         self.proc = self.den.process
+        self.discrete = isinstance(self.proc, VPDiscrete)
         n_cal = max(args.calib_sizes)
         n_eval = EVAL_BATCH.get(model, args.eval)
         self.x_calib = self._prior(n_cal, shape, args.seed_calib)
@@ -112,7 +113,8 @@ class Case:
             # the networks: the eval truth at --rtol, the calibration target (what ds.tune's
             # own teacher would compute) at --teacher-rtol
             rtol = self.args.rtol if which == "eval" else self.args.teacher_rtol
-            tag = self._exact_tag() if self.gmm is not None else f"rk45-{rtol:g}"
+            exact = "exact-tmin" if self.discrete else "exact"
+            tag = exact if self.gmm is not None else f"rk45-{rtol:g}"
             name = f"{self.model}-{self.process_name}-{tag}-seed{seed}-n{x.shape[0]}.pt"
             path = Path(self.args.cache) / name if self.args.cache else None
             t0 = time.perf_counter()
@@ -121,8 +123,7 @@ class Case:
             elif self.gmm is not None:
                 ref = ExactReference(self.gmm, self.proc, x)
                 t_max = float(self.proc.t_max_finite)
-                if isinstance(self.proc, VPDiscrete):
-                    # a discrete-time network never sees σ < σ_min: its own ODE ends at t_min
+                if self.discrete:  # its network never sees σ < σ_min: its ODE ends at t_min
                     self._truth[which] = ref.standard(t_max, float(self.proc.t_min))
                 else:
                     self._truth[which] = ref.continued(t_max)
@@ -133,9 +134,6 @@ class Case:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(self._truth[which], path)
         return self._truth[which]
-
-    def _exact_tag(self) -> str:
-        return "exact-tmin" if isinstance(self.proc, VPDiscrete) else "exact"
 
     def baselines(self, nfe: int) -> dict[str, Any]:
         """Untuned auto and every peer configuration on the evaluation noise at ``nfe``."""
@@ -176,7 +174,8 @@ class Case:
 
 
 def _key(row: dict[str, Any]) -> str:
-    return "|".join(str(row[k]) for k in ("model", "process", "nfe", "method", "calib", "iters"))
+    keys = ("model", "process", "nfe", "method", "calib", "iters", "lr")
+    return "|".join(str(row.get(k)) for k in keys)  # rows before --lr have none: the default
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -193,6 +192,10 @@ def _save(path: Path, doc: dict[str, Any]) -> None:
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
+
+
+def _lr(row: dict[str, Any]) -> str:
+    return "" if row.get("lr") is None else f", lr {row['lr']:g}"
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -223,7 +226,7 @@ def markdown(doc: dict[str, Any]) -> str:
     for r in main:
         line = (
             f"| {r['model']} | {r['process']} | {r['nfe']} | {r['method']} "
-            f"| {r['iters'] or 'default'} | {_fmt(r['err_tuned'], '.3e')} "
+            f"| {r['iters'] or 'default'}{_lr(r)} | {_fmt(r['err_tuned'], '.3e')} "
             f"| {_fmt(r['ratio_tuned'], '.3f')} "
             f"| {_fmt(r['ratio_auto'], '.3f')} "
             f"| {_fmt(r.get('ratio_tuned_median'), '.3f')} "
@@ -236,7 +239,10 @@ def markdown(doc: dict[str, Any]) -> str:
                     o
                     for o in rows
                     if o["calib"] == n
-                    and all(o[k] == r[k] for k in ("model", "process", "nfe", "method", "iters"))
+                    and all(
+                        o.get(k) == r.get(k)
+                        for k in ("model", "process", "nfe", "method", "iters", "lr")
+                    )
                 ),
                 None,
             )
@@ -256,6 +262,7 @@ def main() -> None:
     ap.add_argument("--also-calib", default="", help="e.g. 64,1024: also tune on these counts")
     ap.add_argument("--eval", type=int, default=64, help="evaluation noises (gmm3072: 16)")
     ap.add_argument("--iters", type=int, default=None, help="ds.tune's iters (default its own)")
+    ap.add_argument("--lr", type=float, default=None, help="ds.tune's lr (default its own)")
     ap.add_argument("--seed-calib", type=int, default=1)
     ap.add_argument("--seed-eval", type=int, default=2)
     ap.add_argument("--rtol", type=float, default=1e-6, help="the networks' rk45 truth (eval)")
@@ -311,6 +318,7 @@ def main() -> None:
                             "method": method,
                             "calib": n_cal,
                             "iters": args.iters,
+                            "lr": args.lr,
                         }
                         if _key(row) in done:
                             continue
@@ -327,6 +335,7 @@ def main() -> None:
                             tuned = ds.tune(
                                 case.den, x_cal, nfe, method=method, target=target,
                                 iters=args.iters, rtol=args.teacher_rtol,
+                                **({} if args.lr is None else {"lr": args.lr}),
                             )  # fmt: skip
                         except ds.TuningError as e:
                             row.update(error=repr(e), err_tuned=None, err_calib=None)

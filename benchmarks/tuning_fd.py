@@ -8,7 +8,7 @@ noises drawn as ``diffsolve tune`` draws them (``manual_seed(1_000_000 + seed)``
 are sampled three ways — the tuned solver, ``solver="auto"`` at the same NFE, and ``rk45`` at
 rtol 1e-6 (the converged sampler: the ODE both others approximate) — and each set is scored
 by FD-digits (:func:`diffsolve.bench.digits.fd_digits`, against the real digits of the classes
-asked for) and by its relative RMSE to the rk45 samples. Unguided.
+asked for) and by its relative RMSE and median per-sample error to the rk45 samples. Unguided.
 
     python benchmarks/tuning_fd.py --models digits-vp,digits-flow --nfe 5 --n 512
 
@@ -25,8 +25,7 @@ import torch
 import diffsolve as ds
 from diffsolve.bench.digits import fd_digits
 from diffsolve.bench.metrics import per_sample_rel_err, rel_rmse
-
-CALIB_SEED_OFFSET = 1_000_000  # as ``diffsolve tune``: never the x_T of bench or sample
+from diffsolve.cli import CALIB_SEED_OFFSET  # ``diffsolve tune``'s: never the x_T of bench
 
 
 def main() -> None:
@@ -43,7 +42,7 @@ def main() -> None:
     print(f"{'model':12s} {'sampler':14s} {'FD-digits':>9s} {'RMSE':>9s} {'median':>9s}")
     for name in args.models.split(","):
         den = ds.nets.model(name)
-        shape = (1, 8, 8)
+        shape = ds.nets.SAMPLE_SHAPE
         gen = torch.Generator().manual_seed(CALIB_SEED_OFFSET + args.seed)
         x_cal = den.process.prior((args.calib, *shape), generator=gen, dtype=torch.float64)
         cond_cal = {"label": torch.arange(args.calib) % 10}
