@@ -74,6 +74,34 @@ def test_unlearned_student_is_unipc(sd64):
     assert rel_err(out, ref) <= 1e-12
 
 
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_the_students_rows_are_unipcs_in_both_branches_of_phi(sd64, order):
+    """The vectorised φ tables (series below h = 0.2, closed form above) against the engine's
+    float rows of :func:`diffsolve.solvers.unipc._rows`, predictor and corrector."""
+    from diffsolve.solvers.unipc import _rows
+
+    p, model, *_ = sd64
+    lam = torch.tensor([-4.0, -3.0, -2.95, -2.1, -2.0, 0.5, 0.62, 3.0], dtype=torch.float64)
+    s = Student(model, 8, p.t_max_finite, lam, float(lam[-1]) + 1, float(lam[1]), order=order)
+    with torch.no_grad():
+        t = s.times()
+        pred, corr = s.rows(t)
+    g = tuple(v.tolist() for v in (p.lambda_(t), p.sigma(t), p.alpha(t)))
+    h = torch.diff(p.lambda_(t))
+    assert (h < 0.2).any() and (h > 0.2).any()
+    for i, k in enumerate(s.orders):
+        want_p, _ = _rows(g, i, k, "bh2", (True, False))
+        assert abs(float(pred[i][0]) - want_p.a) <= 1e-14
+        assert torch.allclose(pred[i][1], torch.tensor(want_p.x0, dtype=torch.float64),
+                              rtol=1e-11, atol=1e-13)  # fmt: skip
+        if 1 <= i + 1 < s.nfe - 1:
+            _, want_c = _rows(g, i, k, "bh2", (False, True))
+            c = corr[i]
+            assert c is not None
+            assert torch.allclose(c[1], torch.tensor(want_c.x0, dtype=torch.float64),
+                                  rtol=1e-11, atol=1e-13)  # fmt: skip
+
+
 def test_tuning_is_deterministic(sd64):
     _p, model, calib, _, target, _ = sd64
     a = ds.tune(model, calib[:32], 5, target=target[:32], iters=5)

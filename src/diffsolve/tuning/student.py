@@ -47,32 +47,50 @@ def inner_denoiser(model: Any) -> Any:
 
 
 def _pk(k: int, h: Tensor) -> Tensor:
-    """h^k·φ_k(−h) = (−1)^k·(e^{−h} − Σ_{j<k} (−h)^j/j!) (float64; series for small h)."""
+    """h^k·φ_k(−h) = (−1)^k·(e^{−h} − Σ_{j<k} (−h)^j/j!), elementwise (float64; for h < 0.2
+    its series h^k/k!·Σ_m (−h)^m·k!/(k + m)!, 14 terms in Horner form)."""
     closed = (
         -torch.expm1(-h)
         if k == 1
         else (-1) ** k * (torch.exp(-h) - sum((-h) ** j / math.factorial(j) for j in range(k)))
     )
-    hs = torch.where(h < 0.2, h, torch.zeros_like(h))
-    series = sum((-1) ** (j - k) * hs**j / math.factorial(j) for j in range(k, k + 14))
-    return torch.where(h < 0.2, series, closed)
+    small = h < 0.2
+    hs = torch.where(small, h, torch.zeros_like(h))
+    s = torch.ones_like(hs)
+    for m in range(13, 0, -1):
+        s = 1 - hs * s / (k + m)
+    return torch.where(small, hs**k / math.factorial(k) * s, closed)
+
+
+def _step_tables(lam: Tensor, alp: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Every step's h, B(h) = e^{−h} − 1, gain α_{i+1}·(1 − e^{−h}) and the UniPC targets'
+    q_j = j!·P(j + 1, h)/h^j, j = 1 … ``width`` (N − 1, width), in one vectorised pass."""
+    h = lam[1:] - lam[:-1]
+    big_b = torch.expm1(-h)
+    gain = -alp[1:] * big_b
+    cols = [_pk(j + 1, h) * math.factorial(j) / h**j for j in range(1, width + 1)]
+    q = torch.stack(cols, -1) if cols else h.new_zeros(h.shape[0], 0)
+    return h, big_b, gain, q
 
 
 def _unipc_row(
-    lam: Tensor, sig: Tensor, alp: Tensor, i: int, p: int, corrector: bool
+    lam: Tensor,
+    sig: Tensor,
+    alp: Tensor,
+    tables: tuple[Tensor, Tensor, Tensor, Tensor],
+    i: int,
+    p: int,
+    corrector: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(a, x̂_0 weights newest first, gain) of UniP-p or UniC-p (bh2) for step t_i → t_{i+1}:
-    the torch twin of :func:`diffsolve.solvers.unipc._rows`."""
-    h = lam[i + 1] - lam[i]
-    gain = alp[i + 1] * _pk(1, h)
+    the torch twin of :func:`diffsolve.solvers.unipc._rows` (``tables``: :func:`_step_tables`)."""
+    hs, bs, gains, qs = tables
+    h, big_b, gain = hs[i], bs[i], gains[i]
     nodes = [(lam[i - k] - lam[i]) / h for k in range(1, p)]
     if corrector:
         nodes.append(torch.ones((), dtype=torch.float64))
-    big_b = torch.expm1(-h)
     if len(nodes) > 1:
-        b = torch.stack(
-            [-_pk(j + 1, h) / h**j * math.factorial(j) / big_b for j in range(1, len(nodes) + 1)]
-        )
+        b = -qs[i, : len(nodes)] / big_b
         vander = torch.stack([torch.stack([r**j for r in nodes]) for j in range(len(nodes))])
         rho = list(torch.linalg.solve(vander, b))
     else:
@@ -83,9 +101,12 @@ def _unipc_row(
     return sig[i + 1] / sig[i], torch.stack([*new, head, *w]), gain
 
 
-def eval_point(denoiser: Any, t: Tensor, like: Tensor) -> EvalPoint:
+def eval_point(
+    denoiser: Any, t: Tensor, like: Tensor, alpha: Tensor | None = None, sigma: Tensor | None = None
+) -> EvalPoint:
     """The evaluation point at a (differentiable) time t for samples like ``like``: α, σ stay
-    tensors in t's graph, so a loss differentiates through the network's time input too."""
+    tensors in t's graph, so a loss differentiates through the network's time input too
+    (``alpha``, ``sigma``: α(t), σ(t) if already computed, e.g. over the whole grid at once)."""
     p = denoiser.process
     t_in = denoiser.time_map(t)
     in_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
@@ -93,8 +114,8 @@ def eval_point(denoiser: Any, t: Tensor, like: Tensor) -> EvalPoint:
     velocity = getattr(denoiser, "prediction", "") == "velocity"
     return EvalPoint(
         t=t,  # type: ignore[arg-type]
-        alpha=p.alpha(t),  # type: ignore[arg-type]
-        sigma=p.sigma(t),  # type: ignore[arg-type]
+        alpha=p.alpha(t) if alpha is None else alpha,  # type: ignore[arg-type]
+        sigma=p.sigma(t) if sigma is None else sigma,  # type: ignore[arg-type]
         d_alpha=float(p.d_alpha(t.detach())) if velocity else 0.0,
         d_sigma=float(p.d_sigma(t.detach())) if velocity else 0.0,
         t_in=t_in,
@@ -242,26 +263,28 @@ class Student(nn.Module):
         """(predictor rows, corrector rows): (a, x̂_0 weights newest first) per step, with the
         learned corrections; corrector row i − 1 is applied after the call at t_i."""
         proc = self.process
-        lam, sig, alp = proc.lambda_(t), proc.sigma(t), proc.alpha(t)
+        return self._rows(proc.lambda_(t), proc.sigma(t), proc.alpha(t))
+
+    def _rows(
+        self, lam: Tensor, sig: Tensor, alp: Tensor
+    ) -> tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor] | None]]:
+        tables = _step_tables(lam, alp, max(self.orders, default=1))
         pred: list[tuple[Tensor, Tensor]] = []
         corr: list[tuple[Tensor, Tensor] | None] = []
         for i in range(self.nfe - 1):
-            a, w, gain = _unipc_row(lam, sig, alp, i, self.orders[i], False)
+            a, w, gain = _unipc_row(lam, sig, alp, tables, i, self.orders[i], False)
             d = self.delta[i]
             pred.append((a, w + gain * (d - d.mean())))
         for i in range(1, self.nfe - 1):
             if not self.correctors[i - 1]:
                 corr.append(None)
                 continue
-            a, w, gain = _unipc_row(lam, sig, alp, i - 1, self.orders[i - 1], True)
+            a, w, gain = _unipc_row(lam, sig, alp, tables, i - 1, self.orders[i - 1], True)
             d = self.delta_c[i - 1]
             corr.append((a, w + gain * (d - d.mean())))
         return pred, corr
 
     # -- the run ----------------------------------------------------------------------------
-    def _point(self, t: Tensor, like: Tensor) -> EvalPoint:
-        return eval_point(self.denoiser, t, like)
-
     @staticmethod
     def _combine(row: tuple[Tensor, Tensor], x: Tensor, hist: list[Tensor]) -> Tensor:
         a, w = row
@@ -289,12 +312,15 @@ class Student(nn.Module):
         has them): every network call of :meth:`forward` without the output's combination."""
         cond = cond or {}
         t = self.times()
-        pred, corr = self.rows(t)
+        proc = self.process
+        sig, alp = proc.sigma(t), proc.alpha(t)
+        pred, corr = self._rows(proc.lambda_(t), sig, alp)
         hist: list[Tensor] = []
         x_prev = x
         keep = max(max(self.orders, default=self.order) + 1, self.final.numel())
         for i in range(self.nfe):
-            hist.insert(0, self.model(x, self._point(t[i], x), **cond).x0)
+            point = eval_point(self.denoiser, t[i], x, alp[i], sig[i])
+            hist.insert(0, self.model(x, point, **cond).x0)
             if i == self.nfe - 1:
                 return hist
             c = corr[i - 1] if i >= 1 else None
