@@ -62,7 +62,8 @@ ALL_MODELS = (*GMMS, *HELDOUT, *NETWORKS)
 
 class _Labelled(torch.nn.Module):
     """The network with its class labels bound to the batch positions, so that the peers (which
-    call ``net(x, t)``) and ``ds.tune`` see the same conditional model."""
+    call ``net(x, t)``) see the conditional model of the truth (``ds.tune``, which splits its
+    batch, gets the same labels as ``cond``)."""
 
     def __init__(self, net: torch.nn.Module, labels: Tensor):
         super().__init__()
@@ -79,12 +80,17 @@ class Case:
     def __init__(self, model: str, process: str, args: argparse.Namespace):
         self.model, self.process_name, self.args = model, process, args
         self.network = model in NETWORKS
+        self.tune_den: Any = None
+        self.labels: Tensor | None = None
         if self.network:
             den = ds.nets.model(model)
             labels = torch.arange(max(*args.calib_sizes, args.eval)) % 10
             self.den = ds.Denoiser(
                 _Labelled(den.net, labels), den.process, den.prediction, sample_shape=(1, 8, 8)
             )
+            # ds.tune splits its batch (the validation quarter is its last samples): the labels
+            # go in as cond, split with it, not bound to batch positions
+            self.tune_den, self.labels = den, labels
             self.gmm = None
             shape: tuple[int, ...] = (1, 8, 8)
         else:
@@ -174,7 +180,7 @@ class Case:
 
 
 def _key(row: dict[str, Any]) -> str:
-    keys = ("model", "process", "nfe", "method", "calib", "iters", "lr")
+    keys = ("model", "process", "nfe", "method", "calib", "iters", "lr", "batch")
     return "|".join(str(row.get(k)) for k in keys)  # rows before --lr have none: the default
 
 
@@ -195,7 +201,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _lr(row: dict[str, Any]) -> str:
-    return "" if row.get("lr") is None else f", lr {row['lr']:g}"
+    """The non-default options of a row, for the iters column (rows before them: defaults)."""
+    lr = "" if row.get("lr") is None else f", lr {row['lr']:g}"
+    return lr + ("" if row.get("batch") is None else f", batch {row['batch']}")
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -263,6 +271,7 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=64, help="evaluation noises (gmm3072: 16)")
     ap.add_argument("--iters", type=int, default=None, help="ds.tune's iters (default its own)")
     ap.add_argument("--lr", type=float, default=None, help="ds.tune's lr (default its own)")
+    ap.add_argument("--batch", type=int, default=None, help="ds.tune's batch (default its own)")
     ap.add_argument("--seed-calib", type=int, default=1)
     ap.add_argument("--seed-eval", type=int, default=2)
     ap.add_argument("--rtol", type=float, default=1e-6, help="the networks' rk45 truth (eval)")
@@ -319,6 +328,7 @@ def main() -> None:
                             "calib": n_cal,
                             "iters": args.iters,
                             "lr": args.lr,
+                            "batch": args.batch,
                         }
                         if _key(row) in done:
                             continue
@@ -330,12 +340,15 @@ def main() -> None:
                         base = doc["baselines"][bkey]
                         target = case.truth("calib")[:n_cal]
                         x_cal = case.x_calib[:n_cal]
+                        tune_den = case.den if case.tune_den is None else case.tune_den
+                        cond = None if case.labels is None else {"label": case.labels[:n_cal]}
                         t0 = time.perf_counter()
                         try:
                             tuned = ds.tune(
-                                case.den, x_cal, nfe, method=method, target=target,
+                                tune_den, x_cal, nfe, method=method, cond=cond, target=target,
                                 iters=args.iters, rtol=args.teacher_rtol,
                                 **({} if args.lr is None else {"lr": args.lr}),
+                                **({} if args.batch is None else {"batch": args.batch}),
                             )  # fmt: skip
                         except ds.TuningError as e:
                             row.update(error=repr(e), err_tuned=None, err_calib=None)

@@ -37,9 +37,11 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def gmm_dir(tmp_path_factory):
-    """gmm2d on the SD process, NFE 3 and 4, the default method (auto) at 2 iterations/phase."""
+    """gmm2d on the SD process, NFE 3 and 4, the default method (auto) at 2 iterations/phase
+    on minibatches of 4 of the 8 calibration noises."""
     out = tmp_path_factory.mktemp("tuned-gmm")
     args = ["tune", "--model", "gmm2d", "--nfe", "3,4", "--calib", "8", "--iters", "2"]
+    args += ["--batch", "4"]
     res = runner.invoke(app, [*args, "--out", str(out)])
     assert res.exit_code == 0, res.output
     return out
@@ -66,7 +68,7 @@ def test_tune_on_a_mixture_writes_files_and_summary(gmm_dir):
     den = get_gmm("gmm2d").denoiser(proc, prediction_for(proc))
     for n in (3, 4):
         tuned = ds.load_tuned(gmm_dir / f"gmm2d-nfe{n}.json", model=den, nfe=n)
-        assert tuned.nfe == n and tuned.info["method"] == "auto"
+        assert tuned.nfe == n and tuned.info["method"] == "auto" and tuned.info["batch"] == 4
         cal = tuned.info["calibration"]
         assert cal["model"] == "gmm2d" and cal["process"] == "sd" and cal["calib"] == 8
         assert cal["noise_seed"] == 1_000_000  # documented: manual_seed(1_000_000 + seed)
@@ -183,6 +185,7 @@ def test_bench_tuned_on_a_shipped_network(net_dir, tmp_path):
         (["--model", "gmm64", "--guidance", "3"], "no classes"),
         (["--model", "digits-vp", "--guidance", "3", "--label", "none"], "needs a class"),
         (["--model", "gmm2d", "--calib", "0"], "--calib"),
+        (["--model", "gmm2d", "--batch", "0"], "--batch"),
     ],
 )
 def test_tune_rejects_bad_arguments_before_work(tmp_path, args, message):

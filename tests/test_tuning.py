@@ -7,10 +7,12 @@ own runs.
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
 import torch
+from torch import Tensor
 
 import diffsolve as ds
 from diffsolve.bench import gmm2d, gmm64
@@ -163,6 +165,32 @@ def test_sampling_with_a_tuned_solver_checks_its_budget(sd64, tuned10):
         ds.sample(gmm64().denoiser(ds.EDM()), held, tuned10)
 
 
+def test_minibatches_are_seeded_epochs_of_the_training_part(sd64, monkeypatch):
+    """``batch=``: every gradient iteration sees ``batch`` training samples, an epoch covers
+    the training part once, the draw is the seed's (the validation quarter never enters)."""
+    _p, model, calib, _, target, _ = sd64
+    tune_mod = importlib.import_module("diffsolve.tuning.tune")
+    seen: list[Tensor] = []
+    real = tune_mod._take
+
+    def spy(x, t, cond, idx):
+        seen.append(idx.clone())
+        return real(x, t, cond, idx)
+
+    monkeypatch.setattr(tune_mod, "_take", spy)
+    a = ds.tune(model, calib[:64], 4, method="ld3", target=target[:64], iters=6, batch=16)
+    assert [i.numel() for i in seen] == [16] * 6
+    assert sorted(torch.cat(seen[:3]).tolist()) == list(range(48))  # 48 training samples
+    first = [i.clone() for i in seen]
+    seen.clear()
+    b = ds.tune(model, calib[:64], 4, method="ld3", target=target[:64], iters=6, batch=16)
+    assert all(torch.equal(u, v) for u, v in zip(first, seen)) and a.times == b.times
+    seen.clear()
+    ds.tune(model, calib[:64], 4, method="ld3", target=target[:64], iters=6, batch=16, seed=3)
+    assert not all(torch.equal(u, v) for u, v in zip(first, seen))
+    assert a.info["batch"] == 16
+
+
 def test_bad_arguments_and_diverging_models_stop_with_clear_errors(sd64):
     p, model, calib, _, target, _ = sd64
     with pytest.raises(ValueError, match="valid: auto"):
@@ -171,6 +199,9 @@ def test_bad_arguments_and_diverging_models_stop_with_clear_errors(sd64):
         ds.tune(model, calib, 1)
     with pytest.raises(ValueError, match="target shape"):
         ds.tune(model, calib, 5, target=target[:3])
+    for bad_batch in (0, 2.5, True):
+        with pytest.raises(ValueError, match="batch"):
+            ds.tune(model, calib, 5, batch=bad_batch)
 
     class NaNNet:
         def __init__(self, inner):
@@ -273,10 +304,8 @@ def test_the_gradient_phases_follow_the_bulk_not_the_one_sample_at_another_mode(
 
 
 def test_auto_descends_the_robust_objective_in_its_second_round_only(monkeypatch):
-    """``auto``'s second round calls ``_objective``; ``ld3`` (one squared-error phase) never
-    does."""
-    import importlib
-
+    """``auto``'s second round descends ``_objective``; ``ld3`` (one squared-error phase)
+    calls it only to rank the starting grids, as every method does."""
     tune_module = importlib.import_module("diffsolve.tuning.tune")  # the module, not ds.tune
     calls: list[int] = []
     robust = tune_module._objective
@@ -291,8 +320,10 @@ def test_auto_descends_the_robust_objective_in_its_second_round_only(monkeypatch
     x = ds.prior(p, (16, 2), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     target = teacher(model, x)
     ds.tune(model, x, 4, method="ld3", target=target, iters=2)
-    assert calls == []
+    ranking = list(calls)  # one no-grad score per starting grid and end, on all 16 noises
+    assert len(ranking) >= 8 and set(ranking) == {16}
+    calls.clear()
     ds.tune(model, x, 4, method="auto", target=target, iters=2)
-    # two phases × (two iterations + the check that the kept iterate was restored), on all 16
-    # noises (below 32 there is no validation part)
-    assert calls == [16] * 6
+    # then two phases × (two iterations + the check that the kept iterate was restored), on all
+    # 16 noises (below 32 there is no validation part)
+    assert calls == ranking + [16] * 6

@@ -165,6 +165,16 @@ def _split(
     return x[lo:hi], target[lo:hi], part
 
 
+def _take(
+    x: Tensor, target: Tensor, cond: dict[str, Any], idx: Tensor
+) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    part = {
+        k: v[idx] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == x.shape[0] else v
+        for k, v in cond.items()
+    }
+    return x[idx], target[idx], part
+
+
 def _variance_preserving(process: Any) -> bool:
     t = torch.linspace(process.t_min, process.t_max_finite, 5, dtype=torch.float64)
     return bool(((process.alpha(t) ** 2 + process.sigma(t) ** 2 - 1).abs() < 1e-6).all())
@@ -182,6 +192,7 @@ def tune(
     corrector: bool = True,
     iters: int | None = None,
     lr: float = 0.05,
+    batch: int | None = None,
     validation: float = 0.25,
     rtol: float = TEACHER_RTOL,
     seed: int = 0,
@@ -210,8 +221,13 @@ def tune(
             teacher's dominate squared errors and no grid fixes them, while on a network whose
             errors are alike across samples the squared error descends better; each phase
             keeps its best validation iterate, so the second round never undoes the first.
-            The starting grids are ranked on the squared error (the RMSE).
+            The starting grids (and ends) are ranked on the robust measure over every
+            calibration noise, so the start suits the bulk of the trajectories; ``bespoke``'s
+            on the squared error.
         lr: Adam's learning rate on the grid logits (the weight corrections use lr/5).
+        batch: calibration samples per gradient iteration (None: every training sample; a
+            number: minibatches drawn without replacement, epoch by epoch, from ``seed``; 64
+            tunes the digits networks 2–3× faster, less accurately at NFE 10: docs/tuning.md).
         validation: the fraction of x_calib (its last samples; none below 32 samples) held out
             to choose the iterate kept (early stopping against overfitting).
         rtol: the teacher's tolerance (default 1e-5: on the digits networks 8e-5 (vp) and
@@ -239,6 +255,8 @@ def tune(
         raise ValueError(f"validation must be a fraction in [0, 1), got {validation!r}")
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    if batch is not None and (isinstance(batch, bool) or int(batch) != batch or batch < 1):
+        raise ValueError(f"batch must be a positive integer or None, got {batch!r}")
     nfe = int(nfe)
     if method == "v3":
         from .v3 import tune_v3
@@ -312,8 +330,8 @@ def tune(
         with torch.no_grad():
             return _robust(s(xs, cs), ts)
 
-    # the best of the standard grids starts every method
-    scored: list[tuple[float, str, Any]] = []
+    # the best of the standard grids starts every method: (rank, squared error, name, student)
+    scored: list[tuple[float, float, str, Any]] = []
     cand: Student | BespokeStudent
     if method == "bespoke":  # its step nodes on each standard grid, the base EI solver there
         kinds = bespoke_steps(nfe, min(order, 2))
@@ -322,7 +340,8 @@ def tune(
                 continue
             lam = process.lambda_(t_nodes)
             cand = BespokeStudent(model, nfe, t_start, lam, lam_hi, lam_lo, order=min(order, 2))
-            scored.append((loss_of(cand), f"{name}/standard", cand))
+            loss_c = loss_of(cand)
+            scored.append((loss_c, loss_c, f"{name}/standard", cand))
     else:
         xs, ts, cs = parts["all"]
         for name, t in _initial_grids(process, nfe):
@@ -331,14 +350,29 @@ def tune(
             with torch.no_grad():
                 hist = ends[0].history(xs, cs)
                 for end, c in zip(("standard", "extrapolate"), ends):
-                    loss_end = float(_loss(ends[0].end(hist, c.final_weights()), ts))
-                    scored.append((loss_end, f"{name}/{end}", c))
-    loss0, init_name, s = min(scored, key=lambda r: r[0])
+                    out_end = ends[0].end(hist, c.final_weights())
+                    loss_end = float(_loss(out_end, ts))
+                    scored.append((_robust(out_end, ts), loss_end, f"{name}/{end}", c))
+    _, loss0, init_name, s = min(scored, key=lambda r: r[0] if math.isfinite(r[0]) else math.inf)
     if not math.isfinite(loss0):
         raise TuningError(f"the initial grids give a non-finite loss ({loss0}) on this model")
     n_it = iters if iters is not None else (15 if method == "autodiffusion" else _ITERS)
 
     xt, tt, ct = parts["train"]
+    n_train = xt.shape[0]
+    draw = torch.Generator().manual_seed(seed)
+    queue: list[Tensor] = []
+
+    def minibatch() -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """The next ``batch`` training samples (all of them when ``batch`` is None)."""
+        if batch is None or batch >= n_train:
+            return xt, tt, ct
+        while sum(q.numel() for q in queue) < batch:  # whole epochs, each a new permutation
+            queue.append(torch.randperm(n_train, generator=draw))
+        flat = torch.cat(queue)
+        idx, rest = flat[:batch], flat[batch:]
+        queue[:] = [rest] if rest.numel() else []
+        return _take(xt, tt, ct, idx)
 
     def descend(
         params: list[torch.nn.Parameter],
@@ -353,7 +387,8 @@ def tune(
         stale, first = 0, math.inf
         for i in range(n_it):
             opt.zero_grad()
-            loss = objective(s(xt, ct), tt)
+            xb, tb, cb = minibatch()
+            loss = objective(s(xb, cb), tb)
             value = float(loss.detach())
             first = value if i == 0 else first
             if not math.isfinite(value) or value > 1e3 * max(first, 1e-30):
@@ -362,7 +397,13 @@ def tune(
                     f"the phase started at {first:.3g}); try a smaller lr"
                 )
             # the parameters that gave this loss, before the step (i = 0: the phase's start)
-            score = val_score(s) if n_val else value
+            if n_val:
+                score = val_score(s)
+            elif batch is None or batch >= n_train:
+                score = value
+            else:  # no validation part: the minibatch's loss is too noisy to pick an iterate
+                with torch.no_grad():
+                    score = float(objective(s(xt, ct), tt))
             if best is None or score < best[0]:
                 stale = 0 if best is None or score < best[0] * (1 - 1e-3) else stale + 1
                 best = (score, [p.detach().clone() for p in params])
@@ -440,5 +481,6 @@ def tune(
         "teacher_seconds": t_teacher,
         "seconds": time.perf_counter() - start,
         "iters": n_it,
+        "batch": batch,
     }
     return s.export(info)
