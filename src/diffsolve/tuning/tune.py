@@ -158,16 +158,13 @@ def _search_decisions(
 def _split(
     x: Tensor, target: Tensor, cond: dict[str, Any], lo: int, hi: int | None
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    part = {
-        k: v[lo:hi] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == x.shape[0] else v
-        for k, v in cond.items()
-    }
-    return x[lo:hi], target[lo:hi], part
+    return _take(x, target, cond, slice(lo, hi))
 
 
 def _take(
-    x: Tensor, target: Tensor, cond: dict[str, Any], idx: Tensor
+    x: Tensor, target: Tensor, cond: dict[str, Any], idx: Tensor | slice
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """The samples ``idx`` of x, the target and the batch-first tensors of cond."""
     part = {
         k: v[idx] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == x.shape[0] else v
         for k, v in cond.items()
