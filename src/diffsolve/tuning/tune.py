@@ -358,17 +358,16 @@ def tune(
     xt, tt, ct = parts["train"]
     n_train = xt.shape[0]
     draw = torch.Generator().manual_seed(seed)
-    queue: list[Tensor] = []
+    pending = torch.zeros(0, dtype=torch.long)  # the rest of the current epoch's order
 
     def minibatch() -> tuple[Tensor, Tensor, dict[str, Any]]:
         """The next ``batch`` training samples (all of them when ``batch`` is None)."""
+        nonlocal pending
         if batch is None or batch >= n_train:
             return xt, tt, ct
-        while sum(q.numel() for q in queue) < batch:  # whole epochs, each a new permutation
-            queue.append(torch.randperm(n_train, generator=draw))
-        flat = torch.cat(queue)
-        idx, rest = flat[:batch], flat[batch:]
-        queue[:] = [rest] if rest.numel() else []
+        while pending.numel() < batch:  # whole epochs, each a new permutation
+            pending = torch.cat([pending, torch.randperm(n_train, generator=draw)])
+        idx, pending = pending[:batch], pending[batch:]
         return _take(xt, tt, ct, idx)
 
     def descend(
