@@ -131,6 +131,26 @@ def test_mixture_posterior_mean_is_exact_bayes(which, g2, g64):
         assert torch.allclose(g.log_prob(x, a, s), torch.logsumexp(lp, 1), rtol=1e-10, atol=1e-9)
 
 
+def test_the_diagonal_posterior_mean_is_the_broadcast_form_with_its_gradients():
+    """gmm3072's x0_mean runs as matrix products; tuning differentiates it in x and in the time
+    (α, σ as tensors): value and both gradients equal the per-component broadcast form."""
+    g = GMMS["gmm3072"]()
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(5, *g.shape, generator=gen, dtype=torch.float64)
+    for a0 in (0.999, 0.7, 0.05):
+        a = torch.tensor(a0, dtype=torch.float64, requires_grad=True)
+        xs = (x * max(a0, 0.3)).requires_grad_(True)
+        got = g.x0_mean(xs, a, (1 - a**2).sqrt())
+        ga, gx = torch.autograd.grad(got.square().sum(), [a, xs])
+        logp, y, var = g._components(xs, a, (1 - a**2).sqrt())
+        r = torch.softmax(logp, 1)
+        ref = (r[..., None] * (g.means[None] + a * g.eigvals / var * y)).sum(1).reshape(x.shape)
+        ra, rx = torch.autograd.grad(ref.square().sum(), [a, xs])
+        assert rel_err(got.detach(), ref.detach()) < 1e-11, a0
+        assert abs(float(ga - ra)) <= 1e-9 * abs(float(ra)), a0
+        assert rel_err(gx, rx) < 1e-9, a0
+
+
 @pytest.mark.parametrize("proc_name", list(PROCESSES))
 def test_every_prediction_round_trips_to_the_same_x0(proc_name, g64):
     proc = PROCESSES[proc_name]()

