@@ -147,7 +147,7 @@ class DigitsUNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)  # type: ignore[arg-type]
         # channels-last kernels and activations: oneDNN runs these 8×8 maps of ≤ 40 channels
         # ~20 % faster on the CPU (forward and backward) than NCHW; loading a state dict keeps it
-        self.to(memory_format=torch.channels_last)
+        self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def labels_in(self, label: Tensor | int | None, batch: int, device: torch.device) -> Tensor:
         """Class indices (B,) with None / −1 mapped to the null class."""
