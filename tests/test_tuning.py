@@ -8,6 +8,7 @@ own runs.
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 
 import pytest
@@ -190,6 +191,25 @@ def test_minibatches_are_seeded_epochs_of_the_training_part(sd64, monkeypatch):
     ds.tune(model, calib[:64], 4, method="ld3", target=target[:64], iters=6, batch=16, seed=3)
     assert not all(torch.equal(u, v) for u, v in zip(first, seen))
     assert a.info["batch"] == 16
+
+
+def test_info_records_each_gradient_phase(sd64, tmp_path):
+    """auto runs grid, weights, grid, weights (squared error, then robust); each record says
+    how many iterations ran and which was kept, whose score is the phase's best."""
+    _, model, calib, _, target, _ = sd64
+    tuned = ds.tune(model, calib[:64], 4, target=target[:64], iters=5)
+    phases = tuned.info["phases"]
+    assert [(r["phase"], r["objective"]) for r in phases] == [
+        ("grid", "squared"), ("weights", "squared"), ("grid", "robust"), ("weights", "robust"),
+    ]  # fmt: skip
+    for r in phases:
+        assert 1 <= r["iters"] <= 5 and 0 <= r["kept"] < r["iters"]
+        assert r["score"] <= r["score_start"]
+    # the validation score is one measure throughout: a phase starts at the previous one's kept
+    for prev, nxt in itertools.pairwise(phases):
+        assert nxt["score_start"] == pytest.approx(prev["score"], rel=1e-9)
+    saved = ds.load_tuned(tuned.save(tmp_path / "t.json"), model=model)
+    assert saved.info["phases"] == phases
 
 
 def test_bad_arguments_and_diverging_models_stop_with_clear_errors(sd64):

@@ -236,7 +236,10 @@ def tune(
 
     Returns:
         A :class:`~diffsolve.tuning.Tuned` solver: ``ds.sample(model, x_T, solver=tuned)``.
-        ``tuned.info`` holds the method, the calibration loss before and after, and timings.
+        ``tuned.info`` holds the method, the calibration loss before and after, timings, and
+        ``phases``: per gradient phase its name, objective (``squared`` / ``robust``),
+        ``iters`` run, the iteration ``kept`` (0: the phase's start) and the validation score
+        at its start (``score_start``) and at the kept iterate (``score``).
 
     Raises:
         ValueError: bad arguments (before any network call).
@@ -370,6 +373,8 @@ def tune(
         idx, pending = pending[:batch], pending[batch:]
         return _take(xt, tt, ct, idx)
 
+    phases: list[dict[str, Any]] = []  # what each gradient phase ran and kept (info)
+
     def descend(
         params: list[torch.nn.Parameter],
         rate: float,
@@ -381,7 +386,11 @@ def tune(
         opt = torch.optim.Adam(params, lr=rate)
         best: tuple[float, list[Tensor]] | None = None
         stale, first = 0, math.inf
+        record: dict[str, Any] = {"phase": phase}
+        record["objective"] = "squared" if objective is _loss else "robust"
+        phases.append(record)
         for i in range(n_it):
+            record["iters"] = i + 1
             opt.zero_grad()
             xb, tb, cb = minibatch()
             loss = objective(s(xb, cb), tb)
@@ -403,6 +412,7 @@ def tune(
             if best is None or score < best[0]:
                 stale = 0 if best is None or score < best[0] * (1 - 1e-3) else stale + 1
                 best = (score, [p.detach().clone() for p in params])
+                record.update(kept=i, score_start=record.get("score_start", score), score=score)
             else:
                 stale += 1
             if stale >= _PATIENCE and _MIN_ITERS <= i + 1 < n_it:
@@ -478,5 +488,6 @@ def tune(
         "seconds": time.perf_counter() - start,
         "iters": n_it,
         "batch": batch,
+        "phases": phases,
     }
     return s.export(info)
