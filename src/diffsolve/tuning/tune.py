@@ -239,7 +239,8 @@ def tune(
         ``tuned.info`` holds the method, the calibration loss before and after, timings, and
         ``phases``: per gradient phase its name, objective (``squared`` / ``robust``),
         ``iters`` run, the iteration ``kept`` (0: the phase's start) and the validation score
-        at its start (``score_start``) and at the kept iterate (``score``).
+        at its start (``score_start``) and at the kept iterate (``score``; the training
+        objective where no validation part is held out).
 
     Raises:
         ValueError: bad arguments (before any network call).
@@ -386,8 +387,9 @@ def tune(
         opt = torch.optim.Adam(params, lr=rate)
         best: tuple[float, list[Tensor]] | None = None
         stale, first = 0, math.inf
-        record: dict[str, Any] = {"phase": phase}
-        record["objective"] = "squared" if objective is _loss else "robust"
+        record: dict[str, Any] = {
+            "phase": phase, "objective": "squared" if objective is _loss else "robust"
+        }  # fmt: skip
         phases.append(record)
         for i in range(n_it):
             record["iters"] = i + 1
@@ -409,10 +411,12 @@ def tune(
             else:  # no validation part: the minibatch's loss is too noisy to pick an iterate
                 with torch.no_grad():
                     score = float(objective(s(xt, ct), tt))
+            if i == 0:
+                record["score_start"] = score
             if best is None or score < best[0]:
                 stale = 0 if best is None or score < best[0] * (1 - 1e-3) else stale + 1
                 best = (score, [p.detach().clone() for p in params])
-                record.update(kept=i, score_start=record.get("score_start", score), score=score)
+                record.update(kept=i, score=score)
             else:
                 stale += 1
             if stale >= _PATIENCE and _MIN_ITERS <= i + 1 < n_it:
