@@ -214,3 +214,12 @@ def test_tune_keeps_going_after_a_failed_budget(tmp_path, monkeypatch):
     assert (tmp_path / "gmm2d-nfe3.json").exists() and not (tmp_path / "gmm2d-nfe4.json").exists()
     entries = {e["nfe"]: e for e in json.loads((tmp_path / "summary.json").read_text())["entries"]}
     assert entries[3]["error"] is None and "diverged" in entries[4]["error"]
+
+
+def test_tune_help_names_every_method():
+    from diffsolve.tuning.tune import METHODS
+
+    result = runner.invoke(app, ["tune", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    text = _text(result.output)
+    assert all(name in text for name in METHODS), text

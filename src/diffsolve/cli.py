@@ -520,7 +520,9 @@ def tune(
     ),
     nfe: str = typer.Option(TUNE_NFES, help="comma-separated NFE budgets (≥ 2), one solver each"),
     out: str = typer.Option("tuned", help="folder for <model>-nfe<N>.json and summary.json"),
-    method: str = typer.Option("auto", help="auto, ld3, s4s, gits or autodiffusion"),
+    method: str = typer.Option(
+        "auto", help="auto, ld3, s4s, gits, autodiffusion, usf, dc, v3 or bespoke (see `list`)"
+    ),
     process: str = typer.Option(
         None, help="a mixture's process, see `diffsolve list` (default: sd); a network has its own"
     ),

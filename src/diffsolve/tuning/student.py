@@ -11,12 +11,16 @@ parameters:
   2025: ordered by construction, every grid reachable), and, on variance-preserving processes,
   the start λ_0 = λ(t_max) + Δ·sigmoid(ψ) (x_T ~ N(0, I) is nearly as good a sample a little
   below t_max; on VE/EDM paths x_T's scale fixes the start);
+* optionally (``time_offsets``) where each call after the first evaluates the network:
+  λ'_i = λ_i + b_i·tanh(ω_i) within half a step of λ_i, the rows still built on the grid's λ_i
+  (LD3's second, decoupled set of times; GAS's model-time offsets, 2026); the exported steps
+  evaluate at these times, the grid stays the plan's;
 * per-step corrections of the rows' x̂_0 weights (S4S, Frankel et al. 2025; GAS's additive
   corrections): a row with gain g = α_{i+1}(1 − e^{−h_i}) gets g·(δ − mean δ) added, so every
   corrected row still reproduces a constant x̂_0 exactly (first-order consistency), which keeps
   the learned table from fitting the calibration noises with an inconsistent method.
 
-Everything is torch, so the loss against the teacher is differentiable in θ, φ, ψ and δ
+Everything is torch, so the loss against the teacher is differentiable in θ, φ, ψ, ω and δ
 (through the network's time input too). :meth:`Student.export` turns the parameters into a
 :class:`~.tuned.Tuned` solver whose rows reproduce the student's run on the engine.
 """
@@ -145,6 +149,11 @@ class Student(nn.Module):
             per-step decisions), each ≤ i + 1.
         correctors: whether UniC corrects after each call t_1 … t_{N−2} (overrides
             ``corrector`` per call).
+        time_offsets: learn where each call after the first evaluates the network (LD3's
+            second set of times, GAS's model-time offsets): call i runs at λ'_i = λ_i +
+            b_i·tanh(ω_i), b_i = ½·min(h_{i−1}, h_i) (the last: ½·min(h_{N−2}, λ_hi − λ_{N−1})),
+            so the evaluation times stay ordered and inside the process; the rows still use
+            the grid's λ_i. ω = 0 is the plain sampler.
     """
 
     def __init__(
@@ -164,6 +173,7 @@ class Student(nn.Module):
         final_init: Tensor | None = None,
         orders: list[int] | None = None,
         correctors: list[bool] | None = None,
+        time_offsets: bool = False,
     ):
         super().__init__()
         if nfe < 1:
@@ -223,9 +233,13 @@ class Student(nn.Module):
         self.delta_c = nn.ParameterList(
             [nn.Parameter(torch.zeros(self.orders[i - 1] + 1, dtype=f64)) for i in range(1, n - 1)]
         )
+        self.time_offsets = bool(time_offsets) and n > 1
+        self.omega = nn.Parameter(torch.zeros(n - 1 if self.time_offsets else 0, dtype=f64))
 
     def grid_parameters(self) -> list[nn.Parameter]:
-        return [self.theta, self.phi, *([self.psi] if self.start_span > 0 else [])]
+        """The times: the grid's logits, its end, its start (VP) and the calls' offsets."""
+        start = [self.psi] if self.start_span > 0 else []
+        return [self.theta, self.phi, *start, *([self.omega] if self.time_offsets else [])]
 
     def weight_parameters(self) -> list[nn.Parameter]:
         used = [d for d, on in zip(self.delta_c, self.correctors) if on]
@@ -249,12 +263,28 @@ class Student(nn.Module):
         return torch.cat([lam0, lam0 + (end - lam0) * frac])
 
     def times(self) -> Tensor:
-        """The N evaluation times (decreasing); a fixed start is t_start itself."""
-        lam = self.lambdas()
+        """The N grid times (decreasing); a fixed start is t_start itself."""
+        return self._times(self.lambdas())
+
+    def _times(self, lam: Tensor) -> Tensor:
         if self.start_span > 0:
             return self.process.t_of_lambda(lam)
         t0 = torch.tensor([self.t_start], dtype=torch.float64)
         return torch.cat([t0, self.process.t_of_lambda(lam[1:])]) if self.nfe > 1 else t0
+
+    def eval_lambdas(self, lam: Tensor) -> Tensor:
+        """Where the N calls evaluate the network, in λ (the grid ``lam`` without offsets)."""
+        if not self.time_offsets:
+            return lam
+        h = lam[1:] - lam[:-1]  # (N − 1,)
+        after = torch.cat([h[1:], (self.lam_hi - lam[-1:]).clamp_min(0)])
+        bound = 0.5 * torch.minimum(h, after)
+        return torch.cat([lam[:1], lam[1:] + bound * torch.tanh(self.omega)])
+
+    def eval_times(self) -> Tensor:
+        """The N times at which the network is called (the grid's where no offsets)."""
+        lam = self.lambdas()
+        return self._times(self.eval_lambdas(lam)) if self.time_offsets else self._times(lam)
 
     # -- the rows ---------------------------------------------------------------------------
     def rows(
@@ -311,10 +341,14 @@ class Student(nn.Module):
         """The run's last x̂_0's, newest first (at least the final width of them, if the budget
         has them): every network call of :meth:`forward` without the output's combination."""
         cond = cond or {}
-        t = self.times()
+        lam_grid = self.lambdas()
+        t = self._times(lam_grid)
         proc = self.process
         sig, alp = proc.sigma(t), proc.alpha(t)
         pred, corr = self._rows(proc.lambda_(t), sig, alp)
+        if self.time_offsets:
+            t = self._times(self.eval_lambdas(lam_grid))
+            sig, alp = proc.sigma(t), proc.alpha(t)
         hist: list[Tensor] = []
         x_prev = x
         keep = max(max(self.orders, default=self.order) + 1, self.final.numel())
@@ -337,7 +371,7 @@ class Student(nn.Module):
         """The current grid and table as a :class:`~.tuned.Tuned` solver (float64 rows)."""
         t = self.times()
         pred, corr = self.rows(t)
-        tl = t.tolist()
+        tl, te = t.tolist(), self.eval_times().tolist()
 
         def row(r: tuple[Tensor, Tensor]) -> Row:
             return Row(float(r[0]), tuple(r[1].tolist()))
@@ -350,7 +384,7 @@ class Student(nn.Module):
             if i == self.nfe - 1 and self.final.numel() > 1:
                 f = self.final_weights()[: min(self.final.numel(), self.nfe)]
                 update = Row(0.0, tuple(f.tolist()))
-            steps.append(StepRule((tl[i],), update=update, correct=correct))
+            steps.append(StepRule((te[i],), update=update, correct=correct))
         prediction = getattr(self.denoiser, "prediction", "")
         return Tuned(
             times=tuple(tl),

@@ -21,8 +21,8 @@ from .tuned import Tuned
 __all__ = ["METHODS", "TuningError", "tune"]
 
 METHODS = {
-    "auto": "learned grid and learned weights, alternating (LD3 times, then S4S weights, twice)",
-    "ld3": "grid by gradient through the differentiable sampler (LD3, Tong et al. 2025)",
+    "auto": "learned grid, call times and weights, alternating (LD3 times, S4S weights, twice)",
+    "ld3": "grid and call times by gradient through the differentiable sampler (LD3, 2025)",
     "s4s": "multistep weights by gradient on a fixed grid (S4S, Frankel et al. 2025)",
     "gits": "grid by dynamic programming on one-step costs (GITS, Chen et al. 2024)",
     "autodiffusion": "grid by evolutionary search (AutoDiffusion, Li et al. 2023)",
@@ -47,6 +47,9 @@ _ITERS = 60
 _MIN_ITERS = 30
 _PATIENCE = 20
 _WEIGHT_LR = 0.2
+# the methods whose grid phases also learn where each call evaluates the network (LD3's
+# second set of times, GAS's model-time offsets)
+_OFFSET_METHODS = ("auto", "ld3")
 
 
 def _loss(out: Tensor, target: Tensor) -> Tensor:
@@ -204,6 +207,9 @@ def tune(
         nfe: the budget the tuned solver will spend (its grid has nfe evaluation times; the
             last returns x̂_0, the standard end).
         method: one of :data:`METHODS` (``"auto"``: learned grid and weights, alternating).
+            The grid phases of ``auto`` and ``ld3`` also learn where each call after the first
+            evaluates the network (LD3's second set of times, GAS's model-time offsets: within
+            half a step of its grid point, so the calls stay ordered; ``tuned.call_times``).
         cond: the network's conditioning for x_calib (batch-first), as in ``ds.sample``.
         target: the teacher's endpoints for x_calib, if you have them (else computed with
             ``rk45`` at ``rtol``, ended the standard way, and cached).
@@ -312,6 +318,7 @@ def tune(
         return Student(
             model, nfe, t_start, lam, lam_hi, lam_lo, order=order, corrector=corrector,
             start_span=span, start_shift=shift, final_width=width, final_init=init,
+            time_offsets=method in _OFFSET_METHODS,
         )  # fmt: skip
 
     # a validation part of the calibration noise picks the iterate kept (early stopping):

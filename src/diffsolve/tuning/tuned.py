@@ -60,7 +60,9 @@ class Tuned(RowSolver):
     history, newest first). ``ds.sample(model, x_T, solver=tuned)`` runs exactly these; an
     ``nfe=`` that differs from ``tuned.nfe`` raises ``ValueError``.
 
-    ``times``: the grid (process times, decreasing, without the clean end); ``steps``: the rules;
+    ``times``: the grid (process times, decreasing, without the clean end); ``steps``: the rules
+    (each names the time its call evaluates: :attr:`call_times`, offset from the grid's where
+    the tuning learned it);
     ``final``: the end rule the weights were tuned for; ``prediction`` and ``signature``: the
     model it was tuned on (checked by :func:`load_tuned` and by ``check``); ``info``: the method,
     its options, the calibration loss and the held-out error, for the record.
@@ -82,6 +84,12 @@ class Tuned(RowSolver):
                 f"tuned: {len(self.times)} grid times do not fit {len(self.steps)} steps "
                 f"with final={self.final!r}"
             )
+
+    @property
+    def call_times(self) -> tuple[float, ...]:
+        """The process times at which the network is called, in order (the grid's ``times``
+        unless the tuning learned where each call evaluates: ``ds.tune``'s ``auto``/``ld3``)."""
+        return tuple(t for r in self.steps for t in r.t)
 
     @property
     def order(self) -> int:
