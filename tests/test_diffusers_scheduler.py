@@ -451,3 +451,36 @@ def test_auto_in_a_pipeline_equals_ds_sample_auto(unet):
     assert guided.solver.name == "dpmpp_2m"
     with pytest.raises(ValueError, match="no solver options"):
         DiffsolveScheduler.from_config(pipe.scheduler.config, solver="auto", order=3)
+
+
+def test_a_tuned_solver_with_learned_call_times_runs_in_a_pipeline(unet):
+    """A tuned solver whose calls evaluate off its grid (``ds.tune``'s learned call times): the
+    pipeline feeds the network exactly those times and ends where ``ds.sample`` ends."""
+    from diffsolve.tuning.student import Student
+
+    pipe = make_pipe(unet)
+    process = DiffsolveScheduler.from_config(pipe.scheduler.config).process
+    model = ds.Denoiser(lambda x, t: unet(x, t).sample, process, "eps")
+    lam = process.lambda_(ds.LogSNR()(process, 5))
+    student = Student(model, 5, process.t_max_finite, lam, float(lam[-1]) + 1.0, float(lam[1]),
+                      start_span=1.0, start_shift=0.2, time_offsets=True)  # fmt: skip
+    with torch.no_grad():
+        student.omega.copy_(torch.tensor([0.9, -0.7, 0.5, -1.5], dtype=torch.float64))
+    tuned = student.export()
+    assert tuned.call_times != tuned.times
+    pipe.scheduler = DiffsolveScheduler.from_config(pipe.scheduler.config, solver=tuned)
+    _, x_pipe = run_pipe(pipe, 5, seed=4)
+    ours, info = run_ours(unet, pipe.scheduler, tuned, 5, seed=4)
+    expected = [float(process.model_time(torch.tensor(t))) for t in tuned.call_times]
+    assert pipe.scheduler.timesteps.tolist() == pytest.approx(expected, rel=1e-6, abs=1e-4)
+    assert info.nfe == 5 and rel_err(x_pipe, ours) <= TOL
+    # the config carries the whole table: a saved and reloaded scheduler runs the same calls
+    again = DiffsolveScheduler.from_config(dict(pipe.scheduler.config))
+    again.set_timesteps(5)
+    assert again.solver == tuned and torch.equal(again.timesteps, pipe.scheduler.timesteps)
+    with pytest.raises(ValueError, match="5 network calls"):
+        pipe.scheduler.set_timesteps(6)
+    with pytest.raises(ds.tuning.TunedFileError, match="another process"):
+        DiffsolveScheduler.from_config(pipe.scheduler.config, beta_schedule="scaled_linear")
+    with pytest.raises(ValueError, match="no solver options"):
+        DiffsolveScheduler(solver=tuned, solver_options={"order": 2})

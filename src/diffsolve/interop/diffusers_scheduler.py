@@ -157,6 +157,27 @@ def _decode(v: Any) -> Any:
     return v
 
 
+def _tuned_solver(sched: Any, solver: Any, options: dict[str, Any] | None) -> Solver:
+    """A tuned solver (``ds.tune``) given as the object or, from a saved config, as ``"tuned"``
+    with its table in ``solver_options["table"]`` (the body of its file): the config keeps the
+    whole table, so ``save_config`` / ``from_config`` restore it."""
+    from ..tuning.tuned import Tuned
+
+    if isinstance(solver, Tuned):
+        if options:
+            raise ValueError("a tuned solver takes no solver options: its table is all it runs")
+        tuned = solver
+    elif not isinstance(options, dict) or "table" not in options:
+        raise ValueError(
+            "solver='tuned' needs the tuned solver itself (solver=ds.load_tuned(path)), or "
+            "solver_options={'table': ...} from a saved scheduler config"
+        )
+    else:
+        tuned = Tuned.from_dict(options["table"])
+    sched.register_to_config(solver="tuned", solver_options={"table": tuned.to_dict()})
+    return tuned
+
+
 def _zero_snr_process(cfg: Any) -> VPDiscrete:
     """The VP table of a ``rescale_betas_zero_snr`` config: diffusers' rescaled betas, with
     ᾱ_T = 0 replaced by 2⁻²⁴ as diffusers' DPM-Solver, UniPC and Euler schedulers do (a finite
@@ -382,7 +403,10 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             timestep shift ``flow_shift``); ``from_config`` sets both from a FlowMatch config.
         solver: a registered solver name (``ds.solvers()``), a solver object (stored as its
             name and fields), or ``"auto"``: the solver, schedule and end rule ``ds.sample``
-            recommends for each run's NFE budget (an explicit ``schedule``/``final`` wins).
+            recommends for each run's NFE budget (an explicit ``schedule``/``final`` wins),
+            or a tuned solver (``ds.tune`` / ``ds.load_tuned``: its own grid and call times,
+            ``set_timesteps`` with its NFE only; refused for a config whose process or
+            prediction type it was not tuned for; the config keeps its whole table).
         solver_options: the solver's options as a dict (JSON-serialisable).
         schedule: a diffsolve schedule name (``ds.schedules()``) or object (stored as its name
             and fields); None: the solver's default (flow configs: the shifted flow grid).
@@ -446,6 +470,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
                 raise ValueError("solver='auto' takes no solver options; name a solver instead")
             proc = _process_of(dict(self.config))
             self.solver = recommend(proc, 10, bool(guided)).solver
+        elif solver == "tuned" or getattr(solver, "name", "") == "tuned":
+            self.solver = _tuned_solver(self, solver, solver_options)
         else:
             if isinstance(solver, Solver):
                 options = {f.name: getattr(solver, f.name) for f in fields(solver)}
@@ -468,6 +494,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         if final is not None and final not in FINALS:
             raise ValueError(f"unknown final {final!r}; valid: {', '.join(FINALS)}")
         self.process: GaussianProcess = _process_of(dict(self.config))
+        if self.solver.name == "tuned":  # made for this process (and prediction type) only
+            self.solver.check(self.process, _PREDICTIONS[prediction_type])  # type: ignore[attr-defined]
         chosen: str | Schedule | None
         if isinstance(schedule, (Schedule, dict)):
             self.register_to_config(schedule=_encode(schedule))
