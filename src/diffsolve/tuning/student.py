@@ -283,8 +283,7 @@ class Student(nn.Module):
 
     def eval_times(self) -> Tensor:
         """The N times at which the network is called (the grid's where no offsets)."""
-        lam = self.lambdas()
-        return self._times(self.eval_lambdas(lam)) if self.time_offsets else self._times(lam)
+        return self._times(self.eval_lambdas(self.lambdas()))
 
     # -- the rows ---------------------------------------------------------------------------
     def rows(
