@@ -211,3 +211,19 @@ def test_optimize_noise_regularisers():
         ds.optimize_noise(model, x_T, reward, regularizer="l1")
     with pytest.raises(ValueError, match="shape"):
         ds.optimize_noise(model, x_T, lambda x0: x0, steps=1)
+
+
+@pytest.mark.parametrize("grad", ["adjoint", "backprop"])
+def test_optimize_noise_leaves_the_networks_gradients_alone(grad):
+    """Only x_T is optimised: the network's weights and the reward's (which require grad, as a
+    user's freshly loaded models do) get no gradient accumulated."""
+    proc = ds.VPLinear()
+    model = _model(proc)
+    scale = nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def reward(x0):
+        return -((scale * x0 - 3.0) ** 2).sum(dim=1)
+
+    _z, curve = ds.optimize_noise(model, _x_T(proc, b=2), reward, steps=3, nfe=6, grad=grad)
+    assert curve[-1] > curve[0]
+    assert model.net.mu.grad is None and scale.grad is None

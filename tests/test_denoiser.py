@@ -119,6 +119,41 @@ def test_lazy_prediction_is_bit_identical_to_the_eager_table(kind, dtype):
             assert torch.equal(sel.eps, ref_eps[idx]) and torch.equal(sel.x0, ref_x0[idx])
 
 
+@pytest.mark.parametrize("kind", [k for k in ds.PREDICTIONS if k != "x0"])
+def test_a_differentiable_time_gives_the_table_and_its_gradients(kind):
+    """Tuning evaluates at 0-dim α, σ in a graph (the time is learned): x̂_0 is then formed as
+    one linear combination whose coefficient gradients are dot products; it equals the table's
+    formula, and its gradients in x, the output and t pass torch's finite-difference check."""
+    from diffsolve.tuning.student import eval_point
+
+    proc = ds.FlowMatching() if kind == "velocity" else ds.VPLinear()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    out = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    d = ds.Denoiser(lambda x_, t_: out, proc, kind, time_map=lambda t: t)
+
+    def x0_at(x_, out_, t_):
+        pt = eval_point(d, t_, x_)
+        return ds.Prediction.lazy(x_, out_, pt, kind).x0
+
+    t = torch.tensor(0.41, dtype=torch.float64, requires_grad=True)
+    want, _ = _eager(kind, x, out, d.point(0.41, x))
+    assert torch.allclose(x0_at(x, out, t), want, rtol=1e-13, atol=1e-13)
+    assert torch.autograd.gradcheck(x0_at, (x, out, t))
+
+
+def test_combination_checks_its_arguments_and_gradients():
+    from diffsolve.lincomb import combination
+
+    g = torch.Generator().manual_seed(3)
+    c = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    v = [torch.randn(2, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in c]
+    assert torch.allclose(combination(c, v), sum(ci * vi for ci, vi in zip(c, v)), atol=1e-15)
+    assert torch.autograd.gradcheck(lambda c_, *v_: combination(c_, list(v_)), (c, *v))
+    with pytest.raises(ValueError, match="2 coefficients for 3 terms"):
+        combination(c[:2], v)
+
+
 def test_eager_prediction_keeps_the_given_views():
     x0, eps = torch.randn(2, 3), torch.randn(2, 3)
     pred = ds.Prediction(x0, eps)

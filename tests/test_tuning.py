@@ -55,6 +55,30 @@ def test_tuned_beats_the_untuned_auto_rule_on_held_out_noise(sd64, tuned10):
     assert tuned10.call_times[0] == tuned10.times[0] and tuned10.call_times != tuned10.times
 
 
+class _WithWeights(torch.nn.Module):
+    """A network whose weights require grad (as a user's freshly loaded model's do)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.gain = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def forward(self, x, t, **cond):
+        return self.net(x, t, **cond) * self.gain
+
+
+def test_tuning_differentiates_the_solver_only_not_the_networks_weights(sd64):
+    """The gradient phases ask autograd for their own parameters only: the network's weights
+    get no gradient accumulated (nor computed), and tuning gives the same solver."""
+    p, model, calib, _, target, _ = sd64
+    net = _WithWeights(model.net)
+    wrapped = ds.Denoiser(net, p, model.prediction, time_map=model.time_map)
+    tuned = ds.tune(wrapped, calib[:48], 5, target=target[:48], iters=4)
+    assert net.gain.grad is None
+    plain = ds.tune(model, calib[:48], 5, target=target[:48], iters=4)
+    assert tuned.times == pytest.approx(plain.times, rel=1e-12, abs=0)
+
+
 def test_the_engine_runs_exactly_the_students_rows(sd64):
     p, model, _calib, held, _target, _ = sd64
     lam = p.lambda_(ds.LogSNR()(p, 6))

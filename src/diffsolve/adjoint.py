@@ -284,7 +284,9 @@ def optimize_noise(
         loss = -r.sum()
         if regularizer == "prior":
             loss = loss + weight * (z.reshape(z.shape[0], -1) ** 2).sum() / (2 * prior_std**2 * d)
-        loss.backward()
+        # x_T's gradient only: the network's and the reward's weights (a user's models usually
+        # require grad) get none accumulated
+        (z.grad,) = torch.autograd.grad(loss, [z])
         opt.step()
         if regularizer == "norm":
             with torch.no_grad():

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .lincomb import combination
 from .processes.base import GaussianProcess, as_time
 
 __all__ = ["CFG", "PREDICTIONS", "Denoiser", "EvalPoint", "Prediction"]
@@ -33,6 +34,25 @@ PREDICTIONS = ("eps", "x0", "v", "score", "velocity")
 
 def _scalars(*vs: Any) -> bool:
     return all(isinstance(v, (int, float)) for v in vs)
+
+
+def _zero_dim(*vs: Any) -> bool:
+    return all(isinstance(v, Tensor) and v.ndim == 0 for v in vs)
+
+
+def _x0_coefficients(kind: str, pt: EvalPoint) -> tuple[Any, Any]:
+    """(c_x, c_out) with x̂_0 = c_x·x + c_out·out for a network output of type ``kind`` (not
+    ``x0``) at ``pt``: the table of the module docstring."""
+    a, s = pt.alpha, pt.sigma
+    if kind == "eps":
+        return 1 / a, -s / a
+    if kind == "v":
+        n = a * a + s * s
+        return a / n, -s / n
+    if kind == "score":
+        return 1 / a, s * s / a
+    den = a * pt.d_sigma - s * pt.d_alpha  # velocity
+    return pt.d_sigma / den, -s / den
 
 
 def _lin(u: Tensor, cu: float, w: Tensor, cw: float, den: float) -> Tensor:
@@ -90,6 +110,8 @@ class Prediction:
                 else:
                     den = a * pt.d_sigma - s * pt.d_alpha
                     self._x0 = _lin(x, pt.d_sigma, out, -s, den)
+            elif _zero_dim(a, s):  # in a graph (tuning): α, σ's gradients as dot products
+                self._x0 = combination(torch.stack(_x0_coefficients(k, pt)), [x, out])
             elif k == "eps":
                 self._x0 = (x - s * out) / a
             elif k == "v":

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..denoiser import EvalPoint
+from ..lincomb import combination
 from ..solvers.engine import Row, StepRule
 from .tuned import Tuned, process_signature
 
@@ -317,10 +318,7 @@ class Student(nn.Module):
     @staticmethod
     def _combine(row: tuple[Tensor, Tensor], x: Tensor, hist: list[Tensor]) -> Tensor:
         a, w = row
-        out = a.to(x.dtype) * x
-        for j in range(w.numel()):
-            out = out + w[j].to(x.dtype) * hist[j]
-        return out
+        return combination(torch.cat([a.reshape(1), w]), [x, *hist[: w.numel()]])
 
     def forward(self, x: Tensor, cond: dict[str, Any] | None = None) -> Tensor:
         """The student's sample from x (B, ...), taken as the state at the grid's start."""
@@ -332,9 +330,8 @@ class Student(nn.Module):
         f = self.final_weights() if weights is None else weights
         if f.numel() == 1:
             return hist[0]
-        out = sum(f[j].to(hist[0].dtype) * hist[j] for j in range(min(f.numel(), len(hist))))
-        assert isinstance(out, Tensor)  # hist is never empty here: ≥ 1 term
-        return out
+        k = min(f.numel(), len(hist))
+        return combination(f[:k], hist[:k])
 
     def history(self, x: Tensor, cond: dict[str, Any] | None = None) -> list[Tensor]:
         """The run's last x̂_0's, newest first (at least the final width of them, if the budget

@@ -430,7 +430,11 @@ def tune(
                 if progress is not None:  # the phase is done: its bar jumps to the end
                     progress(phase, n_it, n_it, value)
                 break
-            loss.backward()
+            # only this phase's parameters: the network's own weights (a user's model usually
+            # requires grad) get no gradient computed or accumulated, and the other phase's
+            # parameters (the times, in a weight phase) prune their part of the backward pass
+            for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
+                p.grad = g
             opt.step()
             if progress is not None:
                 progress(phase, i + 1, n_it, value)
