@@ -49,12 +49,14 @@ def gmm_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def net_dir(tmp_path_factory):
-    """digits-vp at NFE 3: 2 calibration samples, a loose teacher, one s4s iteration."""
+    """digits-vp at NFE 3: 2 calibration samples, a loose teacher, one s4s iteration, the
+    network's activations recomputed in the backward pass (--checkpoint)."""
     out = tmp_path_factory.mktemp("tuned-net")
     args = ["tune", "--model", "digits-vp", "--nfe", "3", "--calib", "2", "--rtol", "1e-3"]
-    args += ["--iters", "1", "--method", "s4s", "--no-progress", "--out", str(out)]
+    args += ["--iters", "1", "--method", "s4s", "--checkpoint", "--no-progress", "--out", str(out)]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
+    assert ds.load_tuned(out / "digits-vp-nfe3.json").info["checkpoint"] is True
     return out
 
 

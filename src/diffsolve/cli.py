@@ -558,6 +558,12 @@ def tune(
     threads: int = typer.Option(
         1, min=0, help="torch intra-op threads (0: torch's default; the digits nets are tiny)"
     ),
+    checkpoint: bool = typer.Option(
+        False,
+        "--checkpoint/--no-checkpoint",
+        help="recompute each network call's activations in the backward pass (one call's "
+        "memory instead of NFE calls', one more forward pass per call)",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
 ) -> None:
     """Tune one solver per NFE budget on a model's own ODE; write DIR/<model>-nfe<N>.json."""
@@ -603,7 +609,7 @@ def tune(
     labels = parse_labels(label, calib, guided) if is_net else None
     _tune(
         model, is_net, process, nfes, method, calib, seed, guidance if guided else None,
-        label, labels, iters, rtol, threads, progress, Path(out), batch,
+        label, labels, iters, rtol, threads, progress, Path(out), batch, checkpoint,
     )  # fmt: skip
 
 
@@ -624,6 +630,7 @@ def _tune(
     show: bool,
     out: Path,
     batch: int | None = None,
+    checkpoint: bool = False,
 ) -> None:
     import torch
     from rich.progress import (
@@ -708,7 +715,7 @@ def _tune(
             try:
                 tuned = ds_tune(
                     den, x, n, method, cond=cond, target=target, iters=iters, rtol=rtol,
-                    seed=seed, batch=batch, progress=tracker,
+                    seed=seed, batch=batch, checkpoint=checkpoint, progress=tracker,
                 )  # fmt: skip
             except (TuningError, ValueError) as e:
                 entry.update(error=str(e), seconds=time.perf_counter() - t0)

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from ..denoiser import EvalPoint
 from ..solvers.engine import Row, StepRule
-from .student import eval_point, inner_denoiser
+from .student import eval_point, inner_denoiser, network_x0
 from .tuned import Tuned, process_signature
 
 __all__ = ["BespokeStudent", "bespoke_steps"]
@@ -76,6 +76,8 @@ class BespokeStudent(nn.Module):
         lam_hi, lam_lo: the range of the last node's λ.
         order: the base method, 1 (Euler) or 2 (RK2 midpoint).
     """
+
+    checkpoint: bool = False  # recompute each call's activations in the backward pass
 
     def __init__(
         self,
@@ -186,16 +188,16 @@ class BespokeStudent(nn.Module):
         t, tm, rows = self.rows()
         dt = x.dtype
         for i, kind in enumerate(self.kinds):
-            m = self.model(x, self._point(t[i], x), **cond).x0
+            m = network_x0(self.model, x, self._point(t[i], x), cond, self.checkpoint)
             if kind == 1:
                 ((a, w),) = rows[i]
                 x = a.to(dt) * x + w[0].to(dt) * m
                 continue
             (a, w), (a1, b1) = rows[i]
             xm = a1.to(dt) * x + b1.to(dt) * m
-            mm = self.model(xm, self._point(tm[i], x), **cond).x0
+            mm = network_x0(self.model, xm, self._point(tm[i], x), cond, self.checkpoint)
             x = a.to(dt) * x + w[0].to(dt) * mm + w[1].to(dt) * m
-        return self.model(x, self._point(t[-1], x), **cond).x0
+        return network_x0(self.model, x, self._point(t[-1], x), cond, self.checkpoint)
 
     # -- export -----------------------------------------------------------------------------
     @torch.no_grad()

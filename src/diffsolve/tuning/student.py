@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as checkpoint_call
 
 from ..denoiser import EvalPoint
 from ..lincomb import combination
@@ -106,6 +107,22 @@ def _unipc_row(
     return sig[i + 1] / sig[i], torch.stack([*new, head, *w]), gain
 
 
+def _x0(model: Any, x: Tensor, point: EvalPoint, cond: dict[str, Any]) -> Tensor:
+    return model(x, point, **cond).x0
+
+
+def network_x0(
+    model: Any, x: Tensor, point: EvalPoint, cond: dict[str, Any], checkpoint: bool = False
+) -> Tensor:
+    """x̂_0 of one network call. With ``checkpoint`` (and gradients on) the call's activations
+    are not kept for the backward pass but recomputed there (``torch.utils.checkpoint``): a
+    differentiated N-call run then holds one call's activations at a time instead of N, for one
+    more forward pass per call."""
+    if checkpoint and torch.is_grad_enabled():
+        return checkpoint_call(_x0, model, x, point, cond, use_reentrant=False)  # type: ignore[no-any-return]
+    return _x0(model, x, point, cond)
+
+
 def eval_point(
     denoiser: Any, t: Tensor, like: Tensor, alpha: Tensor | None = None, sigma: Tensor | None = None
 ) -> EvalPoint:
@@ -156,6 +173,8 @@ class Student(nn.Module):
             so the evaluation times stay ordered and inside the process; the rows still use
             the grid's λ_i. ω = 0 is the plain sampler.
     """
+
+    checkpoint: bool = False  # recompute each call's activations in the backward pass
 
     def __init__(
         self,
@@ -350,7 +369,7 @@ class Student(nn.Module):
         keep = max(max(self.orders, default=self.order) + 1, self.final.numel())
         for i in range(self.nfe):
             point = eval_point(self.denoiser, t[i], x, alp[i], sig[i])
-            hist.insert(0, self.model(x, point, **cond).x0)
+            hist.insert(0, network_x0(self.model, x, point, cond, self.checkpoint))
             if i == self.nfe - 1:
                 return hist
             c = corr[i - 1] if i >= 1 else None

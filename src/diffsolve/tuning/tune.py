@@ -196,6 +196,7 @@ def tune(
     validation: float = 0.25,
     rtol: float = TEACHER_RTOL,
     seed: int = 0,
+    checkpoint: bool = False,
     progress: Callable[[str, int, int, float], None] | None = None,
 ) -> Tuned:
     """A solver calibrated on ``model`` for a budget of ``nfe`` calls.
@@ -238,6 +239,11 @@ def tune(
             ~55 % of its network calls).
         seed: makes the evolutionary search deterministic (the gradient methods are
             deterministic anyway).
+        checkpoint: in the gradient phases, recompute each network call's activations in the
+            backward pass instead of keeping all N calls' (``torch.utils.checkpoint``): the
+            memory of one call's activations instead of N at the cost of one more forward
+            pass per call; the same gradients (for a network too large to differentiate
+            through N calls at once; ``batch`` cuts the memory too).
         progress: ``progress(phase, i, total, loss)`` after every iteration (the CLI's bar).
 
     Returns:
@@ -392,6 +398,7 @@ def tune(
         """Adam at ``rate`` for ``n_it`` iterations, stopped early (after ``_MIN_ITERS``) once
         ``_PATIENCE`` of them in a row have not bettered the best validation score by 0.1 %."""
         opt = torch.optim.Adam(params, lr=rate)
+        s.checkpoint = checkpoint
         best: tuple[float, list[Tensor]] | None = None
         stale, first = 0, math.inf
         record: dict[str, Any] = {
@@ -503,6 +510,7 @@ def tune(
         "seconds": time.perf_counter() - start,
         "iters": n_it,
         "batch": batch,
+        "checkpoint": bool(checkpoint),
         "phases": phases,
     }
     return s.export(info)
