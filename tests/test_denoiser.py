@@ -152,6 +152,10 @@ def test_combination_checks_its_arguments_and_gradients():
     assert torch.autograd.gradcheck(lambda c_, *v_: combination(c_, list(v_)), (c, *v))
     with pytest.raises(ValueError, match="2 coefficients for 3 terms"):
         combination(c[:2], v)
+    low = v[0].detach().float().requires_grad_(True)  # mixed dtypes: the promoted one
+    out = combination(c, [low, v[1], v[2]])
+    out.sum().backward()
+    assert out.dtype == torch.float64 and low.grad is not None and low.grad.dtype == torch.float32
 
 
 def test_eager_prediction_keeps_the_given_views():

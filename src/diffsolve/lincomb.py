@@ -21,8 +21,11 @@ class _Combination(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, coef: Tensor, *terms: Tensor) -> Tensor:
         ctx.save_for_backward(coef, *terms)
-        c = coef.to(terms[0].dtype)
-        out = terms[0] * c[0]
+        dtype = terms[0].dtype
+        for v in terms[1:]:
+            dtype = torch.promote_types(dtype, v.dtype)
+        c = coef.to(dtype)
+        out = terms[0].to(dtype) * c[0]
         for j in range(1, len(terms)):
             out.addcmul_(terms[j], c[j])
         return out
@@ -45,10 +48,10 @@ def combination(coef: Tensor, terms: list[Tensor] | tuple[Tensor, ...]) -> Tenso
 
     Args:
         coef: (k,) coefficients (any float dtype; cast to the terms' dtype).
-        terms: k tensors of one shape, dtype and device.
+        terms: k tensors of one shape and device.
 
     Returns:
-        A new tensor shaped like the terms.
+        A new tensor shaped like the terms, in their promoted dtype.
     """
     if coef.ndim != 1 or coef.numel() != len(terms) or not terms:
         raise ValueError(f"combination: {coef.numel()} coefficients for {len(terms)} terms")
