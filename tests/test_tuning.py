@@ -342,8 +342,8 @@ def test_tuning_beats_auto_on_the_continuous_paths(process):
 def test_checkpointing_keeps_one_calls_activations_and_the_same_gradients(sd64):
     """``checkpoint``: each network call's activations are recomputed in the backward pass, so
     a differentiated run keeps what one call needs (digits-vp, NFE 10, 192 noises: 385 MB of
-    saved tensors → 6.6 MB, measured at 1.3× the time per iteration); the gradients and the
-    tuned solver are the same."""
+    saved tensors → 6.4 MB, 1.3–1.6× the time per iteration: benchmarks/tuning_memory.py);
+    the gradients and the tuned solver are the same."""
     model = ds.nets.model("digits-vp")
     proc = model.process
     x = proc.prior((8, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
