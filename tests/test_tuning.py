@@ -374,6 +374,8 @@ def test_checkpointing_keeps_one_calls_activations_and_the_same_gradients(sd64):
     plain = ds.tune(gmm, calib[:48], 5, target=target[:48], iters=3)
     ckpt = ds.tune(gmm, calib[:48], 5, target=target[:48], iters=3, checkpoint=True)
     assert ckpt.times == pytest.approx(plain.times, rel=1e-12, abs=0)
+    with pytest.raises(ValueError, match="checkpoint must be True or False"):
+        ds.tune(gmm, calib[:48], 5, target=target[:48], checkpoint="yes")
 
 
 def test_one_run_scores_both_ends_of_a_grid(sd64):

@@ -270,6 +270,8 @@ def tune(
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
     if batch is not None and (isinstance(batch, bool) or int(batch) != batch or batch < 1):
         raise ValueError(f"batch must be a positive integer or None, got {batch!r}")
+    if not isinstance(checkpoint, bool):
+        raise ValueError(f"checkpoint must be True or False, got {checkpoint!r}")
     nfe = int(nfe)
     if method == "v3":
         from .v3 import tune_v3
