@@ -9,6 +9,13 @@ fastest of a few forward + backward passes, and that the gradients agree::
     python benchmarks/tuning_memory.py --model digits-vp --nfe 10 --batch 192
 
 (docs/tuning.md: 385 MB → 6.4 MB at 1.3–1.6× the time per iteration, the same gradients.)
+
+``--unfrozen`` makes the network's weights require grad, as a user's freshly loaded model's
+do, and also times ``loss.backward()`` — what ``ds.tune`` called before stop 26, which computed
+and accumulated a gradient for every weight — against the gradient of the student's own
+parameters that it asks for now::
+
+    python benchmarks/tuning_memory.py --unfrozen --nfe 8
 """
 
 from __future__ import annotations
@@ -30,10 +37,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=192)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--unfrozen", action="store_true", help="the network's weights require grad")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     model = ds.nets.model(args.model)
+    if args.unfrozen:
+        model.net.requires_grad_(True)
     proc = model.process
     gen = torch.Generator().manual_seed(0)
     x = proc.prior((args.batch, 1, 8, 8), generator=gen, dtype=torch.float64)
@@ -71,6 +81,19 @@ def main(argv: list[str] | None = None) -> None:
         for a, b in zip(grads[False], grads[True])
     )
     print(f"largest relative gradient difference: {worst:.1e}")
+    if args.unfrozen:
+        student.checkpoint = False
+        for name, run in (("loss.backward()", "all"), ("autograd.grad(own parameters)", "own")):
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                loss = student(x, cond).pow(2).mean()
+                if run == "all":
+                    loss.backward()
+                else:
+                    torch.autograd.grad(loss, params)
+                times.append(time.perf_counter() - start)
+            print(f"unfrozen weights, {name}: {min(times):.3f} s per forward + backward")
 
 
 if __name__ == "__main__":

@@ -40,19 +40,18 @@ def _zero_dim(*vs: Any) -> bool:
     return all(isinstance(v, Tensor) and v.ndim == 0 for v in vs)
 
 
-def _x0_coefficients(kind: str, pt: EvalPoint) -> tuple[Any, Any]:
-    """(c_x, c_out) with x̂_0 = c_x·x + c_out·out for a network output of type ``kind`` (not
-    ``x0``) at ``pt``: the table of the module docstring."""
+def _x0_terms(kind: str, pt: EvalPoint) -> tuple[Any, Any, Any]:
+    """(c_x, c_out, den) with x̂_0 = (c_x·x + c_out·out)/den for a network output of type
+    ``kind`` (not ``x0``) at ``pt``: the table of the module docstring (velocity: Cramer's rule
+    on α'·x0 + σ'·ε = u, α·x0 + σ·ε = x)."""
     a, s = pt.alpha, pt.sigma
     if kind == "eps":
-        return 1 / a, -s / a
+        return 1.0, -s, a
     if kind == "v":
-        n = a * a + s * s
-        return a / n, -s / n
+        return a, -s, a * a + s * s
     if kind == "score":
-        return 1 / a, s * s / a
-    den = a * pt.d_sigma - s * pt.d_alpha  # velocity
-    return pt.d_sigma / den, -s / den
+        return 1.0, s * s, a
+    return pt.d_sigma, -s, a * pt.d_sigma - s * pt.d_alpha
 
 
 def _lin(u: Tensor, cu: float, w: Tensor, cw: float, den: float) -> Tensor:
@@ -99,27 +98,13 @@ class Prediction:
         """x̂_0, formed on first access for a lazy prediction."""
         if self._x0 is None:
             x, out, pt = self._parts()
-            a, s, k = pt.alpha, pt.sigma, self._kind
-            if _scalars(a, s, pt.d_alpha, pt.d_sigma):  # one new tensor, two passes
-                if k == "eps":
-                    self._x0 = _lin(x, 1.0, out, -s, a)
-                elif k == "v":
-                    self._x0 = _lin(x, a, out, -s, a * a + s * s)
-                elif k == "score":
-                    self._x0 = _lin(x, 1.0, out, s * s, a)
-                else:
-                    den = a * pt.d_sigma - s * pt.d_alpha
-                    self._x0 = _lin(x, pt.d_sigma, out, -s, den)
-            elif _zero_dim(a, s):  # in a graph (tuning): α, σ's gradients as dot products
-                self._x0 = combination(torch.stack(_x0_coefficients(k, pt)), [x, out])
-            elif k == "eps":
-                self._x0 = (x - s * out) / a
-            elif k == "v":
-                self._x0 = (a * x - s * out) / (a * a + s * s)
-            elif k == "score":
-                self._x0 = (x + (s * s) * out) / a
-            else:  # velocity: Cramer's rule on α'·x0 + σ'·ε = u, α·x0 + σ·ε = x
-                self._x0 = (pt.d_sigma * x - s * out) / (a * pt.d_sigma - s * pt.d_alpha)
+            cx, co, den = _x0_terms(self._kind, pt)
+            if _scalars(cx, co, den):  # one new tensor, two passes
+                self._x0 = _lin(x, cx, out, co, den)
+            elif _zero_dim(pt.alpha, pt.sigma):  # in a graph (tuning): gradients as dot products
+                self._x0 = combination(torch.stack([cx / den, co / den]), [x, out])
+            else:
+                self._x0 = (cx * x + co * out) / den
         return self._x0
 
     @property
