@@ -38,11 +38,17 @@ DPM-Solver++ (l = 1, s = b = 0) and DPM-Solver (l = 0, s = −1, b = 0) are exac
 to cumulative sums.)
 
 All coefficients are built once per grid in float64 as tensors of one sample's shape (or
-floats when the statistics are scalars): a step is x_t = a ⊙ x_s + Σ_j W_j ⊙ f_j + c.
+floats when the statistics are scalars): a step is x_t = a ⊙ x_s + Σ_j W_j ⊙ f_j + c. Every
+row steps between neighbouring run λ's (step i's predictor λ_i → λ_{i+1}, step i + 1's corrector
+the same), so Ĩ, the A_k and C̃ are sums over one step's cells, taken for all steps at once; a
+row only weights them by its nodes. The elements of a sample are independent: they are built
+in blocks whose arrays stay in cache.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import weakref
 from dataclasses import dataclass
@@ -66,6 +72,9 @@ _SERIES = 30
 _TABLES: weakref.WeakKeyDictionary[Any, dict[tuple, tuple]] = weakref.WeakKeyDictionary()
 _KEEP = 8
 _CACHE_BYTES = 64 * 2**20
+# Values per cell array of one block of elements: small enough that a block's intermediates
+# stay in cache (a 4×64×64 per-element set-up then runs about twice as fast as at once).
+_BLOCK = 2**15
 
 
 # Gauss–Legendre nodes on [0, 1] and the inverse of their Vandermonde matrix V[i, m] = u_i^m:
@@ -73,10 +82,29 @@ _CACHE_BYTES = 64 * 2**20
 # degree < 5. It is applied only to the factor e^{q(u)} − 1 of a cell's curved exponent (zero
 # where l + s is constant, so DPM-Solver++'s coefficients stay exact).
 _GAUSS = (-0.906179845938664, -0.5384693101056831, 0.0, 0.5384693101056831, 0.906179845938664)
-_NODES = tuple((g + 1) / 2 for g in _GAUSS)
-_VINV = torch.linalg.inv(
-    torch.tensor([[u**m for m in range(len(_NODES))] for u in _NODES], dtype=_F64)
-).tolist()
+_NODES = np.array([(g + 1) / 2 for g in _GAUSS])
+_POWERS = _NODES[None, :] ** np.arange(len(_NODES))[:, None]  # [m, i] = u_i^m
+_VINV = np.linalg.inv(_POWERS.T)
+# ∫_0^u of the Hermite basis h01, h10, h11 minus u times their integrals, at those nodes
+_PRIMITIVES = np.stack(
+    [
+        _NODES**3 - _NODES**4 / 2 - _NODES / 2,
+        _NODES**2 / 2 - 2 * _NODES**3 / 3 + _NODES**4 / 4 - _NODES / 12,
+        -(_NODES**3) / 3 + _NODES**4 / 4 + _NODES / 12,
+    ],
+    axis=1,
+)
+_FACT = [float(math.factorial(k)) for k in range(len(_NODES))]
+# Taylor coefficients of μ_4(z) = Σ_j z^j/(j!·(j + 5)); 21 terms reach 2^−62 at |z| = 1
+_TOP_SERIES = np.array([1 / (math.factorial(j) * (j + 5)) for j in range(22)])
+# |z| up to which j terms of that series leave the first omitted one below 2^−62
+_SERIES_REACH = [(2**-62 * math.factorial(j) * (j + 5)) ** (1 / j) for j in range(1, 22)]
+# k!/i! at [i − 1, k − 1] (the derivative weights' Newton form), and 1/((k − m)!·m!) for m ≤ k
+_NEWTON_SCALE = np.array([[_FACT[k] / _FACT[i] for k in range(1, 4)] for i in range(1, 4)])
+_TAYLOR_SCALE = np.array(
+    [[1 / (_FACT[k - m] * _FACT[m]) if m <= k else 0.0 for m in range(4)] for k in range(4)]
+)
+_TAYLOR_POWER = np.maximum(np.arange(4)[:, None] - np.arange(4), 0)
 
 
 def phi(k: int, z: Tensor) -> Tensor:
@@ -95,223 +123,399 @@ def phi(k: int, z: Tensor) -> Tensor:
     return torch.where(small, series, closed)
 
 
-def _slopes(x: Tensor, y: Tensor) -> Tensor:
-    """dy/dx (y (N, ...)) at the nodes x (N,): second-order differences (numpy's gradient
+# -- the statistics on a run's λ grid (numpy float64; arrays (nodes or cells, elements)) -------
+def _slopes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """dy/dx (y (N, E)) at the nodes x (N,): second-order differences (numpy's gradient
     with edge_order 2), the chord for 2 nodes."""
-    if x.numel() == 2:
-        return ((y[1] - y[0]) / (x[1] - x[0])).expand_as(y).clone()
-    out = np.gradient(y.numpy(), x.numpy(), axis=0, edge_order=2)
-    return torch.from_numpy(np.ascontiguousarray(out))
+    if x.size == 2:
+        return np.broadcast_to((y[1] - y[0]) / (x[1] - x[0]), y.shape)
+    return np.gradient(y, x, axis=0, edge_order=2)
 
 
-def _hermite(xq: Tensor, xp: Tensor, fp: Tensor, dp: Tensor) -> tuple[Tensor, Tensor]:
-    """The cubic Hermite interpolant of values fp and slopes dp (N, ...) at nodes xp (N,):
-    its values and slopes at xq (Q,), written so that constant data stay exactly constant."""
-    idx = torch.searchsorted(xp, xq).clamp(1, xp.numel() - 1)
+def _hermite(
+    xq: np.ndarray, xp: np.ndarray, fp: np.ndarray, dp: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The cubic Hermite interpolant of values fp and slopes dp (N, E) at nodes xp (N,): its
+    values and slopes at xq (Q,), written so that constant data stay exactly constant."""
+    idx = np.clip(np.searchsorted(xp, xq), 1, xp.size - 1)
     x0, x1 = xp[idx - 1], xp[idx]
-    shp = (-1, *([1] * (fp.ndim - 1)))
-    h = (x1 - x0).reshape(shp)
-    t = ((xq - x0) / (x1 - x0)).reshape(shp)
+    h = (x1 - x0)[:, None]
+    t = ((xq - x0) / (x1 - x0))[:, None]
+    t2, t3 = t * t, t * t * t
     f0, f1, d0, d1 = fp[idx - 1], fp[idx], dp[idx - 1], dp[idx]
-    val = f0 + (3 * t**2 - 2 * t**3) * (f1 - f0)
-    val = val + h * ((t - 2 * t**2 + t**3) * d0 + (t**3 - t**2) * d1)
-    der = (6 * t - 6 * t**2) * (f1 - f0) / h + (1 - 4 * t + 3 * t**2) * d0 + (3 * t**2 - 2 * t) * d1
+    val = f0 + (3 * t2 - 2 * t3) * (f1 - f0)
+    val = val + h * ((t - 2 * t2 + t3) * d0 + (t3 - t2) * d1)
+    der = (6 * t - 6 * t2) * (f1 - f0) / h + (1 - 4 * t + 3 * t2) * d0 + (3 * t2 - 2 * t) * d1
     return val, der
 
 
-def _cells(y: Tensor, dy: Tensor, d: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """For y cubic Hermite on each cell (values y, slopes dy at the nodes; widths d): the cell
-    integrals ∫_cell y and the deviations q(u) = ∫_{λ_c}^{λ_c + δu} y − u·∫_cell y at the product
-    rule's nodes (exactly zero where y is constant)."""
-    y0, y1, s0, s1 = y[:-1], y[1:], dy[:-1] * d, dy[1:] * d
-    total = d * (y0 + (y1 - y0) / 2 + (s0 - s1) / 12)
-    dev = []
-    for u in _NODES:  # ∫_0^u of the Hermite basis h01, h10, h11, minus u times their integrals
-        i01 = u**3 - u**4 / 2 - u / 2
-        i10 = u**2 / 2 - 2 * u**3 / 3 + u**4 / 4 - u / 12
-        i11 = -(u**3) / 3 + u**4 / 4 + u / 12
-        dev.append(d * ((y1 - y0) * i01 + s0 * i10 + s1 * i11))
-    return total, dev
+def _cell_integrals(y: np.ndarray, dy: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """∫_cell y for y cubic Hermite on each cell (values y, slopes dy at the nodes; widths d)."""
+    y0, y1 = y[:-1], y[1:]
+    return d * (y0 + (y1 - y0) / 2 + (dy[:-1] * d - dy[1:] * d) / 12)
 
 
-class _Profile:
-    """l, s, b on the merged λ grid of one run (the statistics' nodes inside the run's range
-    plus the run's own λ's) as cubic Hermite interpolants of the statistics (slopes by
-    second-order differences), the cumulative L = ∫l and S = ∫s (exact), and per cell the
-    moments M_m = ∫_0^1 e^{E(λ_c + δu) − E(λ_c)}·u^m du of E = L + S (m ≤ 3) and the integral
-    K = ∫_cell e^{−(S − S(λ_c))}·b, all float64 and origin-free: a row only shifts them to its
-    λ_s."""
-
-    def __init__(self, lams: list[float], stats: Any):
-        run = torch.tensor(sorted(set(lams)), dtype=_F64)
-        if stats is None:
-            nodes = run
-            l = torch.ones(nodes.numel(), dtype=_F64)
-            s = b = dl = ds = db = torch.zeros_like(l)
-        else:
-            lam = stats.lam.to(_F64)
-            lo, hi = float(run[0]), float(run[-1])
-            tol = 1e-9 * (1 + max(abs(lo), abs(hi)))
-            if lo < float(lam[0]) - tol or hi > float(lam[-1]) + tol:
-                raise ValueError(
-                    f"dpm_solver_v3: the run needs λ in [{lo:.6g}, {hi:.6g}] but the statistics "
-                    f"cover [{float(lam[0]):.6g}, {float(lam[-1]):.6g}]; compute them over the "
-                    "run's range (the default covers the process's t_min..t_max)"
-                )
-            inner = lam[(lam > lo) & (lam < hi)]
-            if inner.numel():  # drop statistics nodes that coincide with a run λ
-                gap = (inner[:, None] - run[None, :]).abs().min(1).values
-                inner = inner[gap > 1e-12 * (1 + inner.abs())]
-            nodes = torch.sort(torch.cat([run, inner])).values
-            q = nodes.clamp(lam[0], lam[-1])
-            vals = [v.to(_F64) for v in (stats.l, stats.s, stats.b)]
-            (l, dl), (s, ds), (b, db) = (_hermite(q, lam, v, _slopes(lam, v)) for v in vals)
-        self.nodes, self.l, self.s, self.b = nodes, l, s, b
-        self.pos = {v: int(torch.searchsorted(nodes, torch.tensor(v, dtype=_F64))) for v in lams}
-        self.shp = [-1, *([1] * (l.ndim - 1))]
-        self.d = d = (nodes[1:] - nodes[:-1]).reshape(self.shp)
-        cell_l, dev_l = _cells(l, dl, d)
-        cell_s, dev_s = _cells(s, ds, d)
-        zero = torch.zeros_like(l[:1])
-        self.L = torch.cat([zero, torch.cumsum(cell_l, 0)])
-        self.S = torch.cat([zero, torch.cumsum(cell_s, 0)])
-        # E = E_c + z·u + q(u) on a cell, u = (λ − λ_c)/δ, q = 0 where l + s is constant
-        self.M = _curved_moments(cell_l + cell_s, [a + c for a, c in zip(dev_l, dev_s)], 4)
-        self.has_b = bool((b != 0).any())
-        self.K: Tensor | None = None
-        if self.has_b:  # b(u) = Σ_m β_m·u^m on a cell, against e^{−(S − S_c)}
-            b0, b1, g0, g1 = b[:-1], b[1:], db[:-1] * d, db[1:] * d
-            beta = (b0, g0, 3 * (b1 - b0) - 2 * g0 - g1, 2 * (b0 - b1) + g0 + g1)
-            self.K = d * _curved_integral(-cell_s, [-v for v in dev_s], beta)
-
-    def row(
-        self, node_lams: list[float], lam_t: float, alpha_s: float, alpha_t: float, pseudo: bool
-    ) -> tuple[Tensor, list[Tensor], Tensor | None]:
-        """The step from λ_s = node_lams[0] to lam_t with g's derivatives from the nodes (in
-        this order for the divided differences): (a, W_j for each node, c or None)."""
-        lam_s = node_lams[0]
-        ps, pt = self.pos[lam_s], self.pos[lam_t]
-        where = [self.pos[v] for v in node_lams] + [pt]
-        lo, hi = min(where), max(where)
-        ls = self.L[lo : hi + 1] - self.L[ps]
-        ss = self.S[lo : hi + 1] - self.S[ps]
-        at, end = ps - lo, pt - lo  # λ_s's and λ_t's index inside the slice
-        bs = torch.zeros_like(ss)
-        if self.has_b:  # B̃ = ∫_{λ_s} e^{−S̃}·b at the nodes, outward from λ_s
-            assert self.K is not None
-            cell = torch.exp(-ss[:-1]) * self.K[lo:hi]
-            fwd = torch.cumsum(cell[at:], 0)
-            back = -torch.flip(torch.cumsum(torch.flip(cell[:at], [0]), 0), [0])
-            bs = torch.cat([back, torch.zeros_like(ss[:1]), fwd])
-        # the step's own cells, λ_s → λ_t
-        dd = self.d[ps:pt]
-        moments = [m[ps:pt] for m in self.M]
-        base = dd * torch.exp(ls[at:end] + ss[at:end])
-        i_t = (base * moments[0]).sum(0)
-        c_t = None
-        if self.has_b:  # B̃ inside a cell: the cubic Hermite interpolant of its values, slopes
-            b0, b1 = bs[at:end], bs[at + 1 : end + 1]
-            g0 = dd * torch.exp(-ss[at:end]) * self.b[ps:pt]
-            g1 = dd * torch.exp(-ss[at + 1 : end + 1]) * self.b[ps + 1 : pt + 1]
-            cub = (b0, g0, 3 * (b1 - b0) - 2 * g0 - g1, 2 * (b0 - b1) + g0 + g1)
-            c_t = (base * sum(cm * moments[m] for m, cm in enumerate(cub))).sum(0)
-        n = len(node_lams) - 1
-        start = (self.nodes[ps:pt] - lam_s).reshape(self.shp)  # cells' starts − λ_s
-        a_k = []
-        # ∫ e^E·(λ − λ_s)^k/k!, the polynomial expanded at each cell; the powers made once
-        start_pow = [start**m for m in range(n + 1)]
-        dd_pow = [dd**m for m in range(n + 1)]
-        for k in range(1, n + 1):
-            poly = sum(
-                start_pow[k - m]
-                / math.factorial(k - m)
-                * dd_pow[m]
-                / math.factorial(m)
-                * moments[m]
-                for m in range(k + 1)
-            )
-            a_k.append((base * poly).sum(0))
-        w = _derivative_weights([v - lam_s for v in node_lams], pseudo)  # (n, n + 1)
-        g = [(i_t if j == 0 else torch.zeros_like(i_t)) for j in range(n + 1)]
-        for k in range(n):
-            for j in range(n + 1):
-                if w[k][j] != 0.0:
-                    g[j] = g[j] + w[k][j] * a_k[k]
-        decay = torch.exp(-ls[end])
-        pref = alpha_t * decay
-        a = alpha_t / alpha_s * decay
-        weights, c = [], None
-        for j, v in enumerate(node_lams):
-            kj = self.pos[v] - lo
-            weights.append(-pref * g[j] * torch.exp(-ss[kj]))
-            if self.has_b and j > 0:
-                term = g[j] * bs[kj]
-                c = term if c is None else c + term
-        if c_t is not None:
-            c = -pref * (c_t - (c if c is not None else 0.0))
-        return a, weights, c
+def _deviations(y: np.ndarray, dy: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """q(u) = ∫_{λ_c}^{λ_c + δu} y − u·∫_cell y at the product rule's nodes, (5, cells, E), for
+    y as in :func:`_cell_integrals` (exactly zero where y is constant)."""
+    parts = np.stack([y[1:] - y[:-1], dy[:-1] * d, dy[1:] * d])
+    return d * _mix(_PRIMITIVES, parts)
 
 
-def _moments(z: Tensor) -> list[Tensor]:
-    """μ_m(z) = ∫_0^1 e^{z·u}·u^m du = m!·e^z·φ_{m+1}(−z), m < 5, elementwise."""
-    ez = torch.exp(z)
-    return [math.factorial(m) * ez * phi(m + 1, -z) for m in range(len(_NODES))]
+def _mix(mat: np.ndarray, arr: np.ndarray) -> np.ndarray:
+    """mat (P, Q) applied along the first axis of arr (Q, ...), without BLAS (whose threads
+    cost more than they bring for such a short inner dimension)."""
+    return np.einsum("ij,j...->i...", mat, arr)
 
 
-def _curved_moments(z: Tensor, q: list[Tensor], count: int) -> list[Tensor]:
-    """∫_0^1 e^{z·u + q(u)}·u^m du for m < count, elementwise: the exact moments of e^{z·u}
-    (φ-functions) plus the deviation factor e^{q(u)} − 1 (q given at the product rule's nodes)
-    by the product rule, skipped (so exactly zero) where q = 0."""
+def _cumulative(cells: np.ndarray) -> np.ndarray:
+    """The running sum over cells (C, E) at the C + 1 nodes, 0 at the first."""
+    return np.concatenate([np.zeros_like(cells[:1]), np.cumsum(cells, 0)])
+
+
+def _moments(z: np.ndarray) -> np.ndarray:
+    """μ_m(z) = ∫_0^1 e^{z·u}·u^m du = m!·e^z·φ_{m+1}(−z) for m < 5, stacked (5, *z.shape).
+
+    Where |z| < 1: μ_4 by its Taylor series and the others downwards, μ_{m−1} = (e^z − z·μ_m)/m,
+    which damps errors by |z|/m (the upward direction cancels there); elsewhere the closed
+    form, φ_k(w) = (e^w − Σ_{j<k} w^j/j!)/w^k."""
+    ez = np.exp(z)
+    small = np.abs(z) < 1
+    every = bool(small.all())
+    zs = z if every else np.where(small, z, 0.0)
+    terms = bisect.bisect_left(_SERIES_REACH, float(np.abs(zs).max(initial=0.0))) + 1
+    top = np.full(z.shape, _TOP_SERIES[terms - 1])
+    for j in range(terms - 2, -1, -1):  # Horner, in place
+        top *= zs
+        top += _TOP_SERIES[j]
+    mu = np.empty((len(_NODES), *z.shape))
+    mu[-1] = top
+    for m in range(len(_NODES) - 1, 0, -1):
+        mu[m - 1] = (ez - zs * mu[m]) / m
+    if not every:
+        big = ~small
+        w, ezb = -z[big], ez[big]
+        em, poly, wk = np.expm1(w), np.zeros_like(w), np.ones_like(w)
+        for m in range(len(_NODES)):
+            wk = wk * w
+            mu[m][big] = _FACT[m] * ezb * ((em - poly) / wk)
+            poly = poly + wk / math.factorial(m + 1)
+    return mu
+
+
+def _bent(mu: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """ω_i(z)·(e^{q(u_i)} − 1) at the product rule's nodes, from μ(z) (5, ...)."""
+    return _mix(_VINV.T, mu) * np.expm1(q)
+
+
+def _curved_moments(z: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """∫_0^1 e^{z·u + q(u)}·u^m du for m < 4, (4, *z.shape): the exact moments of e^{z·u}
+    plus the deviation factor e^{q(u)} − 1 (q at the product rule's nodes) by the product
+    rule, skipped (so exactly zero) where q = 0."""
     mu = _moments(z)
-    out = list(mu[:count])
-    if any(bool((v != 0).any()) for v in q):
-        bent = _bent(mu, q)
-        out = [mu[m] + sum(bi * u**m for bi, u in zip(bent, _NODES)) for m in range(count)]
-    return out
+    if not q.any():
+        return mu[:4]
+    return mu[:4] + _mix(_POWERS[:4], _bent(mu, q))
 
 
-def _curved_integral(z: Tensor, q: list[Tensor], beta: tuple[Tensor, ...]) -> Tensor:
+def _curved_integral(z: np.ndarray, q: np.ndarray, beta: tuple[np.ndarray, ...]) -> np.ndarray:
     """∫_0^1 e^{z·u + q(u)}·Σ_m β_m·u^m du (as :func:`_curved_moments`)."""
     mu = _moments(z)
-    out = torch.zeros_like(z)
-    for bm, mm in zip(beta, mu):
+    out = beta[0] * mu[0]
+    for bm, mm in zip(beta[1:], mu[1:]):
         out = out + bm * mm
-    if any(bool((v != 0).any()) for v in q):
-        for bi, u in zip(_bent(mu, q), _NODES):
-            for m, bm in enumerate(beta):
-                out = out + bi * bm * u**m
+    if q.any():
+        at_nodes = _mix(_POWERS[: len(beta)].T, np.stack(beta))  # Σ_m β_m·u_i^m
+        out = out + (_bent(mu, q) * at_nodes).sum(0)
     return out
 
 
-def _bent(mu: list[Tensor], q: list[Tensor]) -> list[Tensor]:
-    """ω_i(z)·(e^{q(u_i)} − 1) at the product rule's nodes."""
-    n = len(_NODES)
-    omega = [sum(_VINV[m][i] * mu[m] for m in range(n)) for i in range(n)]
-    return [om * torch.expm1(v) for om, v in zip(omega, q)]
+class _Layout:
+    """The merged λ grid of one run: the run's λ's (strictly increasing) plus the statistics'
+    nodes strictly inside their range, and what every block of elements shares. Step i of the
+    run covers the cells [pos[i], pos[i + 1]); ``anchor`` is the first node of each cell's
+    step and ``taylor[k, m]`` (cells,) = (λ_c − λ_anchor)^{k−m}/(k − m)!·δ^m/m! (0 for m > k;
+    k, m ≤ kmax), the expansion of (λ − λ_s)^k/k! on a cell in powers of u."""
+
+    def __init__(self, lams: list[float], stat_lam: np.ndarray | None, kmax: int):
+        run = np.array(lams)
+        src, inner = np.zeros(0, dtype=np.int64), np.zeros(0)
+        if stat_lam is not None:
+            lo, hi = float(run.min()), float(run.max())
+            tol = 1e-9 * (1 + max(abs(lo), abs(hi)))
+            if lo < stat_lam[0] - tol or hi > stat_lam[-1] + tol:
+                raise ValueError(
+                    f"dpm_solver_v3: the run needs λ in [{lo:.6g}, {hi:.6g}] but the statistics "
+                    f"cover [{stat_lam[0]:.6g}, {stat_lam[-1]:.6g}]; compute them over the "
+                    "run's range (the default covers the process's t_min..t_max)"
+                )
+            src = np.flatnonzero((stat_lam > lo) & (stat_lam < hi))
+            if src.size:  # drop statistics nodes that coincide with a run λ
+                gap = np.abs(stat_lam[src, None] - run[None, :]).min(1)
+                src = src[gap > 1e-12 * (1 + np.abs(stat_lam[src]))]
+            inner = stat_lam[src]
+            self.run_q = np.clip(run, stat_lam[0], stat_lam[-1])
+        if not (run[1:] > run[:-1]).all():
+            raise ValueError("dpm_solver_v3 needs λ strictly increasing along the run")
+        self.nodes = nodes = np.sort(np.concatenate([run, inner])) if src.size else run
+        self.pos = np.searchsorted(nodes, run)
+        self.inner_src, self.inner_at = src, np.searchsorted(nodes, inner)
+        d = nodes[1:] - nodes[:-1]
+        self.d = d[:, None]
+        self.anchor = self.pos[np.repeat(np.arange(run.size - 1), np.diff(self.pos))]
+        start = nodes[:-1] - nodes[self.anchor]
+        size = kmax + 1
+        sp, dp = np.ones((size, d.size)), np.ones((size, d.size))  # start^k, δ^k
+        for k in range(1, size):
+            sp[k], dp[k] = sp[k - 1] * start, dp[k - 1] * d
+        self.taylor = _TAYLOR_SCALE[:size, :size, None] * sp[_TAYLOR_POWER[:size, :size]] * dp
+
+    def values(self, stat_lam: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Values and slopes (nodes, E) of statistics v (n, E) given on stat_lam: the data at
+        the statistics' own nodes, the cubic Hermite interpolant at the run's λ's."""
+        dv = _slopes(stat_lam, v)
+        val, der = np.empty((2, self.nodes.size, v.shape[1]))
+        val[self.inner_at], der[self.inner_at] = v[self.inner_src], dv[self.inner_src]
+        val[self.pos], der[self.pos] = _hermite(self.run_q, stat_lam, v, dv)
+        return val, der
 
 
-def _derivative_weights(r: list[float], pseudo: bool) -> list[list[float]]:
-    """w[k−1][j] with g^{(k)}(λ_s) ≈ Σ_j w·g_j from nodes r_j = λ_j − λ_s (r_0 = 0), k = 1…n:
-    the interpolating polynomial's derivatives (Vandermonde), or k!·g[r_0, …, r_k] (pseudo)."""
-    n = len(r) - 1
-    if n == 0:
-        return []
-    if pseudo:
-        out = []
-        for k in range(1, n + 1):
-            row = [0.0] * (n + 1)
-            for j in range(k + 1):
-                den = math.prod(r[j] - r[m] for m in range(k + 1) if m != j)
-                row[j] = math.factorial(k) / den
-            out.append(row)
-        return out
-    vander = torch.tensor([[rj**k for k in range(1, n + 1)] for rj in r[1:]], dtype=_F64)
-    inv = torch.linalg.inv(vander)  # d_k = Σ_j inv[k, j]·(g_j − g_0), g^{(k)} = k!·d_k
-    out = []
-    for k in range(n):
-        row = [math.factorial(k + 1) * float(inv[k, j]) for j in range(n)]
-        out.append([-sum(row), *row])
+@dataclass(frozen=True)
+class _Profile:
+    """One block of elements on a run's merged grid: l and b (nodes, E), the cumulative
+    L = ∫l and S = ∫s (exact), and per cell the moments M_m = ∫_0^1 e^{E(λ_c + δu) − E(λ_c)}·u^m du
+    of E = L + S (m ≤ 3, (4, cells, E)) and, where b ≠ 0 anywhere in the block, the integral
+    K = ∫_cell e^{−(S − S(λ_c))}·b; all origin-free: a step only shifts them to its λ_s."""
+
+    l: np.ndarray
+    b: np.ndarray
+    L: np.ndarray
+    S: np.ndarray
+    M: np.ndarray
+    K: np.ndarray | None
+
+    @classmethod
+    def build(cls, lay: _Layout, stats: tuple[np.ndarray, ...] | None) -> _Profile:
+        """From the statistics' (lam, l, s, b) of the block ((n,), then (n, E)), or None for
+        l = 1, s = b = 0."""
+        d = lay.d
+        if stats is None:  # E = λ − λ_c on every cell (q = 0), no B̃
+            one = np.ones((lay.nodes.size, 1))
+            return cls(one, 0 * one, _cumulative(d), 0 * one, _moments(d)[:4], None)
+        lam, *vals = stats
+        val, der = lay.values(lam, np.concatenate(vals, axis=1))  # [l | s | b]
+        e = val.shape[1] // 3
+        l, s, b = val[:, :e], val[:, e : 2 * e], val[:, 2 * e :]
+        dl, ds, db = der[:, :e], der[:, e : 2 * e], der[:, 2 * e :]
+        cells = _cell_integrals(val[:, : 2 * e], der[:, : 2 * e], d)  # ∫l, ∫s
+        cell_l, cell_s = cells[:, :e], cells[:, e:]
+        # E = E_c + z·u + q(u) on a cell, u = (λ − λ_c)/δ, q = 0 where l + s is constant
+        M = _curved_moments(cell_l + cell_s, _deviations(l + s, dl + ds, d))
+        K = None
+        if b.any():  # b(u) = Σ_m β_m·u^m on a cell, against e^{−(S − S_c)}
+            b0, b1, g0, g1 = b[:-1], b[1:], db[:-1] * d, db[1:] * d
+            beta = (b0, g0, 3 * (b1 - b0) - 2 * g0 - g1, 2 * (b0 - b1) + g0 + g1)
+            K = d * _curved_integral(-cell_s, -_deviations(s, ds, d), beta)
+        total = _cumulative(cells)
+        return cls(l, b, total[:, :e], total[:, e:], M, K)
+
+
+@dataclass(frozen=True)
+class _StepSums:
+    """Per step of the run, λ_s = λ_i → λ_t = λ_{i+1}, for one block: Q = (Ĩ, A_1, …, A_kmax)
+    (1 + kmax, steps, E), e^{−L̃_t} (steps, E), and when b ≠ 0 C̃ (steps, E) and B̃ at the
+    run's λ's near λ_s: back[i, 1 + o] = B̃(λ_{i−o}) for o = −1 … reach (steps, 2 + reach, E)."""
+
+    Q: np.ndarray
+    decay: np.ndarray
+    C: np.ndarray | None
+    back: np.ndarray | None
+
+    @classmethod
+    def build(cls, lay: _Layout, prof: _Profile, reach: int) -> _StepSums:
+        """The cell sums of every step at once: per-cell terms relative to the step's λ_s
+        (its ``anchor``), added up per step."""
+        a, starts, M = lay.anchor, lay.pos[:-1], prof.M
+        L, S = prof.L, prof.S
+        rel_s = S[:-1] - S[a]
+        base = lay.d * np.exp(L[:-1] - L[a] + rel_s)
+        # ∫ e^E·(λ − λ_s)^k/k!, the polynomial expanded on each cell
+        terms = np.einsum("kmc,mc...->kc...", lay.taylor, M[: lay.taylor.shape[1]])
+        c_t = back = None
+        if prof.K is not None:
+            c_cells, local = _b_cells(lay, prof, rel_s)
+            c_t = np.add.reduceat(base * c_cells, starts, axis=0)
+            back = _b_table(S[lay.pos], np.add.reduceat(local, starts, axis=0), reach)
+        Q = np.add.reduceat(base * terms, starts, axis=1)
+        decay = np.exp(-(L[lay.pos[1:]] - L[starts]))
+        return cls(Q, decay, c_t, back)
+
+
+def _b_cells(lay: _Layout, prof: _Profile, rel_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per cell, Σ_m c_m·M_m with B̃ = Σ_m c_m·u^m the cubic Hermite interpolant of its values
+    and slopes (so C̃ = Σ_cells e^{E_c − E_s}·δ·Σ_m c_m·M_m), and the cell's share of B̃,
+    e^{−(S_c − S_s)}·K_c. B̃ at the nodes is the running sum of the shares from the step's
+    start; one running sum over all cells serves every step (each share is relative to its
+    own step, so the sum stays of the order of a few steps' B̃)."""
+    a, d, S, b, M = lay.anchor, lay.d, prof.S, prof.b, prof.M
+    assert prof.K is not None
+    e0, e1 = np.exp(-rel_s), np.exp(-(S[1:] - S[a]))
+    local = e0 * prof.K
+    run = _cumulative(local)
+    b0, b1 = run[:-1] - run[a], run[1:] - run[a]
+    g0, g1 = d * e0 * b[:-1], d * e1 * b[1:]
+    cub = (b0, g0, 3 * (b1 - b0) - 2 * g0 - g1, 2 * (b0 - b1) + g0 + g1)
+    out = cub[0] * M[0]
+    for m in range(1, 4):
+        out = out + cub[m] * M[m]
+    return out, local
+
+
+def _b_table(s_run: np.ndarray, share: np.ndarray, reach: int) -> np.ndarray:
+    """B̃ relative to λ_i at λ_{i+1} (share[i], the step's total) and at λ_{i−o}, o = 0 … reach:
+    −Σ_{κ=1}^{o} e^{S_i − S_{i−κ}}·share[i − κ] (s_run: S at the run's λ's)."""
+    steps = share.shape[0]
+    out = np.zeros((steps, 2 + reach, *share.shape[1:]))
+    out[:, 0] = share
+    for o in range(1, min(reach, steps - 1) + 1):
+        out[o:, 1 + o] = out[o:, o] - np.exp(s_run[o:steps] - s_run[: steps - o]) * share[:-o]
     return out
+
+
+def _derivative_weights(r: np.ndarray, n: np.ndarray, pseudo: np.ndarray) -> np.ndarray:
+    """w[row, j, k − 1] with g^{(k)}(λ_s) ≈ Σ_j w·g_j, k = 1 … J − 1, from each row's nodes
+    r_j = λ_j − λ_s (R, J), r_0 = 0, of which the first n[row] + 1 count (the rest get 0):
+    k!·g[r_0, …, r_k] where ``pseudo`` (divided differences), else the interpolating
+    polynomial's derivatives, from its Newton form Σ_i g[r_0, …, r_i]·N_i,
+    N_i = x·Π_{0<m<i}(x − r_m)."""
+    rows, width = r.shape
+    j, k = np.arange(width), np.arange(1, width)
+    diff = r[:, :, None] - r[:, None, :]
+    diff[:, j, j] = 1.0
+    prods = np.cumprod(diff, axis=2)[:, :, 1:]  # Π_{m ≤ k, m ≠ j} (r_j − r_m)
+    divided = np.zeros((rows, width, width - 1))
+    live = (j[:, None] <= k) & (k <= n[:, None, None])  # j ≤ k ≤ n
+    np.divide(np.array(_FACT[1:width]), prods, out=divided, where=live)
+    if pseudo.all() or width == 1:
+        return divided
+    newton = np.zeros((rows, width, width))  # [·, i, k]: x^k in N_i, i, k ≥ 1 used
+    newton[:, 1, 1] = 1.0
+    for i in range(2, width):
+        newton[:, i, 1:] = newton[:, i - 1, :-1] - r[:, i - 1, None] * newton[:, i - 1, 1:]
+    convert = newton[:, 1:, 1:] * _NEWTON_SCALE[: width - 1, : width - 1]  # k!/i!·[x^k]N_i
+    lagrange = divided @ convert
+    return np.where(pseudo[:, None, None], divided, lagrange)
+
+
+@dataclass(frozen=True)
+class _RowSet:
+    """The rows of one run as arrays: row r steps λ_s = λ_{seg[r]} → λ_{seg[r] + 1} with g's
+    derivatives from the run's points node[r] (node[r, 0] = seg[r], padded with it); g_j =
+    Σ_k weight[r, j, k]·Q_k with Q = (Ĩ, A_1, …)."""
+
+    seg: np.ndarray  # (R,)
+    node: np.ndarray  # (R, J)
+    count: np.ndarray  # (R, 1): how many nodes
+    weight: np.ndarray  # (R, J, 1 + kmax)
+    ratio: np.ndarray  # (R, 1): α_t/α_s
+    alpha_t: np.ndarray  # (R, 1)
+    reach: int  # how far back (in run points) a row's nodes go from its λ_s
+
+    @classmethod
+    def build(
+        cls, nodes: list[list[int]], pseudo: list[bool], lam: list[float], alpha: list[float]
+    ) -> _RowSet:
+        """From each row's nodes (λ_s's index first, then in the divided differences' order)."""
+        width = max(map(len, nodes))
+        padded = itertools.chain.from_iterable(v + v[:1] * (width - len(v)) for v in nodes)
+        node = np.fromiter(padded, np.int64, len(nodes) * width).reshape(-1, width)
+        n = np.fromiter(map(len, nodes), np.int64, len(nodes)) - 1
+        seg = node[:, 0]
+        lams, alps = np.array(lam), np.array(alpha)
+        w = _derivative_weights(lams[node] - lams[seg, None], n, np.array(pseudo))
+        kmax = int(n.max())
+        weight = np.zeros((len(nodes), width, 1 + kmax))
+        weight[:, 0, 0] = 1.0
+        weight[:, :, 1:] = w[:, :, :kmax]
+        alpha_t = alps[seg + 1, None]
+        reach = int((seg[:, None] - node).max())
+        return cls(seg, node, n[:, None] + 1, weight, alpha_t / alps[seg, None], alpha_t, reach)
+
+    @property
+    def kmax(self) -> int:
+        return self.weight.shape[2] - 1
+
+    def values(
+        self, lay: _Layout, prof: _Profile, sums: _StepSums
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """a (R, E), W (R, J, E) and c (R, E) or None, for one block."""
+        seg, S = self.seg, prof.S
+        g = np.einsum("rjk,kr...->rj...", self.weight, sums.Q[:, seg])
+        decay = sums.decay[seg]
+        pref = self.alpha_t * decay
+        rel_s = S[lay.pos[self.node]] - S[lay.pos[seg]][:, None]
+        weights = -pref[:, None] * g * np.exp(-rel_s)
+        c = None
+        if sums.C is not None and sums.back is not None:
+            b_nodes = sums.back[seg[:, None], 1 + seg[:, None] - self.node]
+            c = -pref * (sums.C[seg] - (g * b_nodes).sum(1))
+        return self.ratio * decay, weights, c
+
+
+def _coefficients(
+    lam: list[float],
+    alpha: list[float],
+    stats: Any,
+    nodes: list[list[int]],
+    pseudo: list[bool],
+    steps: int,
+) -> tuple[np.ndarray, bool]:
+    """The run's coefficients, one row of E values each (E the elements of a sample, 1 for
+    scalar or no statistics): for each row in turn a, then its W_j, then (when b ≠ 0) each
+    row's c, then u = (1 − l)/α at the first ``steps`` λ's. The rows step between the run's
+    λ's ``lam`` (α's ``alpha``) with the given nodes (indices, λ_s's first)."""
+    rows = _RowSet.build(nodes, pseudo, lam, alpha) if nodes else None
+    data: tuple[np.ndarray, ...] | None = None
+    if stats is not None:
+        lam_st = stats.lam.detach().to(device="cpu", dtype=_F64).numpy().reshape(-1)
+        vals = (stats.l, stats.s, stats.b)
+        data = (
+            lam_st,
+            *(v.detach().to("cpu", _F64).reshape(lam_st.size, -1).numpy() for v in vals),
+        )
+    lay = _Layout(lam, None if data is None else data[0], rows.kmax if rows else 0)
+    count, width = rows.node.shape if rows else (0, 1)
+    elements = 1 if data is None else data[1].shape[1]
+    out = np.empty(((2 + width) * count + steps, elements))
+    a, w = out[:count], out[count : (1 + width) * count].reshape(count, width, elements)
+    c, u = out[(1 + width) * count : (2 + width) * count], out[(2 + width) * count :]
+    has_b = False
+    alpha_s = np.array(alpha[:steps])[:, None]
+    block = max(1, _BLOCK // lay.nodes.size)
+    for lo in range(0, elements, block):
+        cols = slice(lo, lo + block)
+        part = None if data is None else (data[0], *(v[:, cols] for v in data[1:]))
+        prof = _Profile.build(lay, part)
+        u[:, cols] = (1.0 - prof.l[lay.pos[:steps]]) / alpha_s
+        if rows is not None:
+            sums = _StepSums.build(lay, prof, rows.reach)
+            a[:, cols], w[:, :, cols], cb = rows.values(lay, prof, sums)
+            c[:, cols] = 0.0 if cb is None else cb
+            has_b = has_b or cb is not None
+    used = np.ones(out.shape[0], dtype=bool)  # drop the padding of W, and c where b = 0
+    if rows is not None:
+        used[count : (1 + width) * count] = (np.arange(width) < rows.count).reshape(-1)
+    used[(1 + width) * count : (2 + width) * count] = has_b
+    return out[used], has_b
+
+
+def _on_sample(table: np.ndarray, stats: Any, x: Tensor) -> list[Any]:
+    """The rows of ``table`` as floats (scalar or no statistics), else as tensors of one
+    sample's shape on x's device and dtype (one transfer)."""
+    if stats is None or stats.l.ndim == 1:
+        return table[:, 0].tolist()
+    out = torch.from_numpy(table).to(device=x.device, dtype=x.dtype)
+    return list(out.view(-1, *stats.l.shape[1:]).unbind(0))
 
 
 @dataclass(frozen=True)
@@ -458,37 +662,40 @@ class DPMSolverV3(Solver[V3State]):
                 "t_max_finite (the default schedules do)"
             )
         orders = multistep_orders(grid, self.order, self.lower_order_final, math.inf)
-        prof = _Profile(lam[:evals], st)
-        dev, dt = x.device, x.dtype
-
-        def cast(v: Any) -> Any:
-            if isinstance(v, Tensor):
-                return float(v) if v.ndim == 0 else v.to(device=dev, dtype=dt)
-            return v
-
-        def build(nodes: list[int], hist: list[int], to: int, pseudo: bool) -> _Row:
-            a, w, c = prof.row([lam[j] for j in nodes], lam[to], alp[nodes[0]], alp[to], pseudo)
-            return _Row(cast(a), tuple(cast(v) for v in w), tuple(hist), cast(c))
-
-        steps, keep = [], 0
+        nodes: list[list[int]] = []  # per row, λ_s's index first (all rows step λ_i → λ_{i+1})
+        pseudo: list[bool] = []
+        hists: list[tuple[int, ...]] = []
+        plan = []  # per step, its predictor's and corrector's row (or None)
         for i in range(n):
             pred = corr = None
             p = orders[i]
             if p > 0:
-                pred = build(
-                    [i - j for j in range(p)], list(range(p)), i + 1, self.predictor_pseudo
-                )
+                pred = len(nodes)
+                nodes.append([i - j for j in range(p)])
+                pseudo.append(self.predictor_pseudo)
+                hists.append(tuple(range(p)))
             if self.corrector and i > 0:
                 q = orders[i - 1] + (1 if self.corrector_pseudo else 0)
                 if q > 1:  # nodes s = i−1, t = i, then older; history index of t is 0
-                    nodes = [i - 1, i] + [i - j for j in range(2, q)]
-                    corr = build(nodes, [1, 0, *range(2, q)], i, self.corrector_pseudo)
-            for r in (pred, corr):
-                if r is not None:
-                    keep = max(keep, *r.hist)
-            u = (1.0 - prof.l[prof.pos[lam[i]]]) / alp[i]
-            steps.append((cast(u), pred, corr))
-        return tuple(steps), keep
+                    corr = len(nodes)
+                    nodes.append([i - 1, i] + [i - j for j in range(2, q)])
+                    pseudo.append(self.corrector_pseudo)
+                    hists.append((1, 0, *range(2, q)))
+            plan.append((pred, corr))
+        table, has_b = _coefficients(lam[:evals], alp[:evals], st, nodes, pseudo, n)
+        values = _on_sample(table, st, x)  # in _coefficients' order
+        count = len(nodes)
+        ends = list(itertools.accumulate(map(len, nodes), initial=count))
+        w = [tuple(values[i:j]) for i, j in itertools.pairwise(ends)]
+        c = values[ends[-1] : ends[-1] + count] if has_b else [None] * count
+        u = values[ends[-1] + count * has_b :]
+        rows = [_Row(*r) for r in zip(values[:count], w, hists, c)]
+        keep = max(map(max, hists), default=0)
+        steps = tuple(
+            (ui, None if p is None else rows[p], None if q is None else rows[q])
+            for ui, (p, q) in zip(u, plan)
+        )
+        return steps, keep
 
     def step(self, x: Tensor, i: int, state: V3State, model: Model) -> tuple[Tensor, V3State]:
         st = state.steps[i]
