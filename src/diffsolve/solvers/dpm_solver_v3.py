@@ -62,10 +62,9 @@ from ..denoiser import EvalPoint
 from .base import Grid, Model, Solver, State, check_bools, host, register
 from .multistep import multistep_orders
 
-__all__ = ["DPMSolverV3", "V3State", "phi"]
+__all__ = ["DPMSolverV3", "V3State"]
 
 _F64 = torch.float64
-_SERIES = 30
 # The per-element rows of runs already set up, per process (weakly held), keyed by the solver
 # (its statistics included), the grid and the samples' shape, device and dtype: a repeated run
 # skips the quadrature, as the plan cache does for the engine's solvers. At most _KEEP each.
@@ -105,22 +104,6 @@ _TAYLOR_SCALE = np.array(
     [[1 / (_FACT[k - m] * _FACT[m]) if m <= k else 0.0 for m in range(4)] for k in range(4)]
 )
 _TAYLOR_POWER = np.maximum(np.arange(4)[:, None] - np.arange(4), 0)
-
-
-def phi(k: int, z: Tensor) -> Tensor:
-    """φ_k(z) = Σ_{j≥0} z^j/(j+k)! elementwise (k ≥ 1), float64, stable for small |z|."""
-    z = z.to(_F64)
-    small = z.abs() < 1
-    zs = torch.where(small, z, torch.zeros_like(z))
-    term = torch.full_like(z, 1.0 / math.factorial(k))
-    series = term.clone()
-    for j in range(1, _SERIES):
-        term = term * zs / (j + k)
-        series = series + term
-    zb = torch.where(small, torch.ones_like(z), z)
-    poly = sum(zb**j / math.factorial(j) for j in range(1, k))
-    closed = (torch.expm1(zb) - poly) / zb**k
-    return torch.where(small, series, closed)
 
 
 # -- the statistics on a run's λ grid (numpy float64; arrays (nodes or cells, elements)) -------
