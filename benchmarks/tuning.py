@@ -260,6 +260,52 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pivot(doc: dict[str, Any]) -> str:
+    """The rows at ``--calib`` noises as one line per model, process and method with a column per
+    NFE: each cell the tuned solver's ratio to the envelope on the median per-sample error,
+    then in brackets on the relative RMSE ("–": not run; "error": tuning stopped)."""
+    rows = [r for r in doc["rows"] if r.get("main")]
+    order = {m: i for i, m in enumerate((*ALL_MODELS, *METHODS))}
+    nfes = sorted({r["nfe"] for r in rows})
+    cells: dict[tuple[str, str, str], dict[int, str]] = {}
+    for r in rows:
+        if r.get("error"):
+            text = "error"
+        else:
+            text = f"{_fmt(r.get('ratio_tuned_median'), '.2f')} ({_fmt(r['ratio_tuned'], '.2f')})"
+        cells.setdefault((r["model"], r["process"], r["method"]), {})[r["nfe"]] = text
+    head = "| model | process | method | " + " | ".join(f"NFE {n}" for n in nfes) + " |"
+    lines = [head, "|---|---|---|" + "--:|" * len(nfes)]
+    for key in sorted(cells, key=lambda k: (order[k[0]], k[1], order[k[2]])):
+        held = " (held out)" if key[0] in HELDOUT else ""
+        vals = " | ".join(cells[key].get(n, "–") for n in nfes)
+        lines.append(f"| {key[0]}{held} | {key[1]} | {key[2]} | {vals} |")
+    return "\n".join(lines) + "\n\n" + _summary(rows)
+
+
+def _summary(rows: list[dict[str, Any]]) -> str:
+    """Per method over the rows given: how many cells, how many at most ⅓ and at most 1 of the
+    envelope on the median per-sample error, the geometric mean of that ratio and the median
+    tuning wall time."""
+    order = {m: i for i, m in enumerate(METHODS)}
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(r["method"], []).append(r)
+    lines = [
+        "| method | cells | ≤ ⅓ | ≤ 1 | geometric mean | median tune s |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
+    for m in sorted(by, key=lambda k: order.get(k, len(order))):
+        ratios = [r["ratio_tuned_median"] for r in by[m] if r.get("ratio_tuned_median")]
+        secs = sorted(r["tune_seconds"] for r in by[m])
+        geo = math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else math.nan
+        lines.append(
+            f"| {m} | {len(by[m])} | {sum(v <= 1 / 3 for v in ratios)} "
+            f"| {sum(v <= 1 for v in ratios)} | {geo:.2f} | {secs[len(secs) // 2]:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(ALL_MODELS))
@@ -285,7 +331,29 @@ def main() -> None:
     ap.add_argument("--cache", default=None, help="folder keeping the exact answers between runs")
     ap.add_argument("--out", default="tuning.json")
     ap.add_argument("--md", default=None)
+    ap.add_argument(
+        "--pivot",
+        action="store_true",
+        help="--md as one line per model, process and method, a column per NFE",
+    )
+    ap.add_argument(
+        "--render",
+        default=None,
+        help="run nothing: write --md from the rows of these result files (comma-separated)",
+    )
     args = ap.parse_args()
+    if args.render is not None:
+        if not args.md:
+            ap.error("--render writes --md: give it")
+        merged: dict[str, Any] = {"rows": [], "baselines": {}, "meta": {}}
+        seen: set[str] = set()
+        for name in args.render.split(","):
+            for r in _load(Path(name))["rows"]:
+                if _key(r) not in seen:  # the first file holding a row wins
+                    seen.add(_key(r))
+                    merged["rows"].append(r)
+        Path(args.md).write_text(pivot(merged) if args.pivot else markdown(merged))
+        return
     torch.set_num_threads(args.threads)
     if args.seed_calib == args.seed_eval:
         ap.error("--seed-calib and --seed-eval must differ (held-out means other noises)")
@@ -363,8 +431,10 @@ def main() -> None:
                                 ),
                                 err_calib=tuned.info["calib_rel_rmse_after"],
                                 err_calib_before=tuned.info["calib_rel_rmse_before"],
-                                init_grid=tuned.info["init_grid"],
-                                times=list(tuned.times),
+                                init_grid=tuned.info.get("init_grid"),  # dc, v3: their own grid
+                                times=(  # v3: the schedule's, not its own
+                                    list(tuned.times) if hasattr(tuned, "times") else None
+                                ),
                                 error=None,
                             )
                         env = base["envelope"]
@@ -403,7 +473,7 @@ def main() -> None:
                 took = ", ".join(f"{k} {v:.1f} s" for k, v in case.truth_seconds.items())
                 print(f"  ({model} {pname}: exact answers {took})", flush=True)
     if args.md:
-        Path(args.md).write_text(markdown(doc))
+        Path(args.md).write_text(pivot(doc) if args.pivot else markdown(doc))
 
 
 if __name__ == "__main__":

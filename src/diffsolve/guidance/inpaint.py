@@ -6,10 +6,8 @@ its resampling): the network always sees the observed coordinates as a forward-n
 the observation, α_t·y + σ_t·z. Replacement is an approximation: it uses the score of
 p_t(x_u | x_o,t = α_t·y + σ_t·z) in place of ∇ log p_t(x_u | y) and is biased for correlated
 data; the PC sampler's Langevin corrector (``solver="pc"``) moves x_u toward the conditional at
-every noise level and removes most of the bias. Measured (tests/test_inpaint.py), relative error
-of the conditional mean: an 8-D mixture, 150 steps: replacement 6.4 %, PC 0.43 %; gmm64 with 32
-of 64 entries observed, 300 steps: replacement 24 %, PC 13 %, PC with 3 corrector steps 3.0 %
-— high-dimensional conditionals need more correction.
+every noise level and removes most of the bias; high-dimensional conditionals need more
+corrector steps (tests/test_inpaint.py; the figures in docs/stochastic.md).
 
 The exact conditional law p(x_u | x_o = y) of a Gaussian mixture, which measures that bias, is
 :func:`diffsolve.bench.gmm.gmm_conditional`.

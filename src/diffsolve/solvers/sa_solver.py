@@ -55,12 +55,15 @@ def _adams_weights(
     return out
 
 
-def _row(grid: Grid, i: int, nodes: list[int], tau: float, corrector: bool, memo: dict) -> Row:
+def _row(
+    cols: tuple[list[float], ...], i: int, nodes: list[int], tau: float, corrector: bool, memo: dict
+) -> Row:
     """The SA-Predictor (``corrector=False``; nodes i, i−1, …) or SA-Corrector (nodes i+1, i, …)
-    row of the step grid.t[i] → grid.t[i+1]: x_t = decay·x_s + Σ_j α_t·w_j·x̂_0[j] + noise·z,
-    x̂_0 over the nodes newest first. ``memo``: what the plan's rows share (a step's predictor
-    and corrector have the same c·h)."""
-    lam, alpha, sigma = grid.lists("lam", "alpha", "sigma")
+    row of the step t_i → t_{i+1} of the grid whose λ, α, σ columns are ``cols``
+    (:meth:`Grid.lists`): x_t = decay·x_s + Σ_j α_t·w_j·x̂_0[j] + noise·z, x̂_0 over the nodes
+    newest first. ``memo``: what the plan's rows share (a step's predictor and corrector have
+    the same c·h)."""
+    lam, alpha, sigma = cols
     lam_s, lam_t = lam[i], lam[i + 1]
     h = lam_t - lam_s
     c = 1 + tau**2
@@ -163,30 +166,32 @@ class SASolver(RowSolver):
                 "matching: start at t_max_finite (the karras and logsnr schedules do)"
             )
         lof = self.lower_order_final
-        t = grid.t.tolist()
+        t, lam, alpha, sigma = grid.lists("t", "lam", "alpha", "sigma")
+        cols = (lam, alpha, sigma)
+        final = n - 1 if grid.clean_end else -1  # the step to σ = 0: x̂_0, no row
         predict: list[Row | None] = []
         correct: list[Row | None] = [None]
         memo: dict = {}
         for i in range(n):
             tau = self._tau_at(t[i])
-            if grid.is_final(i):
+            if i == final:
                 predict.append(None)
             else:
                 p = min(self.predictor_order, i + 1, n - i if lof else 4)
-                predict.append(_row(grid, i, [i - j for j in range(p)], tau, False, memo))
+                predict.append(_row(cols, i, [i - j for j in range(p)], tau, False, memo))
             if i == 0:
                 continue
             q = min(self.corrector_order, i + 1, n - i + 2 if lof else 4)
             # the corrector at the start of step i corrects step i − 1, with that step's τ
-            use = q > 0 and not grid.is_final(i)
+            use = q > 0 and i != final
             nodes = [i - j for j in range(q)]
             tau_prev = self._tau_at(t[i - 1])
-            correct.append(_row(grid, i - 1, nodes, tau_prev, True, memo) if use else None)
+            correct.append(_row(cols, i - 1, nodes, tau_prev, True, memo) if use else None)
         return predict, correct
 
     def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
         predict, correct = self.rows(grid)
-        t = grid.t.tolist()
+        (t,) = grid.lists("t")
         out = []
         for i, (pred, corr) in enumerate(zip(predict, correct)):
             prev = predict[i - 1]

@@ -230,13 +230,12 @@ def tune(
             on the squared error.
         lr: Adam's learning rate on the grid logits (the weight corrections use lr/5).
         batch: calibration samples per gradient iteration (None: every training sample; a
-            number: minibatches drawn without replacement, epoch by epoch, from ``seed``; 64
-            tunes the digits networks 2–3× faster, less accurately at NFE 10: docs/tuning.md).
+            number: minibatches drawn without replacement, epoch by epoch, from ``seed``:
+            faster, less accurate at the larger budgets; docs/tuning.md).
         validation: the fraction of x_calib (its last samples; none below 32 samples) held out
             to choose the iterate kept (early stopping against overfitting).
-        rtol: the teacher's tolerance (default 1e-5: on the digits networks 8e-5 (vp) and
-            7e-4 (flow) from the 1e-6 solution in relative RMSE, ≪ a tuned solver's error, at
-            ~55 % of its network calls).
+        rtol: the teacher's tolerance (default 1e-5: its distance to the 1e-6 solution is far
+            below a tuned solver's error, at about half the network calls; docs/tuning.md).
         seed: makes the evolutionary search deterministic (the gradient methods are
             deterministic anyway).
         checkpoint: in the gradient phases, recompute each network call's activations in the
