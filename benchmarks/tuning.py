@@ -339,7 +339,8 @@ def main() -> None:
     ap.add_argument(
         "--render",
         default=None,
-        help="run nothing: write --md from the rows of these result files (comma-separated)",
+        help="run nothing: write --md from the rows of these result files (comma-separated) "
+        "of --models at --nfe",
     )
     args = ap.parse_args()
     if args.render is not None:
@@ -347,8 +348,11 @@ def main() -> None:
             ap.error("--render writes --md: give it")
         merged: dict[str, Any] = {"rows": [], "baselines": {}, "meta": {}}
         seen: set[str] = set()
+        keep_models, keep_nfes = set(args.models.split(",")), {int(n) for n in args.nfe.split(",")}
         for name in args.render.split(","):
             for r in _load(Path(name))["rows"]:
+                if r["model"] not in keep_models or r["nfe"] not in keep_nfes:
+                    continue  # --models and --nfe choose the part rendered
                 if _key(r) not in seen:  # the first file holding a row wins
                     seen.add(_key(r))
                     merged["rows"].append(r)
