@@ -26,7 +26,9 @@ the held-out error when calibrating on 64 and on 1024 noises (nested subsets of 
 
 Rows are printed as they finish and written to ``--out`` after each one; a rerun with the same
 ``--out`` skips the rows already there (resumable); ``--cache DIR`` keeps the exact answers
-(the costly part on the networks) between runs. ``--md`` writes the markdown table.
+(the costly part on the networks) between runs. ``--md`` writes the markdown table (``--pivot``:
+a column per NFE and a per-method summary); ``--render FILES`` writes it from saved rows of
+``--models`` at ``--nfe`` and runs nothing.
 
     python benchmarks/tuning.py --models gmm64,heldout16 --processes sd --nfe 5,10 \\
         --methods auto --out tuning.json --md tuning.md
@@ -285,25 +287,37 @@ def pivot(doc: dict[str, Any]) -> str:
 
 def _summary(rows: list[dict[str, Any]]) -> str:
     """Per method over the rows given: how many cells, how many at most ⅓ and at most 1 of the
-    envelope on the median per-sample error, the geometric mean of that ratio and the median
-    tuning wall time."""
+    envelope on the median per-sample error, the geometric mean of that ratio, the median
+    tuning wall time, and on the calibration noise the geometric mean of the tuned RMSE ÷ the
+    start's (the method's own starting solver) with the cells where it fell."""
     order = {m: i for i, m in enumerate(METHODS)}
     by: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by.setdefault(r["method"], []).append(r)
     lines = [
-        "| method | cells | ≤ ⅓ | ≤ 1 | geometric mean | median tune s |",
-        "|---|--:|--:|--:|--:|--:|",
+        "| method | cells | ≤ ⅓ | ≤ 1 | geometric mean | median tune s | calib after ÷ before "
+        "(fell in) |",
+        "|---|--:|--:|--:|--:|--:|--:|",
     ]
     for m in sorted(by, key=lambda k: order.get(k, len(order))):
         ratios = [r["ratio_tuned_median"] for r in by[m] if r.get("ratio_tuned_median")]
         secs = sorted(r["tune_seconds"] for r in by[m])
-        geo = math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else math.nan
+        calib = [
+            r["err_calib"] / r["err_calib_before"]
+            for r in by[m]
+            if r.get("err_calib") and r.get("err_calib_before")
+        ]
         lines.append(
             f"| {m} | {len(by[m])} | {sum(v <= 1 / 3 for v in ratios)} "
-            f"| {sum(v <= 1 for v in ratios)} | {geo:.2f} | {secs[len(secs) // 2]:.1f} |"
+            f"| {sum(v <= 1 for v in ratios)} | {_geomean(ratios):.2f} "
+            f"| {secs[len(secs) // 2]:.1f} | {_geomean(calib):.2f} "
+            f"({sum(v < 1 for v in calib)} of {len(calib)}) |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else math.nan
 
 
 def main() -> None:
@@ -435,6 +449,10 @@ def main() -> None:
                                 ),
                                 err_calib=tuned.info["calib_rel_rmse_after"],
                                 err_calib_before=tuned.info["calib_rel_rmse_before"],
+                                # v3 also reports the median per-sample error without and with
+                                # its statistics
+                                calib_median_before=tuned.info.get("calib_median_rel_err_before"),
+                                calib_median_after=tuned.info.get("calib_median_rel_err_after"),
                                 init_grid=tuned.info.get("init_grid"),  # dc, v3: their own grid
                                 times=(  # v3: the schedule's, not its own
                                     list(tuned.times) if hasattr(tuned, "times") else None
