@@ -15,7 +15,8 @@ this script does nothing else, with ``torch.set_num_threads(--threads)``:
     python benchmarks/tuning_time.py --models digits-vp,digits-flow --nfe 4,5,6,8,10
     python benchmarks/tuning_time.py --models heldout128,gmm3072 --processes sd,ddpm
 
-Prints one line per tuning and, with ``--markdown``, a table (results in docs/tuning.md).
+Prints one line per tuning (with the iterations each gradient phase ran: the time moves with
+them) and, with ``--markdown``, a table (results in docs/tuning.md).
 """
 
 from __future__ import annotations
@@ -88,10 +89,14 @@ def main() -> None:
                 tuned = ds.tune(den, x, nfe, cond=cond, target=target)
                 sec = time.perf_counter() - start
                 cells.append(f"{sec:.0f}")
+                # the time moves with the iterations the phases run: print them beside it
+                iters = [p["iters"] for p in tuned.info.get("phases", ())]
                 print(
                     f"{model} {proc} NFE {nfe}: {sec:.1f} s (teacher "
                     f"{'exact' if t_teacher is None else f'{t_teacher:.1f} s'}), calibration "
-                    f"RMSE {tuned.info['calib_rel_rmse_after']:.4f}",
+                    f"RMSE {tuned.info['calib_rel_rmse_after']:.4f}, phase iterations "
+                    f"{'/'.join(map(str, iters))} ({sum(iters)}; "
+                    f"{sec / max(sum(iters), 1):.2f} s each)",
                     flush=True,
                 )
             teach = "exact" if t_teacher is None else f"{t_teacher:.0f}"

@@ -534,8 +534,11 @@ class BoundBrownianTree(Noise):
         return {k: (1 - w) * cl.get(k, 0.0) + w * cr.get(k, 0.0) for k in cl.keys() | cr.keys()}
 
     def _combine(self, x: Tensor, coefs: dict[int, float], salt: int) -> Tensor:
-        """Σ_n c_n·z_n shaped like x: all nodes hashed in a few batched passes; the node ids and
-        coefficients travel to the device as one small non-blocking copy each."""
+        """Σ_n c_n·z_n shaped like x: all nodes hashed in a few batched passes (the node ids
+        travel to the device as one small non-blocking copy), then summed node by node in a
+        fixed order — a product and a sum per node, never a BLAS contraction, whose summation
+        order depends on the batch size on some CPUs: a sample's draw is the same bits whatever
+        the batch split."""
         keys, counters = self.tree._state(x)
         dt = _draw_dtype(x.dtype)
         d = math.prod(x.shape[1:])
@@ -545,11 +548,9 @@ class BoundBrownianTree(Noise):
         for j in range(0, len(items), per):
             part = items[j : j + per]
             nodes = torch.tensor([_signed(_mix_int(n ^ salt)) for n, _ in part], dtype=torch.int64)
-            cs = torch.tensor([c for _, c in part], dtype=dt)
-            nodes = nodes.to(x.device, non_blocking=True)
-            cs = cs.to(x.device, non_blocking=True)
-            z = _gaussian(keys, nodes, counters, d, dt)
-            out += torch.tensordot(cs, z, dims=1)
+            z = _gaussian(keys, nodes.to(x.device, non_blocking=True), counters, d, dt)
+            for k, (_, c) in enumerate(part):
+                out += z[k] * c
         return out.reshape(x.shape).to(x.dtype)
 
     def _increment_tau(self, x: Tensor, tau_from: float, tau_to: float) -> Tensor:

@@ -11,8 +11,11 @@ from .gmm import (
     gmm3072,
     gmm_conditional,
     heldout16,
+    heldout24,
     heldout48,
+    heldout72,
     heldout128,
+    heldout256,
     heldout_mixtures,
 )
 from .metrics import (
@@ -39,8 +42,11 @@ __all__ = [
     "gmm3072",
     "gmm_conditional",
     "heldout16",
+    "heldout24",
     "heldout48",
+    "heldout72",
     "heldout128",
+    "heldout256",
     "heldout_mixtures",
     "mean_log_likelihood",
     "mmd_rbf",

@@ -33,8 +33,11 @@ __all__ = [
     "gmm3072",
     "gmm_conditional",
     "heldout16",
+    "heldout24",
     "heldout48",
+    "heldout72",
     "heldout128",
+    "heldout256",
     "heldout_mixtures",
 ]
 
@@ -325,7 +328,60 @@ def heldout128() -> GaussianMixture:
     return _mixture(weights, means, np.stack(covs), None, (d,), "heldout128")
 
 
-HELDOUT = {"heldout16": heldout16, "heldout48": heldout48, "heldout128": heldout128}
+# A second held-out set (stop 29), written down with its seeds (the first six digits of φ, ln 2
+# and √3) before anything ran on it, in shapes no rule or default saw: a 24-D mixture of
+# low-rank-plus-diagonal components far from the origin, an image-shaped (2×6×6) one with a
+# near-degenerate component, and a 256-D one of twenty isotropic components of very uneven
+# weights and scales. Same rule as above: report, never tune on.
+
+
+def heldout24() -> GaussianMixture:
+    """Held out (second set). Seven 24-D components with means on a sphere of radius 2 (data
+    off the unit scale) and covariances of rank 3 plus a diagonal in [0.005, 0.05]."""
+    rng = np.random.default_rng(161803)
+    k, d = 7, 24
+    means = rng.normal(0.0, 1.0, (k, d))
+    means *= 2.0 / np.linalg.norm(means, axis=1, keepdims=True)
+    covs = []
+    for _ in range(k):
+        u = rng.normal(0.0, 0.3, (d, 3))
+        covs.append(u @ u.T + np.diag(rng.uniform(0.005, 0.05, d)))
+    weights = rng.uniform(0.5, 1.5, k)
+    return _mixture(weights, means, np.stack(covs), None, (d,), "heldout24")
+
+
+def heldout72() -> GaussianMixture:
+    """Held out (second set). Four image-shaped (2×6×6) diagonal components; one of them is
+    nearly degenerate (standard deviation 3e-3 on half its pixels), the others broad (0.2–0.6)."""
+    rng = np.random.default_rng(693147)
+    k, shape = 4, (2, 6, 6)
+    d = int(np.prod(shape))
+    means = rng.normal(0.0, 0.5, (k, d))
+    std = rng.uniform(0.2, 0.6, (k, d))
+    std[0, rng.permutation(d)[: d // 2]] = 3e-3
+    weights = rng.dirichlet(np.full(k, 2.0))
+    return _mixture(weights, means, None, std**2, shape, "heldout72")
+
+
+def heldout256() -> GaussianMixture:
+    """Held out (second set). Twenty isotropic 256-D components, standard deviations
+    log-uniform in [0.02, 0.7], weights Dirichlet(0.5) (a few dominate), means N(0, 0.3²)."""
+    rng = np.random.default_rng(173205)
+    k, d = 20, 256
+    means = rng.normal(0.0, 0.3, (k, d))
+    std = np.exp(rng.uniform(np.log(0.02), np.log(0.7), k))
+    weights = rng.dirichlet(np.full(k, 0.5)) + 1e-3  # no component without mass
+    return _mixture(weights, means, None, np.repeat(std[:, None] ** 2, d, 1), (d,), "heldout256")
+
+
+HELDOUT = {
+    "heldout16": heldout16,
+    "heldout48": heldout48,
+    "heldout128": heldout128,
+    "heldout24": heldout24,
+    "heldout72": heldout72,
+    "heldout256": heldout256,
+}
 
 
 def heldout_mixtures() -> list[GaussianMixture]:
