@@ -24,6 +24,7 @@ from diffsolve.bench import (
     GaussianMixture,
     check_reference,
     dopri5,
+    get_gmm,
     get_heldout,
     heldout_mixtures,
     solve_exact,
@@ -296,3 +297,27 @@ def test_heldout_predictions_round_trip_to_the_same_x0(name, proc_name):
             assert got.x0.shape == x.shape
             assert rel_err(got.x0, expect) < 1e-9, (pred, t)
             assert rel_err(got.eps, (x - a * expect) / s) < 1e-9, (pred, t)
+
+
+@pytest.mark.parametrize("name", ["gmm64", "gmm3072"])
+@pytest.mark.parametrize("proc_name,pred", [("sd", "eps"), ("edm", "eps"), ("flow", "v")])
+def test_network_differentiable_in_time_is_the_plain_formula(name, proc_name, pred):
+    """With a time in the graph (a grid phase of ds.tune) the network's output is one
+    combination of x and x̂_0 (diffsolve.lincomb); its value and its gradients in x and t are
+    those of (x − α·x̂_0)/σ (and α·ε − σ·x̂_0) to rounding."""
+    g, proc = get_gmm(name), PROCESSES[proc_name]()
+    net = g.denoiser(proc, pred).net
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(5, *g.shape, dtype=torch.float64, generator=gen).requires_grad_()
+    t = torch.tensor(0.4 * float(proc.t_max_finite), dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, *g.shape, dtype=torch.float64, generator=gen)
+    out = net(x, t.expand(5))
+    a, s = proc.alpha(t), proc.sigma(t)
+    x0 = g.x0_mean(x, a, s)
+    eps = (x - a * x0) / s
+    ref = eps if pred == "eps" else a * eps - s * x0
+    assert rel_err(out.detach(), ref.detach()) < 1e-14
+    got = torch.autograd.grad((out * w).sum(), (x, t))
+    want = torch.autograd.grad((ref * w).sum(), (x, t))
+    assert rel_err(got[0], want[0]) < 1e-13
+    assert abs(float(got[1] - want[1])) < 1e-12 * abs(float(want[1]))

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..denoiser import PREDICTIONS, Denoiser
+from ..lincomb import combination
 from ..processes.base import GaussianProcess
 
 __all__ = [
@@ -106,7 +107,8 @@ class GaussianMixture:
         )
         logn = -0.5 * (quad + torch.log(var).sum(-1) + self.dim * math.log(2 * math.pi))
         r = torch.softmax(torch.log(self.weights) + logn, dim=1)  # (B, K)
-        x0 = r @ (sigma**2 * inv * m) + alpha * xf * (r @ (self.eigvals * inv))
+        # α rides on the (K, D) factor: one (B, D) product less, forward and backward
+        x0 = torch.addcmul(r @ (sigma**2 * inv * m), xf, r @ (alpha * self.eigvals * inv))
         return x0.reshape(x.shape)
 
     def log_prob(self, x: Tensor, alpha: float = 1.0, sigma: float = 0.0) -> Tensor:
@@ -174,8 +176,14 @@ class _ExactNet:
             x0 = self.gmm.x0_mean(x64 + a * mu, a, s) - mu
         else:
             x0 = self.gmm.x0_mean(x64, a, s)
-        eps = (x64 - a * x0) / s
         kind = self.prediction
+        if isinstance(a, Tensor) and isinstance(s, Tensor) and kind in ("eps", "v") and mu is None:
+            # α, σ in the graph (a grid phase of ds.tune): the output as one combination of x
+            # and x̂_0, whose coefficients' gradients are dot products (diffsolve.lincomb), not
+            # the full-size products autograd writes for (x − α·x̂_0)/σ
+            w = (1 / s, -a / s) if kind == "eps" else (a / s, -(a * a / s + s))
+            return combination(torch.stack(w), [x64, x0]).to(x.dtype)
+        eps = (x64 - a * x0) / s
         if kind == "x0":
             out = x0
         elif kind == "eps":
