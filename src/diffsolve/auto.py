@@ -31,10 +31,8 @@ linspace, quadratic, each with narrowed ends):
 Design ratios auto / envelope (median, max over the 6 models): NFE 4 1.03, 5 0.96, 6 0.96, 8
 1.36, 10 1.43 (gmm2d SD; the others ≤ 1.004), 12 0.83, 15 0.67, 20 0.44, 25 0.56. Held out
 (heldout16/48/128 × SD/DDPM-linear): ≤ 0.98 at NFE 5, 10 and 20 (max 0.88 / 0.98 / 0.54) and
-≤ 1.05 at every NFE 4–25. A second held-out set (heldout24/72/256, stop 29): max 0.90 / 0.99 /
-0.39 at NFE 5, 10 and 20, above 1 at one of 54 points (heldout256 SD NFE 4: 1.50). The shipped
-digits-vp network (DDPM-linear, against its rk45
-solution): docs/networks.md.
+≤ 1.05 at every NFE 4–25; a second held-out set (heldout24/72/256): docs/benchmarks.md. The
+shipped digits-vp network (DDPM-linear, against its rk45 solution): docs/networks.md.
 
 **Continuous-time processes** (VP-linear, sub-VP, VE, EDM: trained down to σ → 0): the truth
 is the exact solution continued to σ = 0 (``err_continued``), ranked on its median for the same
@@ -65,12 +63,9 @@ median 0.74). On the RMSE, which one boundary sample sets (module text above), a
 envelope at 45 of 180 (before: 61), median 0.63 (0.93); the worst is VP-linear heldout48 from
 NFE 10 on (5–28×): one of its 64 samples ends at another component under UniPC-3 on uniform λ,
 whatever the grid's ends (checked at NFE 15 and 25), and not under DPM-Solver++(2M) or UniPC-2
-on Karras ρ = 25. The second held-out set (heldout24/72/256 × the four processes, stop 29):
-above the envelope at 4 of 144 points, three at NFE 5 (EDM heldout72 1.25, VE heldout72 1.12,
-VE heldout256 1.07; VE heldout256 NFE 4 1.59), each against k-diffusion's DPM-Solver++(2M) on
-its exponential or Karras grid; max 0.90 / 0.53 at NFE 10 / 20, median 0.44. The NFE ≤ 5 band
-does not hold on every unseen model; reported, not re-fitted (a rule moved to fit test data
-would need other test data to be judged on).
+on Karras ρ = 25. On a second held-out set the NFE ≤ 5 band is above the envelope on two of its
+three mixtures with EDM or VE (docs/benchmarks.md): reported, not re-fitted — a rule moved to fit
+test data would need other test data to judge it.
 
 Two rules apply before the process's kind:
 
