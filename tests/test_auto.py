@@ -24,14 +24,17 @@ any of these points in the full sweep.
 
 For a continuous-time process the truth is the exact solution continued to σ = 0
 (``err_continued_median``) and the envelope is all 12 k-diffusion configurations; the rule was
-read off gmm2d/gmm64/gmm3072 × EDM/VE/VP-linear, and VP-cosine is a process never used:
+read off gmm2d/gmm64/gmm3072 × EDM/VE/VP-linear, and VP-cosine is a process never used; its
+NFE ≤ 5 band was re-chosen in stop 30 on those and the first two held-out sets (the third,
+heldout32/100/192, judges it: docs/benchmarks.md):
 
     model       process    NFE 5  NFE 10  NFE 20
-    gmm3072     vp-linear  0.62   1.08    0.21
-    heldout16   edm        0.70   0.27    0.23
-    heldout48   vp-cosine  0.26   0.73    0.15
-    heldout128  ve         0.67   1.01    0.26   (held out, above 1: bounded like the design cell)
-    heldout72   edm        1.25   0.58    0.28   (second held-out set, stop 29: bounded likewise)
+    gmm3072     vp-linear  0.49   1.08    0.21
+    heldout16   edm        0.44   0.27    0.23
+    heldout48   vp-cosine  0.23   0.73    0.15
+    heldout128  ve         0.44   1.01    0.26   (held out, above 1: bounded like the design cell)
+    heldout72   edm        0.81   0.58    0.28   (second set; 1.25 under the stop-29 band)
+    heldout100  edm        0.49   0.43    0.35   (third set, stop 30: judged the new band)
 """
 
 from __future__ import annotations
@@ -109,7 +112,6 @@ def test_auto_is_at_or_below_the_peer_envelope(model, process):
 KNOWN_CONTINUOUS = {
     ("gmm3072", "vp-linear", 10): 1.13,
     ("heldout128", "ve", 10): 1.06,
-    ("heldout72", "edm", 5): 1.31,
 }
 
 
@@ -122,6 +124,7 @@ KNOWN_CONTINUOUS = {
         ("heldout48", "vp-cosine"),
         ("heldout128", "ve"),
         ("heldout72", "edm"),
+        ("heldout100", "edm"),
     ],
 )
 def test_auto_is_at_or_below_the_peer_envelope_continuous(model, process):
@@ -157,8 +160,8 @@ def test_recommendation_bands(sd):
     # a continuous-time process: the bottom falls and (VP only) the top rises with the NFE
     vp = ds.VPLinear()
     for n, order, schedule, final, bottom, top in [
-        (1, 2, Karras, "standard", 0.1155, 12.2),
-        (5, 2, Karras, "standard", 0.1155, 12.2),
+        (1, 2, LogSNR, "extrapolate", 0.1155, 12.2),
+        (5, 2, LogSNR, "extrapolate", 0.1155, 12.2),
         (6, 2, LogSNR, "extrapolate", 0.05, 12.2),
         (7, 2, LogSNR, "extrapolate", 0.05, 12.2),
         (8, 2, LogSNR, "extrapolate", 0.05, 14.0),
