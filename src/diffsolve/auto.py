@@ -58,12 +58,13 @@ each with narrowed ends and either end rule:
 * Stopping above σ_min and continuing x̂_0 to σ = 0 is a bias that does not vanish with more
   steps; on these mixtures it costs less than the steps it saves at every NFE measured (4–25).
 
-Median ratio auto / envelope, max over the 9 design cells: NFE 4 2.20 (VE gmm2d; 1.32 VE
-gmm3072, the rest ≤ 1.25), 5 0.94, 6 0.69, 8 0.92, 10 1.10, 12 1.03, 15 0.43, 20 0.42, 25 0.28.
+Median ratio auto / envelope, max over the 9 design cells: NFE 4 0.95, 5 0.76 (stop 30's band;
+2.20 and 0.94 under stop 29's), 6 0.69, 8 0.92, 10 1.10, 12 1.03, 15 0.43, 20 0.42, 25 0.28.
 Held out (heldout16/48/128 × EDM/VE/VP-linear/VP-cosine and the design mixtures on VP-cosine, a
 process never used to choose anything; 15 cells × 12 NFEs): above the envelope at 4 of 180
 points (VE heldout128 NFE 8/10: 1.07/1.01; VP-linear and VP-cosine heldout48 NFE 14: 1.19/1.07),
-max 0.82 / 1.01 / 0.42 at NFE 5 / 10 / 20, median 0.36 (the rule before this one: 37 of 180,
+max 0.64 / 1.01 / 0.42 at NFE 5 / 10 / 20, median 0.35 (NFE 4–5 under stop 30's band; 0.82
+and 0.36 under stop 29's; the rule before stop 21: 37 of 180,
 median 0.74). On the RMSE, which one boundary sample sets (module text above), above the
 envelope at 45 of 180 (before: 61), median 0.63 (0.93); the worst is VP-linear heldout48 from
 NFE 10 on (5–28×): one of its 64 samples ends at another component under UniPC-3 on uniform λ,
