@@ -34,7 +34,8 @@ Design ratios auto / envelope (median, max over the 6 models): NFE 4 1.03, 5 0.9
 ≤ 1.05 at every NFE 4–25; a second held-out set (heldout24/72/256): docs/benchmarks.md. A
 third (stop 30) breaks the rule on near-degenerate data: heldout192 (rank-16 subspaces) is above
 the envelope at NFE 4–10 on SD (1.89 at NFE 5) and at every NFE on DDPM-linear (3.89 at NFE
-10); ``ds.tune`` is the answer there (docs/benchmarks.md). The shipped digits-vp network
+10); ``ds.tune`` brings it below the envelope there (median ratio 0.31 / 0.15 on SD, 0.87 /
+0.57 on DDPM-linear at NFE 5 / 10; docs/tuning.md). The shipped digits-vp network
 (DDPM-linear, against its rk45 solution): docs/networks.md.
 
 **Continuous-time processes** (VP-linear, sub-VP, VE, EDM: trained down to σ → 0): the truth
