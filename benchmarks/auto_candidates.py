@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 import diffsolve as ds
-from diffsolve.auto import _bounds, _variance_preserving
+from diffsolve.auto import _CONTINUOUS_BANDS, _bounds, _variance_preserving
 from diffsolve.bench import peers
 from diffsolve.bench.gmm import HELDOUT, get_gmm, get_heldout
 from diffsolve.bench.metrics import per_sample_rel_err
@@ -75,13 +75,12 @@ def candidates(band: str) -> list[dict[str, Any]]:
 
 
 def _rule_band(nfe: int) -> tuple[Any, float, float | None]:
-    """(solver, bottom, VP top) of the NFE ≥ 6 bands as the stop-29 rule has them."""
-    if nfe <= 7:
-        return ds.get_solver("unipc", order=2), 0.05, 12.2
-    if nfe <= 11:
-        return ds.get_solver("unipc", order=2), 0.05, 14.0
-    third = ds.get_solver("unipc", order=3, lower_order_final=False)
-    return third, 0.02, (20.0 if nfe <= 14 else None)
+    """(solver, bottom, VP top) of the rule's continuous-time band for this NFE, read from
+    ``diffsolve.auto`` (the candidates vary the bottom, the grid and the end around it)."""
+    for last, order, bottom, top in _CONTINUOUS_BANDS:
+        if last is None or nfe <= last:
+            return ds.get_solver("unipc", order=order, lower_order_final=order == 2), bottom, top
+    raise AssertionError("unreachable: the last band has no upper NFE")
 
 
 def _configure(cand: dict[str, Any], process: Any, nfe: int) -> tuple[Any, Any]:
