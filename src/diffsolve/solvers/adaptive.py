@@ -90,6 +90,7 @@ class RK45(AdaptiveSolver[AdaptiveState]):
     max_steps: int = 100_000
 
     name: ClassVar[str] = "rk45"
+    order: ClassVar[int] = 5
     description: ClassVar[str] = "adaptive Dormand–Prince 5(4) with a PID controller (baseline)"
 
     def validate(self) -> None:
@@ -97,10 +98,6 @@ class RK45(AdaptiveSolver[AdaptiveState]):
             raise ValueError(f"unknown variable {self.variable!r}; valid: lambda, sigma")
         if not (self.rtol > 0 and self.atol > 0):
             raise ValueError("rtol and atol must be positive")
-
-    @property
-    def order(self) -> int:
-        return 5
 
     def init(self, x: Tensor, grid: Grid, model: Model, noise: object = None) -> AdaptiveState:
         return AdaptiveState(grid=grid)

@@ -55,16 +55,13 @@ class DDPM(RowSolver):
     eta: float = 1.0
 
     name: ClassVar[str] = "ddpm"
+    order: ClassVar[int] = 1
     description: ClassVar[str] = "ancestral sampling: DDPM (η = 1) / DDIM eq. 12 with η in [0, 1]"
     stochastic: ClassVar[bool] = True
 
     def validate(self) -> None:
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"ddpm: eta must lie in [0, 1], got {self.eta!r}")
-
-    @property
-    def order(self) -> int:
-        return 1
 
     def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
         t, sig, alpha, h = (v.tolist() for v in (grid.t, grid.sigma, grid.alpha, grid.h))

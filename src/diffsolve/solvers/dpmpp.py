@@ -21,15 +21,11 @@ SOLVER_TYPES_2M = ("midpoint", "heun")
 
 @dataclass(frozen=True)
 class _DataSinglestep(SinglestepSolver):
-    """DPM-Solver++ singlestep of order ``stages`` (:mod:`.singlestep`'s rows, data form):
-    ``stages`` calls a step, the step to σ = 0 one (x̂_0); ``nfe=M`` as DPM-Solver-fast."""
+    """DPM-Solver++ singlestep (:mod:`.singlestep`'s rows, data form): ``order`` calls a step,
+    the step to σ = 0 one (x̂_0); ``nfe=M`` as DPM-Solver-fast."""
 
-    stages: ClassVar[int] = 2
+    order: ClassVar[int] = 2
     solver_type: ClassVar[str] = "dpmsolver"
-
-    @property
-    def order(self) -> int:
-        return self.stages
 
     def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
         return singlestep_rules(grid, calls, data=True, solver_type=self.solver_type)
@@ -66,7 +62,7 @@ class DPMSolverPP3S(_DataSinglestep):
 
     solver_type: str = "dpmsolver"  # type: ignore[misc]
 
-    stages: ClassVar[int] = 3
+    order: ClassVar[int] = 3
     name: ClassVar[str] = "dpmpp_3s"
     description: ClassVar[str] = "DPM-Solver++(3S): singlestep 3rd order, data prediction"
 
@@ -93,15 +89,12 @@ class DPMSolverPP2M(RowSolver):
     euler_at_final: bool = False
 
     name: ClassVar[str] = "dpmpp_2m"
+    order: ClassVar[int] = 2
     description: ClassVar[str] = "DPM-Solver++(2M): multistep 2nd order, data prediction"
 
     def validate(self) -> None:
         check_choices("dpmpp_2m", solver_type=(self.solver_type, SOLVER_TYPES_2M))
         FinalOrders.of("dpmpp_2m", self.lower_order_final, 15, self.euler_at_final)
-
-    @property
-    def order(self) -> int:
-        return 2
 
     def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
         orders = multistep_orders(grid, 2, self.lower_order_final, 15, self.euler_at_final)

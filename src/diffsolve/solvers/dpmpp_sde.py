@@ -71,11 +71,8 @@ class DPMSolverPP2MSDE(_Multistep):
     solver_type: str = "midpoint"
 
     name: ClassVar[str] = "dpmpp_2m_sde"
+    order: ClassVar[int] = 2
     description: ClassVar[str] = "SDE-DPM-Solver++(2M): multistep 2nd order, reverse SDE (eta)"
-
-    @property
-    def order(self) -> int:
-        return 2
 
     def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
         second = "half" if self.solver_type == "midpoint" else "taylor"
@@ -188,6 +185,7 @@ class DPMSolverPPSDE(SinglestepSolver):
     r: float = 0.5
 
     name: ClassVar[str] = "dpmpp_sde"
+    order: ClassVar[int] = 2
     description: ClassVar[str] = "DPM-Solver++ SDE (k-diffusion): singlestep 2nd order, reverse SDE"
     stochastic: ClassVar[bool] = True
 
@@ -195,10 +193,6 @@ class DPMSolverPPSDE(SinglestepSolver):
         check_nonnegative("dpmpp_sde", eta=self.eta, s_noise=self.s_noise)
         if isinstance(self.r, bool) or not isinstance(self.r, (int, float)) or not 0 < self.r <= 1:
             raise ValueError(f"dpmpp_sde: r must lie in (0, 1], got {self.r!r}")
-
-    @property
-    def order(self) -> int:
-        return 2
 
     def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
         t, lam, sig, alpha = (v.tolist() for v in (grid.t, grid.lam, grid.sigma, grid.alpha))

@@ -25,11 +25,8 @@ class Euler(RowSolver):
     """
 
     name: ClassVar[str] = "euler"
+    order: ClassVar[int] = 1
     description: ClassVar[str] = "DDIM / Euler in σ/α: first-order exponential integrator"
-
-    @property
-    def order(self) -> int:
-        return 1
 
     def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
         return singlestep_rules(grid, calls, data=True)  # order 1 on every step: DDIM

@@ -48,6 +48,7 @@ class Heun(RowSolver):
     variable: str = "auto"
 
     name: ClassVar[str] = "heun"
+    order: ClassVar[int] = 2
     description: ClassVar[str] = "EDM Heun (2nd order in σ/α, 2 NFE/step, last step Euler), churn"
     default_schedule: ClassVar[str] = "karras"
 
@@ -71,10 +72,6 @@ class Heun(RowSolver):
     @property
     def stochastic(self) -> bool:  # type: ignore[override]
         return self.s_churn > 0
-
-    @property
-    def order(self) -> int:
-        return 2
 
     def calls(self, steps: int, clean_end: bool) -> tuple[int, ...]:
         return singlestep_calls(2, steps, clean_end)

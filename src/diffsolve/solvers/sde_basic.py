@@ -81,16 +81,13 @@ class EulerMaruyama(RowSolver):
     noise_scale: float = 1.0
 
     name: ClassVar[str] = "euler_maruyama"
+    order: ClassVar[int] = 1
     description: ClassVar[str] = "Euler–Maruyama on the reverse SDE in t (Score SDE)"
     stochastic: ClassVar[bool] = True
     default_schedule: ClassVar[str] = "uniform"
 
     def validate(self) -> None:
         check_nonnegative("euler_maruyama", noise_scale=self.noise_scale)
-
-    @property
-    def order(self) -> int:
-        return 1
 
     def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
         why = (
@@ -130,6 +127,7 @@ class PC(RowSolver):
     snr_norm: str = "batch"
 
     name: ClassVar[str] = "pc"
+    order: ClassVar[int] = 1
     description: ClassVar[str] = "Score-SDE predictor–corrector: reverse diffusion + Langevin"
     stochastic: ClassVar[bool] = True
     default_schedule: ClassVar[str] = "uniform"
@@ -143,10 +141,6 @@ class PC(RowSolver):
             raise ValueError(f"pc: snr must be a finite number > 0 (or None: auto), got {s!r}")
         check_choices("pc", predictor=(self.predictor, PREDICTORS))
         check_choices("pc", snr_norm=(self.snr_norm, SNR_NORMS))
-
-    @property
-    def order(self) -> int:
-        return 1
 
     def snr_for(self, process: GaussianProcess) -> float:
         """The signal-to-noise ratio used on ``process`` (0.16 VE-like, 0.01 otherwise)."""
