@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
-from .base import FinalOrders, Grid, alias, register
+from .base import FinalOrders, Grid, alias, check_order, register
 from .engine import Row, RowSolver, StepRule
 
 __all__ = ["DEIS", "IPNDM", "LMS", "finite_start", "lagrange_integral_weights", "lagrange_table"]
@@ -104,9 +104,7 @@ class _RhoAdams(RowSolver):
         euler_at_final: bool
 
     def validate(self) -> None:
-        if self.order not in range(1, self.max_order + 1):
-            valid = ", ".join(str(k) for k in range(1, self.max_order))
-            raise ValueError(f"order must be {valid} or {self.max_order}, got {self.order!r}")
+        check_order(self.name, range(1, self.max_order + 1), order=self.order)
         lower = getattr(self, "lower_order_final", False)
         FinalOrders.of(self.name, lower, 15, self.euler_at_final)  # type checks
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
@@ -226,6 +227,15 @@ def check_choices(solver: str, **options: tuple[Any, tuple[str, ...]]) -> None:
     for name, (v, choices) in options.items():
         if v not in choices:
             raise ValueError(f"{solver}: {name} must be one of {choices}, got {v!r}")
+
+
+def check_order(solver: str, valid: Sequence[int], **values: Any) -> None:
+    """ValueError unless every value is one of the integers ``valid`` (a bool is not one here)."""
+    for name, v in values.items():
+        if isinstance(v, bool) or v not in valid:
+            *head, last = valid
+            listed = f"{', '.join(map(str, head))} or {last}"
+            raise ValueError(f"{solver}: {name} must be {listed}, got {v!r}")
 
 
 def check_bools(solver: str, **values: Any) -> None:

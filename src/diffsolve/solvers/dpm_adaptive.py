@@ -14,7 +14,7 @@ from ..denoiser import Prediction
 from ..integrate import StepDiagnostics
 from ..processes.base import GaussianProcess
 from .adaptive import AdaptiveSolver, AdaptiveState
-from .base import Grid, Model, check_bools, check_choices, host, register
+from .base import Grid, Model, check_bools, check_choices, check_order, host, register
 from .dpm_solver import SOLVER_TYPES
 from .engine import combine
 from .singlestep import combination, stage_rows
@@ -72,8 +72,7 @@ class DPMAdaptive(AdaptiveSolver[DPMAdaptiveState]):
     description: ClassVar[str] = "adaptive DPM-Solver-12/23 (embedded singlestep pair in λ)"
 
     def validate(self) -> None:
-        if self.order not in (2, 3) or isinstance(self.order, bool):
-            raise ValueError(f"dpm_adaptive: order must be 2 or 3, got {self.order!r}")
+        check_order("dpm_adaptive", (2, 3), order=self.order)
         if not (self.rtol >= 0 and self.atol > 0 and self.h_init > 0 and 0 < self.theta):
             raise ValueError("dpm_adaptive: need atol > 0, rtol >= 0, h_init > 0, theta > 0")
         check_choices(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..processes.base import GaussianProcess
-from .base import FinalOrders, Grid, alias, check_bools, check_choices, register
+from .base import FinalOrders, Grid, alias, check_bools, check_choices, check_order, register
 from .engine import StepRule
 from .multistep import multistep_orders, multistep_rules
 from .singlestep import SinglestepSolver, fast_plan, singlestep_rules
@@ -49,8 +49,7 @@ class DPMSolver(SinglestepSolver):
     )
 
     def validate(self) -> None:
-        if self.order not in (1, 2, 3) or isinstance(self.order, bool):
-            raise ValueError(f"dpm_solver: order must be 1, 2 or 3, got {self.order!r}")
+        check_order("dpm_solver", (1, 2, 3), order=self.order)
         check_choices(
             "dpm_solver",
             method=(self.method, METHODS),

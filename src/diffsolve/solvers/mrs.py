@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import FinalOrders, Grid, check_bools, check_choices, register
+from .base import Grid, check_bools, check_choices, check_order, register
 from .engine import RowSolver, StepRule
 from .multistep import multistep_orders, multistep_rules
 
@@ -50,14 +50,9 @@ class MRS(RowSolver):
     def validate(self) -> None:
         check_choices("mrs", solver_type=(self.solver_type, SOLVER_TYPES))
         check_choices("mrs", parameterization=(self.parameterization, PARAMETERIZATIONS))
-        top = 3 if self.solver_type == "ode" else 2
-        if isinstance(self.order, bool) or self.order not in range(1, top + 1):
-            raise ValueError(
-                f"mrs: order must be 1-{top} for solver_type={self.solver_type!r}, "
-                f"got {self.order!r}"
-            )
-        FinalOrders.of("mrs", self.lower_order_final, 10, False)
-        check_bools("mrs", reference=self.reference)
+        valid = (1, 2, 3) if self.solver_type == "ode" else (1, 2)
+        check_order(f"mrs (solver_type={self.solver_type!r})", valid, order=self.order)
+        check_bools("mrs", lower_order_final=self.lower_order_final, reference=self.reference)
         if self.reference and (self.solver_type != "ode" or self.order != 3):
             raise ValueError("mrs: reference=True (the official 3rd-order D2) needs ode, order 3")
 

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from .adams import _IPNDM as _AB  # the equal-step Adams–Bashforth weights, newest first
-from .base import Grid, register
+from .base import Grid, check_choices, register
 from .engine import Row, RowSolver, StepRule
 
 __all__ = ["PNDM"]
@@ -43,8 +43,7 @@ class PNDM(RowSolver):
     default_schedule: ClassVar[str] = "uniform"
 
     def validate(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"pndm: variant must be one of {VARIANTS}, got {self.variant!r}")
+        check_choices("pndm", variant=(self.variant, VARIANTS))
 
     @property
     def order(self) -> int:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ._expint import phi_data_float, phi_noise_float
-from .base import Grid, check_nonnegative, register
+from .base import Grid, check_nonnegative, check_order, register
 from .ddpm import update_rule
 from .engine import Row, RowSolver, StepRule
 
@@ -132,14 +132,8 @@ class SASolver(RowSolver):
     description: ClassVar[str] = "SA-Solver: stochastic Adams predictor-corrector (τ = 0: ODE)"
 
     def validate(self) -> None:
-        if self.predictor_order not in (1, 2, 3, 4):
-            raise ValueError(
-                f"sa_solver: predictor_order must be 1-4, got {self.predictor_order!r}"
-            )
-        if self.corrector_order not in (0, 1, 2, 3, 4):
-            raise ValueError(
-                f"sa_solver: corrector_order must be 0 (off) or 1-4, got {self.corrector_order!r}"
-            )
+        check_order("sa_solver", (1, 2, 3, 4), predictor_order=self.predictor_order)
+        check_order("sa_solver", (0, 1, 2, 3, 4), corrector_order=self.corrector_order)
         check_nonnegative("sa_solver", tau=self.tau)
         if not self.tau_tmin <= self.tau_tmax:
             raise ValueError("sa_solver: tau_tmin must not exceed tau_tmax")

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from ._expint import phi_data_float
-from .base import FinalOrders, Grid, Model, Solver, get_solver, register
+from .base import FinalOrders, Grid, Model, Solver, check_choices, check_order, get_solver, register
 from .engine import Row, RowSolver, RowState, StepRule
 
 __all__ = ["UniPC", "fold"]
@@ -135,10 +135,8 @@ class UniPC(RowSolver):
         super().__post_init__()
 
     def validate(self) -> None:
-        if self.order not in (1, 2, 3):
-            raise ValueError(f"unipc: order must be 1, 2 or 3, got {self.order!r}")
-        if self.variant not in ("bh1", "bh2"):
-            raise ValueError(f"unipc: variant must be one of ('bh1', 'bh2'), got {self.variant!r}")
+        check_order("unipc", (1, 2, 3), order=self.order)
+        check_choices("unipc", variant=(self.variant, ("bh1", "bh2")))
         if not all(isinstance(k, int) and k >= 0 for k in self.disable_corrector):
             raise ValueError("unipc: disable_corrector must hold non-negative step indices")
         FinalOrders.of("unipc", self.lower_order_final, math.inf, self.euler_at_final)
