@@ -121,17 +121,15 @@ class Plan(Grid):
     @property
     def weights(self) -> list[dict[str, Any]]:
         """One entry per step: its evaluation times and rows (stages, update, corrector)."""
-        out = []
-        for rule in self.rules or ():
-            out.append(
-                {
-                    "t": list(rule.t),
-                    "stages": [r.to_dict() for r in rule.stages],
-                    "update": None if rule.update is None else rule.update.to_dict(),
-                    "correct": None if rule.correct is None else rule.correct.to_dict(),
-                }
-            )
-        return out
+        return [
+            {
+                "t": list(rule.t),
+                "stages": [r.to_dict() for r in rule.stages],
+                "update": None if rule.update is None else rule.update.to_dict(),
+                "correct": None if rule.correct is None else rule.correct.to_dict(),
+            }
+            for rule in self.rules or ()
+        ]
 
     def describe(self) -> str:
         """The weight table as text, one line per row (x̂_0 and ε̂ weights newest first)."""
@@ -139,10 +137,8 @@ class Plan(Grid):
         for i, (rule, w) in enumerate(zip(self.rules or (), self.weights)):
             head = f"step {i}: t {float(self.t[i]):.6g} -> {float(self.t[i + 1]):.6g}"
             lines.append(f"{head}, {rule.calls} call(s)")
-            named = [("correct", w["correct"])] + [
-                (f"stage {k + 1}", r) for k, r in enumerate(w["stages"])
-            ]
-            for name, r in [*named, ("update", w["update"])]:
+            stages = [(f"stage {k + 1}", r) for k, r in enumerate(w["stages"])]
+            for name, r in [("correct", w["correct"]), *stages, ("update", w["update"])]:
                 if r is not None:
                     x0 = ", ".join(f"{v:.6g}" for v in r["x0"])
                     eps = ", ".join(f"{v:.6g}" for v in r["eps"])
@@ -176,14 +172,8 @@ class State:
                 return tuple(pick(u) for u in v)
             return v
 
-        return dataclasses.replace(
-            self,
-            **{
-                f.name: pick(getattr(self, f.name))
-                for f in fields(self)
-                if f.metadata.get("batch", True)
-            },
-        )
+        batch = [f.name for f in fields(self) if f.metadata.get("batch", True)]
+        return self.replace(**{name: pick(getattr(self, name)) for name in batch})
 
 
 @dataclass(frozen=True)
@@ -336,7 +326,7 @@ class Solver(Generic[S]):
 
 
 _REGISTRY: dict[str, type[Solver]] = {}
-_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
+_ALIASES: dict[str, tuple[str, str, dict[str, Any]]] = {}  # name: (target, description, options)
 
 
 def register(cls: type[Solver]) -> type[Solver]:
@@ -349,30 +339,26 @@ def register(cls: type[Solver]) -> type[Solver]:
 
 def alias(name: str, target: str, description: str, **options: Any) -> None:
     """Register ``name`` as ``target`` with fixed options (e.g. ddim → euler)."""
-    _ALIASES[name] = (target, dict(options, _description=description))
+    _ALIASES[name] = (target, description, options)
 
 
 def solvers() -> dict[str, str]:
     """Every registered solver name with a one-line description."""
     out = {name: cls.description for name, cls in _REGISTRY.items()}
-    out.update({name: opts["_description"] for name, (_, opts) in _ALIASES.items()})
+    out.update({name: description for name, (_, description, _) in _ALIASES.items()})
     return dict(sorted(out.items()))
 
 
 def get_solver(solver: str | Solver, **options: Any) -> Solver:
     """A solver object from a name (plus options) or an object (options replace its fields)."""
+    base: dict[str, Any] = {}
     fixed: dict[str, Any] = {}
     if isinstance(solver, Solver):
         cls = type(solver)
         base = {f.name: getattr(solver, f.name) for f in fields(solver)}
     elif isinstance(solver, str) and (solver in _REGISTRY or solver in _ALIASES):
-        if solver in _ALIASES:
-            target, fixed = _ALIASES[solver]
-            fixed = {k: v for k, v in fixed.items() if k != "_description"}
-            cls = _REGISTRY[target]
-        else:
-            cls = _REGISTRY[solver]
-        base = {}
+        target, _, fixed = _ALIASES.get(solver, (solver, "", {}))
+        cls = _REGISTRY[target]
     elif solver == "auto":
         raise ValueError(
             "'auto' is resolved by ds.sample from the NFE budget; use "
