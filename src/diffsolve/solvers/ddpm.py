@@ -1,5 +1,4 @@
-"""Ancestral sampling: DDPM and DDIM with η (Song et al. 2021, eq. 12), and what the stochastic
-solvers share: the ancestral row, one-row step rules, option checks."""
+"""Ancestral sampling: DDPM and DDIM with η (Song et al. 2021, eq. 12), and their row."""
 
 from __future__ import annotations
 
@@ -8,18 +7,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .base import Grid, register
-from .engine import Row, RowSolver, StepRule
+from .engine import Row, RowSolver, StepRule, update_rules
 
-__all__ = ["DDPM", "ancestral", "update_rule"]
-
-
-def update_rule(times: tuple[float, ...], update: Row | None, t_next: float) -> StepRule:
-    """A step evaluating at ``times`` (``times[0]`` its start) with one ``update`` row whose
-    noise is the increment over times[0] → t_next (None: the step returns x̂_0)."""
-    if update is None:
-        return StepRule(times)
-    spans = ((times[0], t_next),) if update.noise != 0.0 else ()
-    return StepRule(times, update=update, spans=spans)
+__all__ = ["DDPM", "ancestral"]
 
 
 def ancestral(
@@ -64,10 +54,7 @@ class DDPM(RowSolver):
             raise ValueError(f"ddpm: eta must lie in [0, 1], got {self.eta!r}")
 
     def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
-        t, sig, alpha, h = (v.tolist() for v in (grid.t, grid.sigma, grid.alpha, grid.h))
-        out = []
-        for i in range(grid.steps):
-            final = grid.is_final(i)  # x̂_0
-            row = None if final else ancestral(sig[i], sig[i + 1], alpha[i + 1], h[i], self.eta)
-            out.append(update_rule((t[i],), row, t[i + 1]))
-        return tuple(out)
+        sig, alpha, h = (v.tolist() for v in (grid.sigma, grid.alpha, grid.h))
+        last = grid.steps - int(grid.clean_end)  # then the step to σ = 0: x̂_0
+        rows = [ancestral(sig[i], sig[i + 1], alpha[i + 1], h[i], self.eta) for i in range(last)]
+        return update_rules(grid, [*rows, *[None] * (grid.steps - last)])

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from .base import FinalOrders, Grid, check_bools, check_choices, check_nonnegative, register
-from .ddpm import ancestral, update_rule
+from .ddpm import ancestral
 from .engine import Row, RowSolver, StepRule
 from .multistep import multistep_orders, multistep_rules
 from .singlestep import SinglestepSolver
@@ -215,14 +215,14 @@ class DPMSolverPPSDE(SinglestepSolver):
                 continue
             h = lam[i + 1] - lam[i]
             update = ancestral(sig[i], sig[i + 1], alpha[i + 1], h, self.eta, self.s_noise)
+            whole = ((t[i], t[i + 1]),) if update.noise != 0.0 else ()
             if i not in stage:  # one call: A_η(s → t; x̂_0)
-                out.append(update_rule((t[i],), update, t[i + 1]))
+                out.append(StepRule((t[i],), update=update, spans=whole))
                 continue
             t_u, a_u, s_u, l_u = stage[i]
             row = ancestral(sig[i], s_u, a_u, l_u - lam[i], self.eta, self.s_noise)
             b, fac = update.x0[0], 1 / (2 * self.r)  # x̂_0 newest first: (at u, at s)
             update = Row(update.a, (b * fac, b * (1 - fac)), (), update.noise)
-            whole = ((t[i], t[i + 1]),) if update.noise != 0.0 else ()
             spans = ((t[i], t_u), *whole) if row.noise != 0.0 else whole
             # corr(z_u, z_t) of one Brownian path in ρ over [ρ_u, ρ_s] ⊂ [ρ_t, ρ_s]
             rho_s, rho_u, rho_t = math.exp(-lam[i]), math.exp(-l_u), math.exp(-lam[i + 1])

@@ -27,9 +27,10 @@ import torch
 from torch import Tensor
 
 from ..denoiser import EvalPoint, Prediction
+from ..noise import NoiseSource
 from .base import Grid, Model, Plan, Solver, State, host
 
-__all__ = ["Row", "RowSolver", "RowState", "StepRule", "combine"]
+__all__ = ["Row", "RowSolver", "RowState", "StepRule", "combine", "update_rules"]
 
 
 class Row(NamedTuple):
@@ -92,6 +93,17 @@ class StepRule(NamedTuple):
     def rows(self) -> tuple[Row, ...]:
         out = (*((self.correct,) if self.correct else ()), *self.stages)
         return out if self.update is None else (*out, self.update)
+
+
+def update_rules(grid: Grid, rows: Sequence[Row | None]) -> tuple[StepRule, ...]:
+    """One-call steps: step i applies ``rows[i]`` (None: the step returns x̂_0), its noise the
+    increment over t_i → t_{i+1}."""
+    (t,) = grid.lists("t")
+    out = []
+    for i, row in enumerate(rows):
+        spans = ((t[i], t[i + 1]),) if row is not None and row.noise != 0.0 else ()
+        out.append(StepRule((t[i],), update=row, spans=spans))
+    return tuple(out)
 
 
 def combine(row: Row, x: Tensor | None, hist: Sequence[Prediction], z: Tensor | None) -> Tensor:
@@ -170,8 +182,6 @@ class RowSolver(Solver[RowState]):
                 keep = max(keep, len(r.x0), len(r.eps))
         source = None
         if draws:
-            from ..noise import NoiseSource
-
             source = (noise if noise is not None else NoiseSource()).bind(grid)
         return RowState(
             rules=rules, points=points, keep=max(keep - 1, 1), track_prev=track, noise=source

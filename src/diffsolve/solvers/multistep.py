@@ -15,7 +15,7 @@ import math
 from ._expint import phi_data_float as _pd
 from ._expint import phi_noise_float as _pn
 from .base import FinalOrders, Grid
-from .engine import Row, StepRule
+from .engine import Row, StepRule, update_rules
 
 __all__ = ["multistep_orders", "multistep_rules"]
 
@@ -48,13 +48,12 @@ def multistep_rules(
 ) -> tuple[StepRule, ...]:
     """One rule per step (module docstring), evaluating at grid.t[i]; ``orders`` from
     :func:`multistep_orders`."""
-    lam, sig, alp = grid.lam.tolist(), grid.sigma.tolist(), grid.alpha.tolist()
-    t = grid.t.tolist()
+    lam, sig, alp = grid.lists("lam", "sigma", "alpha")
     en = grid.exp_neg_h.tolist()  # e^{−h}, finite (0) where α_s = 0
-    out: list[StepRule] = []
+    rows: list[Row | None] = []
     for i, k in enumerate(orders):
-        if k == 0:
-            out.append(StepRule((t[i],)))
+        if k == 0:  # the step to σ = 0: x̂_0
+            rows.append(None)
             continue
         h = lam[i + 1] - lam[i]
         if data:
@@ -97,6 +96,5 @@ def multistep_rules(
             row = Row(ratio, tuple(w[:k]), (), std)
         else:
             row = Row(ratio, (gain,), tuple(w[:k]) if k > 1 else (), std)
-        spans = ((t[i], t[i + 1]),) if std != 0.0 else ()
-        out.append(StepRule((t[i],), update=row, spans=spans))
-    return tuple(out)
+        rows.append(row)
+    return update_rules(grid, rows)

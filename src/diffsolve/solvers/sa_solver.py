@@ -8,8 +8,7 @@ from typing import ClassVar
 
 from ._expint import phi_data_float, phi_noise_float
 from .base import Grid, check_nonnegative, check_order, register
-from .ddpm import update_rule
-from .engine import Row, RowSolver, StepRule
+from .engine import Row, RowSolver, StepRule, update_rules
 
 __all__ = ["SASolver"]
 
@@ -185,10 +184,8 @@ class SASolver(RowSolver):
 
     def rules(self, grid: Grid, calls: tuple[int, ...]) -> tuple[StepRule, ...]:
         predict, correct = self.rows(grid)
-        (t,) = grid.lists("t")
-        out = []
-        for i, (pred, corr) in enumerate(zip(predict, correct)):
-            prev = predict[i - 1]
-            row = pred if pred is None or corr is None or prev is None else _fold(pred, corr, prev)
-            out.append(update_rule((t[i],), row, t[i + 1]))
-        return tuple(out)
+        rows = [  # step i's predictor row after the corrector of step i − 1 (predict[i − 1])
+            p if p is None or c is None or prev is None else _fold(p, c, prev)
+            for p, c, prev in zip(predict, correct, [None, *predict])
+        ]
+        return update_rules(grid, rows)

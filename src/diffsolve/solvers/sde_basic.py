@@ -20,8 +20,7 @@ from torch import Tensor
 from ..noise import NoiseSource
 from ..processes.base import GaussianProcess
 from .base import Grid, Model, check_choices, check_nonnegative, register
-from .ddpm import update_rule
-from .engine import Row, RowSolver, RowState, StepRule
+from .engine import Row, RowSolver, RowState, StepRule, update_rules
 
 __all__ = ["PC", "EulerMaruyama"]
 
@@ -95,9 +94,7 @@ class EulerMaruyama(RowSolver):
             "Euler–Maruyama step in t is unstable near it"
         )
         _refuse_flow_start(grid, "euler_maruyama", why, " with at least 16 steps")
-        t = grid.t.tolist()
-        rows = _em_rows(grid, self.noise_scale)
-        return tuple(update_rule((t[i],), r, t[i + 1]) for i, r in enumerate(rows))
+        return update_rules(grid, _em_rows(grid, self.noise_scale))
 
 
 PREDICTORS = ("reverse_diffusion", "euler_maruyama")
@@ -172,13 +169,12 @@ class PC(RowSolver):
                 g2 = s2[i] - a[i] ** 2 * s2[i + 1]
                 row = Row(2.0 - a[i], (), (-g2 / sig[i],), math.sqrt(max(g2, 0.0)))
                 rows.append(None if grid.is_final(i) else row)
-        t, snr = grid.t.tolist(), self.snr_for(grid.process)
-        out = []
-        for i, (k, r) in enumerate(zip(calls, rows)):
-            spans = ((t[i], t[i + 1]),) if r is not None and r.noise != 0.0 else ()
-            # the corrector's constants: snr and its α_i = (α_{t_i}/α_{t_{i+1}})²
-            out.append(StepRule((t[i],) * k, (), r, None, spans, consts=(snr, a[i] ** 2)))
-        return tuple(out)
+        snr = self.snr_for(grid.process)
+        # k − 1 corrector calls at t_i first; its constants: snr, α_i = (α_{t_i}/α_{t_{i+1}})²
+        return tuple(
+            rule._replace(t=rule.t * k, consts=(snr, a[i] ** 2))
+            for i, (k, rule) in enumerate(zip(calls, update_rules(grid, rows)))
+        )
 
     def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> RowState:
         state = super().init(x, grid, model, noise)
