@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from ..noise import NoiseSource
 from ..processes.base import GaussianProcess
 from .base import Grid, Model, check_choices, host, register
 from .engine import Row, RowSolver, RowState, StepRule
@@ -143,8 +144,6 @@ class Heun(RowSolver):
         state = super().init(x, grid, model, noise)
         if not self.stochastic:
             return state
-        from ..noise import NoiseSource
-
         t, alpha = grid.t.tolist(), grid.alpha.tolist()
         churn = tuple(
             (a_hat / alpha[i], amount, t[i], t[i + 1])

@@ -11,6 +11,7 @@ import torch
 from .adams import _IPNDM as _AB  # the equal-step Adams–Bashforth weights, newest first
 from .base import Grid, check_choices, register
 from .engine import Row, RowSolver, StepRule
+from .singlestep import check_calls
 
 __all__ = ["PNDM"]
 
@@ -87,11 +88,8 @@ class PNDM(RowSolver):
                 "Use variant='plms' or 'spndm', or a schedule that starts at t_max_finite "
                 "(schedule='karras' or 'logsnr')"
             )
-        for i, k in enumerate(calls):
-            if k not in ((1,) if grid.is_final(i) else (1, 2, 4)):
-                raise ValueError(f"pndm: step {i} cannot make {k} network calls")
-        t, lam = grid.t.tolist(), grid.lam.tolist()
-        sig, alp = grid.sigma.tolist(), grid.alpha.tolist()
+        check_calls("pndm", grid, calls, 2, 4)
+        t, lam, sig, alp = grid.lists("t", "lam", "sigma", "alpha")
 
         def transfer(i: int, a_t: float, s_t: float, l_t: float) -> tuple[float, float]:
             """(a, b) of φ = a·x + b·ε from t_i: (α_t/α_i, −σ_t·(e^h − 1)), h = λ_t − λ_i."""

@@ -66,10 +66,10 @@ class SinglestepSolver(RowSolver):
         return schedule.for_calls(process, calls, clean_end)
 
 
-def check_calls(solver: str, grid: Grid, calls: Sequence[int], full: int) -> None:
-    """ValueError unless each step makes 1 or ``full`` calls (the step to σ = 0: 1)."""
+def check_calls(solver: str, grid: Grid, calls: Sequence[int], *full: int) -> None:
+    """ValueError unless each step makes 1 or a ``full`` number of calls (the step to σ = 0: 1)."""
     for i, k in enumerate(calls):
-        if k not in ((1,) if grid.is_final(i) else (1, full)):
+        if k not in ((1,) if grid.is_final(i) else (1, *full)):
             raise ValueError(f"{solver}: step {i} cannot make {k} network calls")
 
 
