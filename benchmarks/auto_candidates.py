@@ -23,7 +23,8 @@ import itertools
 import json
 import math
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
@@ -33,7 +34,7 @@ from diffsolve.bench import peers
 from diffsolve.bench.gmm import HELDOUT, get_gmm, get_heldout
 from diffsolve.bench.metrics import per_sample_rel_err
 from diffsolve.bench.runner import ExactReference, get_process, prediction_for
-from diffsolve.schedules import Karras, LogSNR
+from diffsolve.schedules import Karras, LogSNR, Schedule
 
 BATCH = {"gmm2d": 64, "gmm64": 64, "gmm3072": 16}
 
@@ -53,13 +54,13 @@ def candidates(band: str) -> list[dict[str, Any]]:
         bottoms = (None, 0.05, 0.1155, 0.25)
     else:
         solvers = {"rule": ("rule", {})}
-        grids = [("karras7", 7.0), ("logsnr", None)]
-        bottoms = ("rule", 0.01, 0.005, None)
+        grids = [("karras7", 7.0), ("karras12", 12.0), ("logsnr", None), ("tail", None)]
+        bottoms = ("rule", 0.02, 0.01, 0.005, None)
     for (sname, (solver, opts)), (gname, rho), bottom, final in itertools.product(
         solvers.items(), grids, bottoms, ("standard", "extrapolate")
     ):
-        if final == "extrapolate" and bottom is None:
-            continue  # nothing to continue from σ_min
+        if gname == "tail" and (bottom is None or final == "extrapolate"):
+            continue  # the tail is the last step from the bottom to σ_min, ended there
         out.append(
             {
                 "label": f"{sname} {gname} bottom={bottom} {final}",
@@ -92,7 +93,27 @@ def _configure(cand: dict[str, Any], process: Any, nfe: int) -> tuple[Any, Any]:
         solver = ds.get_solver(cand["solver"], **cand["options"])
         bottom, top = cand["bottom"], 12.2
     bounds = _bounds(process, bottom, top if _variance_preserving(process) else None)
+    if cand["grid"] == "tail":
+        return solver, Tail(LogSNR(**bounds))
     return solver, (Karras(rho=cand["rho"], **bounds) if cand["rho"] else LogSNR(**bounds))
+
+
+@dataclass(frozen=True)
+class Tail(Schedule):
+    """A grid's n − 1 first points, then the process's t_min: one step from the truncated
+    bottom down to σ_min, so that a standard end resolves scales below the bottom."""
+
+    base: Schedule
+    name: ClassVar[str] = "tail"
+    description: ClassVar[str] = "a grid's first n − 1 points, then t_min"
+
+    def times(self, process: Any, n: int) -> torch.Tensor:
+        if n < 3:
+            return self.base(process, n)
+        head = self.base(process, n - 1)
+        if float(head[-1]) <= float(process.t_min):  # the bottom is σ_min already
+            return self.base(process, n)
+        return torch.cat([head, torch.tensor([float(process.t_min)], dtype=torch.float64)])
 
 
 def run_cell(model: str, process_name: str, nfe: int, cands: list[dict]) -> dict[str, Any]:
