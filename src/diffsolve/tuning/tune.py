@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from ..auto import is_guided
-from ..schedules import get_schedule
+from ..processes.vp import VPDiscrete
+from ..schedules import LogSNR, get_schedule
 from .bespoke import BespokeStudent, bespoke_steps
 from .search import evolve, gits_grid
 from .student import Student
@@ -73,18 +74,28 @@ def _robust(out: Tensor, target: Tensor) -> float:
     return math.sqrt(float(_objective(out, target)))
 
 
+# σ/α bottoms of a truncated uniform-λ start by NFE (last NFE of the band or None, bottom):
+# ``auto``'s continuous-time grids until stop 31, when its bands moved to σ_min for robustness
+_TRUNCATED = ((5, 0.1155), (11, 0.05), (None, 0.02))
+
+
 def _initial_schedules(process: Any, nfe: int) -> list[tuple[str, Any]]:
     """Candidate starting schedules: the standard ones (the peers' defaults among them: a
     grid is scored by one pass over the calibration noise, so trying them all costs little,
-    and on some processes the best start is a peer's discrete spacing) and the ``auto``
-    rule's for this budget."""
-    from ..auto import recommend
+    and on some processes the best start is a peer's discrete spacing), the ``auto`` rule's
+    for this budget and, on a continuous-time diffusion process, ``auto``'s grid stopped above
+    σ_min (``truncated``): the untuned rule runs to σ_min to be robust, but a truncated grid is
+    the better start wherever the data are smooth at that scale, and tuning moves its bottom."""
+    from ..auto import _bounds, _flow_like, recommend
 
     names = ("logsnr", "karras", "uniform", "quadratic", "trailing", "linspace")
-    return [
-        *((name, get_schedule(name)) for name in names),
-        ("auto", get_schedule(recommend(process, nfe).schedule)),
-    ]
+    rec = recommend(process, nfe).schedule
+    out = [*((name, get_schedule(name)) for name in names), ("auto", get_schedule(rec))]
+    if not isinstance(process, VPDiscrete) and not _flow_like(process):
+        bottom = next(b for last, b in _TRUNCATED if last is None or nfe <= last)
+        top = rec.sigma_max if isinstance(rec, LogSNR) else None
+        out.append(("truncated", LogSNR(**_bounds(process, bottom, top))))
+    return out
 
 
 def _initial_grids(process: Any, nfe: int) -> list[tuple[str, Tensor]]:
