@@ -13,7 +13,10 @@ the geometric mean. Robust before tight: candidates are ranked by the largest ra
         --processes edm,ve,vp-linear,vp-cosine --out candidates.json
 
 (stop 30: the NFE ≤ 5 band re-chosen on the design mixtures and the first two held-out sets,
-then judged once on the third, ``heldout32,heldout100,heldout192``: docs/benchmarks.md.)
+then judged once on the third, ``heldout32,heldout100,heldout192``; stop 31: the bands above NFE
+5 on the first four sets, judged on the fifth: docs/benchmarks.md.) ``--band discrete
+--processes sd,ddpm`` scores the discrete-time rule the same way against the diffusers and
+k-diffusion envelope, on the exact solution at t_min ended the standard way.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ from typing import Any, ClassVar
 import torch
 
 import diffsolve as ds
-from diffsolve.auto import _CONTINUOUS_BANDS, _bounds, _variance_preserving
+from diffsolve.auto import _CONTINUOUS_BANDS, _DISCRETE_TOPS, _bounds, _variance_preserving
 from diffsolve.bench import peers
 from diffsolve.bench.gmm import HELDOUT, get_gmm, get_heldout
 from diffsolve.bench.metrics import per_sample_rel_err
 from diffsolve.bench.runner import ExactReference, get_process, prediction_for
+from diffsolve.processes import VPDiscrete
 from diffsolve.schedules import Karras, LogSNR, Schedule
 
 BATCH = {"gmm2d": 64, "gmm64": 64, "gmm3072": 16}
@@ -45,9 +49,35 @@ def candidates(band: str) -> list[dict[str, Any]]:
     four bottoms, both ends. ``high`` (NFE ≥ 6): the rule's own solver and top for each NFE
     (UniPC-2 to NFE 11, UniPC-3 with its last corrector from 12; the VP top 12.2 / 14 / 20 /
     none), with the bottom (the process's σ_min or a truncation), the grid (uniform λ, Karras
-    ρ = 7) and the end rule varied — where the rule stops, and what it does below."""
+    ρ = 7 / 12, a tail to σ_min) and the end rule varied — where the rule stops, and what it
+    does below. ``discrete`` (SD, DDPM-linear: ended the standard way, the truth at t_min):
+    UniPC-2, DPM-Solver++(2M) and UniPC-3 × Karras ρ = 7 / 12 and uniform λ × bottom t_min,
+    0.02, 0.05 or 0.1155, under the discrete rule's top for the NFE; every band of that rule is
+    one of them."""
     out = []
     bottoms: tuple[Any, ...]
+    if band == "discrete":
+        solvers = {
+            "unipc-2": ("unipc", {"order": 2}),
+            "dpmpp_2m": ("dpmpp_2m", {}),
+            "unipc-3": ("unipc", {"order": 3, "lower_order_final": False}),
+        }
+        grids = [("karras7", 7.0), ("karras12", 12.0), ("logsnr", None)]
+        return [
+            {
+                "label": f"{sname} {gname} bottom={bottom} standard",
+                "solver": solver,
+                "options": opts,
+                "grid": gname,
+                "rho": rho,
+                "bottom": bottom,
+                "final": "standard",
+                "discrete": True,
+            }
+            for (sname, (solver, opts)), (gname, rho), bottom in itertools.product(
+                solvers.items(), grids, (None, 0.02, 0.05, 0.1155)
+            )
+        ]
     if band == "low":
         solvers = {"unipc-2": ("unipc", {"order": 2}), "dpmpp_2m": ("dpmpp_2m", {})}
         grids = [("karras7", 7.0), ("karras12", 12.0), ("logsnr", None)]
@@ -89,6 +119,10 @@ def _configure(cand: dict[str, Any], process: Any, nfe: int) -> tuple[Any, Any]:
     if cand["solver"] == "rule":
         solver, bottom, top = _rule_band(nfe)
         bottom = bottom if cand["bottom"] == "rule" else cand["bottom"]
+    elif cand.get("discrete"):  # the discrete rule's VP top for this NFE
+        solver = ds.get_solver(cand["solver"], **cand["options"])
+        bottom = cand["bottom"]
+        top = next((t for last, t in _DISCRETE_TOPS if nfe <= last), None)
     else:
         solver = ds.get_solver(cand["solver"], **cand["options"])
         bottom, top = cand["bottom"], 12.2
@@ -123,7 +157,11 @@ def run_cell(model: str, process_name: str, nfe: int, cands: list[dict]) -> dict
     den = gmm.denoiser(proc, prediction_for(proc))
     gen = torch.Generator().manual_seed(0)
     x_T = proc.prior((BATCH.get(model, 64), *gmm.shape), generator=gen, dtype=torch.float64)
-    ref = ExactReference(gmm, proc, x_T).continued(float(proc.t_max_finite))
+    exact, start = ExactReference(gmm, proc, x_T), float(proc.t_max_finite)
+    # the truth: continued to σ = 0, or on a discrete-time process (never trained below σ_min)
+    # the exact solution at t_min ended the standard way (auto_rule.py's err_tmin)
+    discrete = isinstance(proc, VPDiscrete)
+    ref = exact.standard(start, float(proc.t_min)) if discrete else exact.continued(start)
 
     def med(x: torch.Tensor) -> float:
         v = float(per_sample_rel_err(x.to(torch.float64), ref).median())
@@ -158,7 +196,12 @@ def main() -> None:
     ap.add_argument("--models", default="gmm2d,gmm64,gmm3072")
     ap.add_argument("--processes", default="edm,ve,vp-linear,vp-cosine")
     ap.add_argument("--nfe", default="4,5")
-    ap.add_argument("--band", choices=("low", "high"), default="low", help="NFE ≤ 5 or ≥ 6")
+    ap.add_argument(
+        "--band",
+        choices=("low", "high", "discrete"),
+        default="low",
+        help="continuous NFE ≤ 5 or ≥ 6, or discrete-time (--processes sd,ddpm)",
+    )
     ap.add_argument("--out", default="auto_candidates.json")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)

@@ -46,7 +46,7 @@ import diffsolve as ds
 from diffsolve.auto import is_guided, recommend
 from diffsolve.bench.gmm import HELDOUT, get_heldout
 from diffsolve.bench.runner import run_benchmark
-from diffsolve.schedules import Karras, LogSNR
+from diffsolve.schedules import LogSNR
 
 ENVELOPE_PEERS = [
     "diffusers DEIS-2 default",
@@ -141,8 +141,8 @@ def test_recommendation_bands(sd):
     ddpm = ds.VPDiscrete.from_betas("linear", beta_start=1e-4, beta_end=0.02)
     # discrete-time processes: the standard end at every budget, the grid's top rising with it
     for n, solver, order, schedule, bottom, top in [
-        (1, "unipc", 2, Karras, 0.1155, 12.2),
-        (4, "unipc", 2, Karras, 0.1155, 12.2),
+        (1, "unipc", 2, LogSNR, 0.1155, 12.2),
+        (4, "unipc", 2, LogSNR, 0.1155, 12.2),
         (5, "unipc", 2, LogSNR, 0.05, 12.2),
         (7, "unipc", 2, LogSNR, 0.05, 12.2),
         (8, "dpmpp_2m", 2, LogSNR, None, 14.0),
@@ -159,15 +159,15 @@ def test_recommendation_bands(sd):
     assert recommend(sd, 12).schedule == LogSNR()  # SD's top (σ/α 14.6) is below 20
     assert recommend(sd, 20).solver.lower_order_final is False
     # a continuous-time process: the bottom falls to σ_min and (VP only) the top rises with the
-    # NFE, every band continued to σ = 0 (EDM: σ_min 0.002, below the 6–7 bottom)
+    # NFE, every band continued to σ = 0
     edm, vp = ds.EDM(), ds.VPLinear()
     for p, n, order, schedule, final, bottom, top in [
         (vp, 1, 2, LogSNR, "extrapolate", 0.1155, 12.2),
         (vp, 5, 2, LogSNR, "extrapolate", 0.1155, 12.2),
         (edm, 5, 2, LogSNR, "extrapolate", 0.1155, None),
-        (edm, 6, 2, LogSNR, "extrapolate", 0.005, None),
-        (edm, 7, 2, LogSNR, "extrapolate", 0.005, None),
-        (vp, 7, 2, LogSNR, "extrapolate", None, 12.2),  # σ_min of VP-linear is above 0.005
+        (edm, 6, 2, LogSNR, "extrapolate", 0.02, None),
+        (edm, 7, 2, LogSNR, "extrapolate", 0.02, None),
+        (vp, 7, 2, LogSNR, "extrapolate", 0.02, 12.2),
         (edm, 8, 2, LogSNR, "extrapolate", None, None),
         (vp, 8, 2, LogSNR, "extrapolate", None, 14.0),
         (vp, 11, 2, LogSNR, "extrapolate", None, 14.0),

@@ -325,21 +325,25 @@ def test_tuning_a_flow_model_keeps_its_start(tmp_path):
     assert torch.isfinite(out).all()
 
 
-def test_a_truncated_start_is_offered_on_continuous_diffusions_only():
-    """auto's continuous grids run to σ_min from NFE 6 on (robust untuned); tuning still starts
-    from a grid stopped above it where that scores best (σ/α 0.05 to NFE 11, 0.02 beyond), and
-    only there: discrete-time and flow processes keep their former candidates exactly."""
-    from diffsolve.schedules import LogSNR
+def test_auto_s_former_grid_stays_a_start():
+    """auto moved its grids to σ_min in stop 31 (robust untuned); tuning still offers the former
+    grid as a start where it differs (a truncated bottom scores best on smooth data), so the
+    tuned solvers measured before are still found: continuous diffusions at every NFE, discrete
+    processes at NFE ≤ 4, never a flow path."""
+    from diffsolve.schedules import Karras, LogSNR
     from diffsolve.tuning.tune import _initial_schedules
 
     for nfe, bottom in ((5, 0.1155), (6, 0.05), (10, 0.05), (12, 0.02), (20, 0.02)):
         got = dict(_initial_schedules(ds.EDM(), nfe))
-        assert got["truncated"] == LogSNR(sigma_min=bottom), nfe
+        assert got["former-auto"] == LogSNR(sigma_min=bottom), nfe
         assert got["auto"] == ds.auto.recommend(ds.EDM(), nfe).schedule
     vp = dict(_initial_schedules(ds.VPLinear(), 10))
-    assert vp["truncated"] == LogSNR(sigma_min=0.05, sigma_max=14.0)
-    for process in (sd_process(), ds.FlowMatching()):
-        assert "truncated" not in dict(_initial_schedules(process, 10))
+    assert vp["former-auto"] == LogSNR(sigma_min=0.05, sigma_max=14.0)
+    sd = sd_process()
+    assert dict(_initial_schedules(sd, 4))["former-auto"] == Karras(12.0, 0.1155, 12.2)
+    for nfe in (5, 10):
+        assert "former-auto" not in dict(_initial_schedules(sd, nfe))
+    assert "former-auto" not in dict(_initial_schedules(ds.FlowMatching(), 10))
 
 
 @pytest.mark.parametrize("process", [ds.VE(), ds.EDM(), ds.VPCosine()], ids=type)

@@ -16,10 +16,10 @@ depending on it). Read off gmm2d/gmm64/gmm3072 × SD/DDPM-linear (candidates: Un
 DPM-Solver++ 2M/3M, DEIS, iPNDM × uniform λ, Karras ρ = 7/12/25, uniform t, diffusers'
 linspace, quadratic, each with narrowed ends):
 
-* NFE ≤ 4: UniPC-2 on Karras ρ = 12 over σ/α ∈ [0.12, 12.2]; NFE 5–7: UniPC-2 on uniform λ over
-  [0.05, 12.2]. At these budgets the few large steps dominate; starting below t_max (x_T ~ N(0, I)
-  is as good a sample of the marginal at σ/α ≈ 12 as at DDPM's 157) and stopping at 0.05 save
-  steps where they matter.
+* NFE ≤ 4: UniPC-2 on uniform λ over σ/α ∈ [0.1155, 12.2] (Karras ρ = 12 until stop 31);
+  NFE 5–7: UniPC-2 on uniform λ over [0.05, 12.2]. At these budgets the few large steps
+  dominate; starting below t_max (x_T ~ N(0, I) is as good a sample of the marginal at σ/α ≈ 12
+  as at DDPM's 157) and stopping above σ_min save steps where they matter.
 * NFE 8–11: DPM-Solver++(2M) on uniform λ from σ/α = 14. Every higher-order multistep method
   (UniPC-2/3, DPM-Solver++(3M), iPNDM, DEIS) loses by 1.8–11× on gmm3072 + SD (the small-variance
   directions of an image-like covariance make x̂_0 change fast near t_min, and an extrapolated
@@ -41,7 +41,7 @@ the NFE is where the grid starts and stops:
 
 * NFE ≤ 5: UniPC-2 over σ/α ∈ [0.1155, max]. At these budgets the few large steps dominate,
   and a bottom well above σ_min saves them.
-* NFE 6–7: UniPC-2 over [0.005, max].
+* NFE 6–7: UniPC-2 over [0.02, max].
 * NFE 8–11: UniPC-2 over [σ_min, max]; NFE 12–14 and ≥ 15: UniPC-3 with its corrector on every
   step over [σ_min, max].
 * "max" is the process's top, except on a variance-preserving process, where the grid starts
@@ -77,7 +77,7 @@ from typing import Any
 
 from .processes.base import GaussianProcess
 from .processes.vp import VPDiscrete
-from .schedules import Karras, LogSNR, Schedule, Uniform
+from .schedules import LogSNR, Schedule, Uniform
 from .solvers.base import Solver, get_solver
 
 __all__ = ["Recommendation", "is_guided", "recommend"]
@@ -87,7 +87,7 @@ __all__ = ["Recommendation", "is_guided", "recommend"]
 # processes)
 _CONTINUOUS_BANDS: tuple[tuple[int | None, int, float | None, float | None], ...] = (
     (5, 2, 0.1155, 12.2),
-    (7, 2, 0.005, 12.2),
+    (7, 2, 0.02, 12.2),
     (11, 2, None, 14.0),
     (14, 3, None, 20.0),
     (None, 3, None, None),
@@ -208,9 +208,9 @@ def _discrete(process: VPDiscrete, nfe: int) -> Recommendation:
         bounds = _bounds(process, 0.1155, top)
         return Recommendation(
             get_solver("unipc", order=2),
-            Karras(rho=12.0, **bounds),
+            LogSNR(**bounds),
             "standard",
-            f"discrete, NFE 1–4: UniPC-2, Karras ρ = 12 over σ/α ∈ {_span(bounds)}, x̂0 there",
+            f"discrete, NFE 1–4: UniPC-2, uniform λ over σ/α ∈ {_span(bounds)}, x̂0 there",
         )
     if nfe <= 7:
         bounds = _bounds(process, 0.05, top)

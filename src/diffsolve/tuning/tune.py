@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..auto import is_guided
 from ..processes.vp import VPDiscrete
-from ..schedules import LogSNR, get_schedule
+from ..schedules import Karras, LogSNR, Schedule, get_schedule
 from .bespoke import BespokeStudent, bespoke_steps
 from .search import evolve, gits_grid
 from .student import Student
@@ -74,28 +74,38 @@ def _robust(out: Tensor, target: Tensor) -> float:
     return math.sqrt(float(_objective(out, target)))
 
 
-# σ/α bottoms of a truncated uniform-λ start by NFE (last NFE of the band or None, bottom):
-# ``auto``'s continuous-time grids until stop 31, when its bands moved to σ_min for robustness
-_TRUNCATED = ((5, 0.1155), (11, 0.05), (None, 0.02))
+def _former_auto(process: Any, nfe: int) -> Schedule | None:
+    """``auto``'s grid for this budget as it was until stop 31 (None where it is today's):
+    uniform λ stopped above σ_min on a continuous-time diffusion (σ/α 0.1155 to NFE 5, 0.05 to
+    NFE 11, 0.02 beyond), and on a discrete-time process Karras ρ = 12 over [0.1155, 12.2] at
+    NFE ≤ 4. The untuned rule moved to σ_min (and to uniform λ) to be robust on fine-scale data;
+    where the data are smooth at those scales the former grid is the better start, and tuning
+    moves its ends anyway."""
+    from ..auto import _bounds, _flow_like, recommend
+
+    top = getattr(recommend(process, nfe).schedule, "sigma_max", None)
+    if isinstance(process, VPDiscrete):
+        return Karras(rho=12.0, **_bounds(process, 0.1155, top)) if nfe <= 4 else None
+    if _flow_like(process):
+        return None
+    bottom = 0.1155 if nfe <= 5 else 0.05 if nfe <= 11 else 0.02
+    return LogSNR(**_bounds(process, bottom, top))
 
 
 def _initial_schedules(process: Any, nfe: int) -> list[tuple[str, Any]]:
     """Candidate starting schedules: the standard ones (the peers' defaults among them: a
     grid is scored by one pass over the calibration noise, so trying them all costs little,
     and on some processes the best start is a peer's discrete spacing), the ``auto`` rule's
-    for this budget and, on a continuous-time diffusion process, ``auto``'s grid stopped above
-    σ_min (``truncated``): the untuned rule runs to σ_min to be robust, but a truncated grid is
-    the better start wherever the data are smooth at that scale, and tuning moves its bottom."""
-    from ..auto import _bounds, _flow_like, recommend
+    for this budget and its former one (:func:`_former_auto`)."""
+    from ..auto import recommend
 
     names = ("logsnr", "karras", "uniform", "quadratic", "trailing", "linspace")
-    rec = recommend(process, nfe).schedule
-    out = [*((name, get_schedule(name)) for name in names), ("auto", get_schedule(rec))]
-    if not isinstance(process, VPDiscrete) and not _flow_like(process):
-        bottom = next(b for last, b in _TRUNCATED if last is None or nfe <= last)
-        top = rec.sigma_max if isinstance(rec, LogSNR) else None
-        out.append(("truncated", LogSNR(**_bounds(process, bottom, top))))
-    return out
+    out = [
+        *((name, get_schedule(name)) for name in names),
+        ("auto", get_schedule(recommend(process, nfe).schedule)),
+    ]
+    former = _former_auto(process, nfe)
+    return out if former is None else [*out, ("former-auto", former)]
 
 
 def _initial_grids(process: Any, nfe: int) -> list[tuple[str, Tensor]]:
