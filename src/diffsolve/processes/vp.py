@@ -161,7 +161,10 @@ class VPDiscrete(_VP):
         return _interp(-log_a, self._neg_log_alpha, self._t)
 
     def model_time(self, t: float | Tensor) -> Tensor:
-        return as_time(t) * self.num_train_steps - 1.0
+        t = as_time(t)
+        if _host(t):  # a plan's evaluation times: numpy, the same float64 arithmetic
+            return _np(t.numpy() * self.num_train_steps - 1.0)
+        return t * self.num_train_steps - 1.0
 
     def time_of_index(self, index: Tensor | np.ndarray | list[int]) -> Tensor:
         """Process time of discrete timestep indices (diffusers' ``timesteps``)."""
