@@ -275,16 +275,25 @@ class Denoiser:
             t_in=t_in,
         )
 
-    def points(self, ts: Tensor, like: Tensor) -> list[EvalPoint]:
+    def points(
+        self,
+        ts: Tensor,
+        like: Tensor,
+        coefs: tuple[list[float], list[float]] | None = None,
+    ) -> list[EvalPoint]:
         """:meth:`point` for every time of the 1-D float64 tensor ``ts`` at once: the process
         maths runs once over the whole grid and the network's time inputs cross to the sample's
-        device in one copy (what the sampling loop prefetches for its grid)."""
+        device in one copy (what the sampling loop prefetches for its grid). ``coefs``: α and σ
+        of ``ts`` already computed by ``process.coefficients(ts)`` (a plan's grid), not redone."""
         proc = self.process
         t64 = as_time(ts).reshape(-1)
         in_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
         t_in = torch.as_tensor(self.time_map(t64), dtype=in_dtype).to(like.device)
-        alpha_t, sigma_t, _ = proc.coefficients(t64)
-        alpha, sigma = alpha_t.tolist(), sigma_t.tolist()
+        if coefs is None:
+            alpha_t, sigma_t, _ = proc.coefficients(t64)
+            alpha, sigma = alpha_t.tolist(), sigma_t.tolist()
+        else:
+            alpha, sigma = coefs
         if self.prediction == "velocity":
             d_alpha, d_sigma = proc.d_alpha(t64).tolist(), proc.d_sigma(t64).tolist()
         else:

@@ -94,6 +94,7 @@ def make_plan(
     times_key = None if times is None else tuple(torch.as_tensor(times).reshape(-1).tolist())
     key = _config_key(solver, nfe, steps, times_key, schedule, final)
     hit = _lookup(_GRIDS, process, key)
+    grid = None
     if hit is None:
         grid, calls, rules = _grid_calls_rules(process, solver, nfe, steps, times, schedule, final)
         # the grid's tensors without the process (a value holding its key would never be freed)
@@ -105,7 +106,7 @@ def make_plan(
         pkey = None if key is None else (key, like.shape[0], like.dtype, like.device)
         points = _lookup(_POINTS, model, pkey)
         if points is None:
-            points = eval_points(model, rules, like)
+            points = eval_points(model, rules, like, grid)
             _store(_POINTS, model, pkey, points)
     return Plan(
         process, t, alpha, sigma, lam, clean, budget, calls=calls, rules=rules, points=points

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ..denoiser import EvalPoint, Prediction
+from ..denoiser import Denoiser, EvalPoint, Prediction
 from ..noise import NoiseSource
 from .base import Grid, Model, Plan, Solver, State, host
 
@@ -147,14 +147,27 @@ class RowState(State):
         return self.replace(history=hist, x_prev=x_prev)
 
 
-def eval_points(model: Model, rules: Sequence[StepRule], like: Tensor) -> tuple:
+def eval_points(
+    model: Model, rules: Sequence[StepRule], like: Tensor, grid: Grid | None = None
+) -> tuple:
     """Every rule's evaluation points, built in one vectorised pass where the model offers one;
-    a time several rules evaluate (a step's end and the next one's start) is built once."""
+    a time several rules evaluate (a step's end and the next one's start) is built once.
+
+    With ``grid`` (clean end) and a :class:`~diffsolve.Denoiser`: where the evaluation times
+    are exactly the grid's times before σ = 0, in order (a one-call-a-step plan), the points
+    take the grid's α and σ, which ``Grid.build`` computed from that very array (the same
+    numbers bit for bit), instead of the process's coefficients once more."""
     where: dict[float, int] = {}
     slots = [[where.setdefault(t, len(where)) for t in r.t] for r in rules]
     if not where:
         return tuple(() for _ in rules)
-    ts = torch.tensor(list(where), dtype=torch.float64)
+    times = list(where)
+    ts = torch.tensor(times, dtype=torch.float64)
+    if type(model) is Denoiser and grid is not None and grid.clean_end:
+        t, alpha, sigma = grid.lists("t", "alpha", "sigma")
+        same = len(t) == len(times) + 1 and t[:-1] == times
+        pts = model.points(ts, like, coefs=(alpha[:-1], sigma[:-1]) if same else None)
+        return tuple(tuple(pts[k] for k in slot) for slot in slots)
     many = getattr(model, "points", None)
     pts = many(ts, like) if many is not None else [model.point(t, like) for t in ts]
     return tuple(tuple(pts[k] for k in slot) for slot in slots)
@@ -173,7 +186,7 @@ class RowSolver(Solver[RowState]):
             rules, points = grid.rules, grid.points
         else:  # a bare grid (tests, the diffusers adapter's probes): plan it here
             rules = self.rules(grid, self.calls(grid.steps, grid.clean_end))
-            points = eval_points(model, rules, x)
+            points = eval_points(model, rules, x, grid)
         draws, keep, track = False, 1, False
         for rule in rules:  # one pass: a cold run pays this once per step
             track = track or rule.correct is not None
