@@ -182,17 +182,23 @@ class RowSolver(Solver[RowState]):
         raise NotImplementedError
 
     def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> RowState:
+        return self._state(*self._planned(x, grid, model), grid, noise)
+
+    def _planned(self, x: Tensor, grid: Grid, model: Model) -> tuple[tuple, tuple]:
+        """The plan's rules and evaluation points (made here for a bare grid)."""
         if isinstance(grid, Plan) and grid.rules is not None:
-            rules, points = grid.rules, grid.points
-        else:  # a bare grid (tests, the diffusers adapter's probes): plan it here
-            rules = self.rules(grid, self.calls(grid.steps, grid.clean_end))
-            points = eval_points(model, rules, x, grid)
-        draws, keep, track = False, 1, False
-        for rule in rules:  # one pass: a cold run pays this once per step
-            track = track or rule.correct is not None
-            for r in rule.rows():
-                draws = draws or r.noise != 0.0
-                keep = max(keep, len(r.x0), len(r.eps))
+            return grid.rules, grid.points
+        # a bare grid (tests, the diffusers adapter's probes): plan it here
+        rules = self.rules(grid, self.calls(grid.steps, grid.clean_end))
+        return rules, eval_points(model, rules, x, grid)
+
+    def _state(self, rules: tuple, points: tuple, grid: Grid, noise: Any) -> RowState:
+        """The initial state of ``rules``: the history kept, the noise source if a row draws."""
+        # one pass over every row (a cold run pays this once per step): builtins, not a loop
+        track = any([rule.correct is not None for rule in rules])
+        rows = [r for rule in rules for r in (rule.correct, *rule.stages, rule.update) if r]
+        draws = any([r.noise != 0.0 for r in rows])
+        keep = max([1, *map(len, [r.x0 for r in rows]), *map(len, [r.eps for r in rows])])
         source = None
         if draws:
             source = (noise if noise is not None else NoiseSource()).bind(grid)

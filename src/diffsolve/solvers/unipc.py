@@ -184,8 +184,6 @@ class UniPC(RowSolver):
 
     def init(self, x: Tensor, grid: Grid, model: Model, noise: Any = None) -> RowState:
         """The engine's state with the rules folded (:func:`fold`): one row per step, on x̃."""
-        state = super().init(x, grid, model, noise)
-        rules = fold(state.rules)[0]
-        keep = max((r.width for rule in rules for r in rule.rows()), default=1)
-        track = any(rule.correct is not None for rule in rules)
-        return state.replace(rules=rules, keep=max(keep - 1, 1), track_prev=track)
+        rules, points = self._planned(x, grid, model)
+        # the state of the folded rules, scanned once (a folded-away corrector never draws)
+        return self._state(fold(rules)[0], points, grid, noise)
