@@ -181,12 +181,19 @@ def _pin_ends(
 ) -> Tensor:
     # inverse maps round by ~1 ulp; pin the ends exactly inside [t_min, t_max] where the schedule
     # spans the whole process (a narrowed end keeps its inverse-map time)
-    t = t.clamp(process.t_min, process.t_max)
+    host = t.device.type == "cpu" and t.dtype == torch.float64 and not t.requires_grad
+    # host times: numpy's clip and item writes (the same numbers, a few µs less than torch's)
+    t = (
+        torch.from_numpy(np.clip(t.numpy(), process.t_min, process.t_max))
+        if host
+        else t.clamp(process.t_min, process.t_max)
+    )
+    tn = t.numpy() if host else t
     rho_lo, rho_hi = process.rho_range()
     if sigma_max is None or sigma_max >= rho_hi:
-        t[0] = process.t_max_finite
+        tn[0] = process.t_max_finite
     if t.numel() > 1 and (sigma_min is None or sigma_min <= rho_lo):
-        t[-1] = process.t_min
+        tn[-1] = process.t_min
     return t
 
 

@@ -193,7 +193,7 @@ class GaussianProcess:
         if tn.size > 1 and not (tn[1:] < tn[:-1]).all():
             raise ValueError(f"{what} must be strictly decreasing (noise → data), got {t.tolist()}")
         tol = 1e-9 * max(1.0, abs(self.t_max))
-        lo, hi = float(tn.min()), float(tn.max())
+        lo, hi = float(tn[-1]), float(tn[0])  # strictly decreasing: its ends
         if lo < self.t_min - tol or hi > self.t_max + tol:
             raise ValueError(
                 f"{what} must lie in [t_min, t_max] = [{self.t_min}, {self.t_max}] of "

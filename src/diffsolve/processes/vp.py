@@ -156,7 +156,12 @@ class VPDiscrete(_VP):
         return torch.from_numpy(np.asarray((la[j] - la[j - 1]) / (tp[j] - tp[j - 1])))
 
     def t_of_lambda(self, lam: float | Tensor) -> Tensor:
-        log_a = _log_alpha_of_lambda(as_time(lam))
+        lam = as_time(lam)
+        if _host(lam):  # a schedule's host λ's: −log α = softplus(−2λ)/2, the scalings in numpy
+            # (exact: the same numbers as −(−0.5·softplus(−2.0·λ)) below, one torch kernel)
+            sp = torch.nn.functional.softplus(_np(-2.0 * lam.numpy()))
+            return _interp(_np(0.5 * sp.numpy()), self._neg_log_alpha, self._t)
+        log_a = _log_alpha_of_lambda(lam)
         # log α decreases in t: interpolate on the flipped table
         return _interp(-log_a, self._neg_log_alpha, self._t)
 
