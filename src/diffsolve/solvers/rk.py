@@ -174,7 +174,7 @@ def _row(alpha_0: float, alpha_j: float, coefs: Sequence[float], w: list[float])
     a row over the evaluations newest first."""
     eps = [alpha_j * c * wl for c, wl in zip(coefs, w)]
     eps.reverse()
-    return Row(alpha_j / alpha_0, eps=tuple(eps))
+    return Row(alpha_j / alpha_0, (), tuple(eps))  # positional: a NamedTuple's fast path
 
 
 alias("rk4", "rk", "classical 4th-order Runge–Kutta in σ/α", tableau="rk4")

@@ -74,7 +74,9 @@ def check_calls(solver: str, grid: Grid, calls: Sequence[int], *full: int) -> No
 
 
 def _newest_first(calls: int, w: Sequence[float]) -> tuple[float, ...]:
-    return (*([0.0] * (calls - len(w))), *reversed(w)) if any(w) else ()
+    if not any(w):
+        return ()
+    return (0.0,) * (calls - len(w)) + tuple(w[::-1])  # tuple arithmetic: half the unpacking's
 
 
 def combination(
