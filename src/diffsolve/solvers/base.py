@@ -45,11 +45,6 @@ class Model(Protocol):
     def __call__(self, x: Tensor, t: EvalPoint) -> Prediction: ...
 
 
-def _host(v: Tensor) -> bool:
-    # a CPU float64 column outside autograd: Grid.build appends the data end in numpy
-    return v.device.type == "cpu" and v.dtype == torch.float64 and not v.requires_grad
-
-
 @dataclass(frozen=True)
 class Grid:
     """The time grid of one run, in float64 on the host.
@@ -73,20 +68,14 @@ class Grid:
         cls, process: GaussianProcess, times: Tensor, clean_end: bool, nfe: int | None = None
     ) -> Grid:
         t = times.to(torch.float64)
-        alpha, sigma, lam = process.coefficients(t)
-        cols = (t, alpha, sigma, lam)
-        if clean_end and all(_host(v) for v in cols):
-            # the data end appended in numpy: four torch.cat of one-element tensors cost ~15 µs
-            ends = (0.0, 1.0, 0.0, math.inf)
-            t, alpha, sigma, lam = (
-                torch.from_numpy(np.append(v.numpy(), e)) for v, e in zip(cols, ends)
-            )
-        elif clean_end:
-            one = torch.ones(1, dtype=torch.float64)
-            t = torch.cat([t, 0 * one])
-            alpha = torch.cat([alpha, one])
-            sigma = torch.cat([sigma, 0 * one])
-            lam = torch.cat([lam, torch.full((1,), float("inf"), dtype=torch.float64)])
+        cols: tuple[Tensor, ...] = (t, *process.coefficients(t))
+        ends = (0.0, 1.0, 0.0, math.inf)  # the data end: t, α, σ, λ
+        on_host = all(v.device.type == "cpu" and not v.requires_grad for v in cols)  # float64
+        if clean_end and on_host:  # numpy: four one-element torch.cat cost ~15 µs
+            cols = tuple(torch.from_numpy(np.append(v.numpy(), e)) for v, e in zip(cols, ends))
+        elif clean_end:  # times that carry a gradient (tuning) or live off the host
+            cols = tuple(torch.cat([v, v.new_tensor([e])]) for v, e in zip(cols, ends))
+        t, alpha, sigma, lam = cols
         return cls(process, t, alpha, sigma, lam, clean_end, nfe)
 
     @property
@@ -327,15 +316,13 @@ class Solver(Generic[S]):
     @classmethod
     def options(cls) -> dict[str, Any]:
         """Declared options and their defaults."""
-        out: dict[str, Any] = {}
-        for f in fields(cls):
+
+        def default(f: dataclasses.Field) -> Any:
             if f.default is not dataclasses.MISSING:
-                out[f.name] = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                out[f.name] = f.default_factory()
-            else:
-                out[f.name] = None
-        return out
+                return f.default
+            return None if f.default_factory is dataclasses.MISSING else f.default_factory()
+
+        return {f.name: default(f) for f in fields(cls)}
 
 
 _REGISTRY: dict[str, type[Solver]] = {}

@@ -91,19 +91,17 @@ class StepRule(NamedTuple):
         return len(self.t)
 
     def rows(self) -> tuple[Row, ...]:
-        out = (*((self.correct,) if self.correct else ()), *self.stages)
-        return out if self.update is None else (*out, self.update)
+        return tuple(r for r in (self.correct, *self.stages, self.update) if r is not None)
 
 
 def update_rules(grid: Grid, rows: Sequence[Row | None]) -> tuple[StepRule, ...]:
     """One-call steps: step i applies ``rows[i]`` (None: the step returns x̂_0), its noise the
     increment over t_i → t_{i+1}."""
     (t,) = grid.lists("t")
-    out = []
-    for i, row in enumerate(rows):
-        spans = ((t[i], t[i + 1]),) if row is not None and row.noise != 0.0 else ()
-        out.append(StepRule((t[i],), update=row, spans=spans))
-    return tuple(out)
+    return tuple(
+        StepRule((t[i],), update=row, spans=((t[i], t[i + 1]),) if row and row.noise else ())
+        for i, row in enumerate(rows)
+    )
 
 
 def combine(row: Row, x: Tensor | None, hist: Sequence[Prediction], z: Tensor | None) -> Tensor:
@@ -151,12 +149,8 @@ def eval_points(
     model: Model, rules: Sequence[StepRule], like: Tensor, grid: Grid | None = None
 ) -> tuple:
     """Every rule's evaluation points, built in one vectorised pass where the model offers one;
-    a time several rules evaluate (a step's end and the next one's start) is built once.
-
-    With ``grid`` (clean end) and a :class:`~diffsolve.Denoiser`: where the evaluation times
-    are exactly the grid's times before σ = 0, in order (a one-call-a-step plan), the points
-    take the grid's α and σ, which ``Grid.build`` computed from that very array (the same
-    numbers bit for bit), instead of the process's coefficients once more."""
+    a time several rules evaluate (a step's end and the next one's start) is built once. Where
+    they are a clean-ended ``grid``'s times (one call a step) a Denoiser reuses its α and σ."""
     where: dict[float, int] = {}
     slots = [[where.setdefault(t, len(where)) for t in r.t] for r in rules]
     if not where:
@@ -196,7 +190,7 @@ class RowSolver(Solver[RowState]):
         """The initial state of ``rules``: the history kept, the noise source if a row draws."""
         # one pass over every row (a cold run pays this once per step): builtins, not a loop
         track = any([rule.correct is not None for rule in rules])
-        rows = [r for rule in rules for r in (rule.correct, *rule.stages, rule.update) if r]
+        rows = [r for rule in rules for r in rule.rows()]
         draws = any([r.noise != 0.0 for r in rows])
         keep = max([1, *map(len, [r.x0 for r in rows]), *map(len, [r.eps for r in rows])])
         source = None

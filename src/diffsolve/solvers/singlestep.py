@@ -74,9 +74,7 @@ def check_calls(solver: str, grid: Grid, calls: Sequence[int], *full: int) -> No
 
 
 def _newest_first(calls: int, w: Sequence[float]) -> tuple[float, ...]:
-    if not any(w):
-        return ()
-    return (0.0,) * (calls - len(w)) + tuple(w[::-1])  # tuple arithmetic: half the unpacking's
+    return (0.0,) * (calls - len(w)) + tuple(w[::-1]) if any(w) else ()
 
 
 def combination(
