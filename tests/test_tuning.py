@@ -328,15 +328,16 @@ def test_tuning_a_flow_model_keeps_its_start(tmp_path):
 def test_auto_s_former_grid_stays_a_start():
     """auto moved its grids to σ_min in stop 31 (robust untuned); tuning still offers the former
     grid as a start where it differs (a truncated bottom scores best on smooth data), so the
-    tuned solvers measured before are still found: continuous diffusions at every NFE, discrete
+    tuned solvers measured before are still found: continuous diffusions at NFE ≥ 6, discrete
     processes at NFE ≤ 4, never a flow path."""
     from diffsolve.schedules import Karras, LogSNR
     from diffsolve.tuning.tune import _initial_schedules
 
-    for nfe, bottom in ((5, 0.1155), (6, 0.05), (10, 0.05), (12, 0.02), (20, 0.02)):
+    for nfe, bottom in ((6, 0.05), (10, 0.05), (12, 0.02), (20, 0.02)):
         got = dict(_initial_schedules(ds.EDM(), nfe))
         assert got["former-auto"] == LogSNR(sigma_min=bottom), nfe
         assert got["auto"] == ds.auto.recommend(ds.EDM(), nfe).schedule
+    assert "former-auto" not in dict(_initial_schedules(ds.EDM(), 5))  # the band is unchanged
     vp = dict(_initial_schedules(ds.VPLinear(), 10))
     assert vp["former-auto"] == LogSNR(sigma_min=0.05, sigma_max=14.0)
     sd = sd_process()

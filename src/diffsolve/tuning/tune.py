@@ -76,20 +76,19 @@ def _robust(out: Tensor, target: Tensor) -> float:
 
 def _former_auto(process: Any, nfe: int) -> Schedule | None:
     """``auto``'s grid for this budget as it was until stop 31 (None where it is today's):
-    uniform λ stopped above σ_min on a continuous-time diffusion (σ/α 0.1155 to NFE 5, 0.05 to
-    NFE 11, 0.02 beyond), and on a discrete-time process Karras ρ = 12 over [0.1155, 12.2] at
-    NFE ≤ 4. The untuned rule moved to σ_min (and to uniform λ) to be robust on fine-scale data;
-    where the data are smooth at those scales the former grid is the better start, and tuning
-    moves its ends anyway."""
+    uniform λ stopped above σ_min on a continuous-time diffusion at NFE ≥ 6 (σ/α 0.05 to NFE 11,
+    0.02 beyond), and on a discrete-time process Karras ρ = 12 over [0.1155, 12.2] at NFE ≤ 4.
+    The untuned rule moved to σ_min (and to uniform λ) to be robust on fine-scale data; where
+    the data are smooth at those scales the former grid is the better start, and tuning moves
+    its ends anyway."""
     from ..auto import _bounds, _flow_like, recommend
 
     top = getattr(recommend(process, nfe).schedule, "sigma_max", None)
     if isinstance(process, VPDiscrete):
         return Karras(rho=12.0, **_bounds(process, 0.1155, top)) if nfe <= 4 else None
-    if _flow_like(process):
+    if _flow_like(process) or nfe <= 5:
         return None
-    bottom = 0.1155 if nfe <= 5 else 0.05 if nfe <= 11 else 0.02
-    return LogSNR(**_bounds(process, bottom, top))
+    return LogSNR(**_bounds(process, 0.05 if nfe <= 11 else 0.02, top))
 
 
 def _initial_schedules(process: Any, nfe: int) -> list[tuple[str, Any]]:
