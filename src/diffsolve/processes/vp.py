@@ -165,6 +165,13 @@ class VPDiscrete(_VP):
         # log α decreases in t: interpolate on the flipped table
         return _interp(-log_a, self._neg_log_alpha, self._t)
 
+    def t_of_rho(self, rho: float | Tensor) -> Tensor:
+        rho = as_time(rho)
+        if _host(rho):  # t_of_lambda(−log ρ)'s numbers: −2·(−log ρ) = 2·log ρ exactly, one kernel
+            sp = torch.nn.functional.softplus(_np(2.0 * torch.log(rho).numpy()))
+            return _interp(_np(0.5 * sp.numpy()), self._neg_log_alpha, self._t)
+        return super().t_of_rho(rho)
+
     def model_time(self, t: float | Tensor) -> Tensor:
         t = as_time(t)
         if _host(t):  # a plan's evaluation times: numpy, the same float64 arithmetic

@@ -25,9 +25,9 @@ def zphi_float(k: int, z: float) -> float:
         total = term
         for j in range(k + 1, k + _SERIES_TERMS):
             term *= z / j
-            if total + term == total:  # converged to the last bit (|z| < 1: terms shrink)
+            if (new := total + term) == total:  # converged to the last bit (|z| < 1: terms shrink)
                 break
-            total += term
+            total = new
         return total
     if z == math.inf:
         return math.inf

@@ -126,14 +126,14 @@ class _RhoAdams(RowSolver):
                 f"{self.name} integrates in σ/α, which is infinite at t={float(grid.t[0])} "
                 f"({grid.process!r}); start below it (e.g. schedule='karras' or t_max < 1)"
             )
-        t, alpha = grid.t.tolist(), grid.alpha.tolist()
+        t, alpha = grid.lists("t", "alpha")
         last = grid.steps - int(grid.clean_end)  # then the step to σ = 0: x̂_0
         orders = self._orders(grid, last)
         table = self._table(grid, rho, orders) if last else []
         out = []
         for i, (k, c) in enumerate(zip(orders, table)):
-            row = Row(alpha[i + 1] / alpha[i], eps=tuple([alpha[i + 1] * cj for cj in c[:k]]))
-            out.append(StepRule((t[i],), update=row))
+            row = Row(alpha[i + 1] / alpha[i], (), tuple([alpha[i + 1] * cj for cj in c[:k]]))
+            out.append(StepRule((t[i],), (), row))  # positional: a NamedTuple's fast path
         return (*out, StepRule((t[last],))) if grid.clean_end else tuple(out)
 
 

@@ -159,12 +159,19 @@ def eval_points(
     ts = torch.tensor(times, dtype=torch.float64)
     if type(model) is Denoiser and grid is not None and grid.clean_end:
         t, alpha, sigma = grid.lists("t", "alpha", "sigma")
-        same = len(t) == len(times) + 1 and t[:-1] == times
-        pts = model.points(ts, like, coefs=(alpha[:-1], sigma[:-1]) if same else None)
-        return tuple(tuple(pts[k] for k in slot) for slot in slots)
+        known = {**dict(zip(t[:-1], zip(alpha, sigma))), **grid.__dict__.get("_known", {})}
+        got = [known.get(v) for v in times]
+        coefs = None if None in got else (*map(list, zip(*got)),)
+        pts = model.points(ts, like, coefs=coefs)  # type: ignore[arg-type]
+        return tuple([tuple([pts[k] for k in slot]) for slot in slots])
     many = getattr(model, "points", None)
     pts = many(ts, like) if many is not None else [model.point(t, like) for t in ts]
     return tuple(tuple(pts[k] for k in slot) for slot in slots)
+
+
+def known(grid: Grid, t: Sequence[float], alpha: Sequence[float], sigma: Sequence[float]) -> None:
+    """Record α and σ a builder computed at its stage times: :func:`eval_points` reuses them."""
+    grid.__dict__.setdefault("_known", {}).update(zip(t, zip(alpha, sigma)))
 
 
 class RowSolver(Solver[RowState]):
@@ -190,7 +197,7 @@ class RowSolver(Solver[RowState]):
         """The initial state of ``rules``: the history kept, the noise source if a row draws."""
         # one pass over every row (a cold run pays this once per step): builtins, not a loop
         track = any([rule.correct is not None for rule in rules])
-        rows = [r for rule in rules for r in rule.rows()]
+        rows = [r for u in rules for r in (u.correct, *u.stages, u.update) if r is not None]
         draws = any([r.noise != 0.0 for r in rows])
         keep = max([1, *map(len, [r.x0 for r in rows]), *map(len, [r.eps for r in rows])])
         source = None

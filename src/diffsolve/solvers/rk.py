@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 
 from .base import Grid, alias, register
-from .engine import Row, RowSolver, StepRule
+from .engine import Row, RowSolver, StepRule, known
 from .singlestep import check_calls, singlestep_calls
 
 __all__ = ["RK", "TABLEAUX", "Tableau", "filled_budget", "tableau_rules"]
@@ -128,53 +128,45 @@ def tableau_rules(
     rho = [s / a if a else math.inf for s, a in zip(sigma, alpha)]  # σ/α
     starts = starts or list(zip(t, alpha, sigma, rho))
     final = grid.steps - 1 if grid.clean_end else -1
-    # per step but the one to σ = 0: (ρ's, Δ·a, Δ·b); the stage ρ's off the grid
-    plans = {
-        i: _stage_plan(tab if k > 1 else TABLEAUX["euler"], lam_var, starts[i][3], rho[i + 1])
-        for i, k in enumerate(calls)
-        if i != final
-    }
-    inner = [r for i, p in plans.items() for r in p[0] if r != starts[i][3] and r != rho[i + 1]]
+    # per step but the one to σ = 0: (tableau, stage ρ's, Δ); the stage ρ's off the grid
+    plans, exp = {}, math.exp if lam_var else float  # float: v itself
+    for i, k in enumerate(calls):
+        if i != final:
+            tb, r0, r1 = tab if k > 1 else TABLEAUX["euler"], starts[i][3], rho[i + 1]
+            v0, v1 = (math.log(r0), math.log(r1)) if lam_var else (r0, r1)
+            d = v1 - v0
+            rs = [r0 if c == 0.0 else r1 if c == 1.0 else exp(v0 + c * d) for c in tb.c]
+            plans[i] = tb, rs, d
+    inner = [r for i, p in plans.items() for r in p[1] if r != starts[i][3] and r != rho[i + 1]]
     at: dict[float, tuple[float, float, float]] = {}
     if inner:  # the stage points off the grid, in one pass: t(ρ), α and σ there
         tt = proc.t_of_rho(torch.tensor(inner, dtype=torch.float64))
         a_in, s_in, _ = proc.coefficients(tt)
         at = dict(zip(inner, zip(tt.tolist(), a_in.tolist(), s_in.tolist())))
+        known(grid, *zip(*at.values()))
+    # each row's Δ-free weights a_ij (stages), b_i (update), newest call first
+    rev = {tb: [r[::-1] for r in (*tb.a[1:], tb.b)] for tb in (tab, TABLEAUX["euler"])}
     out = []
     for i, (t0, a0, s0, r0) in enumerate(starts[: len(calls)]):
         if i == final:
             out.append(StepRule((t0,)))
             continue
-        rhos, a, b = plans[i]
+        tb, rhos, d = plans[i]
         # the step's ends are taken as they are: no round trip through t_of_rho
-        ends = {r0: (t0, a0, s0), rho[i + 1]: (t[i + 1], alpha[i + 1], sigma[i + 1])}
-        pts = [ends[r] if r in ends else at[r] for r in rhos]
-        # k_l = w_l·ε̂_l: w = ρ at the point (lambda) or 1 (sigma)
-        w = [p[2] / p[1] for p in pts] if lam_var else [1.0] * len(pts)
-        stages = tuple([_row(a0, p[1], row, w) for p, row in zip(pts[1:], a[1:])])
-        out.append(StepRule(tuple([p[0] for p in pts]), stages, _row(a0, alpha[i + 1], b, w)))
+        r1, e1 = rho[i + 1], (t[i + 1], alpha[i + 1], sigma[i + 1])
+        pts = [e1 if r == r1 else (t0, a0, s0) if r == r0 else at[r] for r in rhos]
+        # x_j = (α_j/α_0)·x + α_j·Σ_l Δ·a_jl·w_l·ε̂_l, w = ρ at the call (lambda) or 1 (sigma)
+        w = [p[2] / p[1] for p in pts][::-1] if lam_var else None
+        rows = []
+        for (_, aj, _), cs in zip((*pts[1:], e1), rev[tb]):  # the stages', then the update's
+            eps = (
+                [aj * (d * c) for c in cs]
+                if w is None
+                else [aj * (d * c) * wl for c, wl in zip(cs, w[-len(cs) :])]
+            )
+            rows.append(Row(aj / a0, (), tuple(eps)))  # positional: a NamedTuple's fast path
+        out.append(StepRule(tuple([p[0] for p in pts]), tuple(rows[:-1]), rows[-1]))
     return tuple(out)
-
-
-def _stage_plan(
-    tab: Tableau, lam_var: bool, r0: float, r1: float
-) -> tuple[list[float], list[list[float]], list[float]]:
-    """Stage noise levels ρ and the step-scaled weights Δ·a_ij, Δ·b_i of one step ρ_0 → ρ_1."""
-    v0, v1 = (math.log(r0), math.log(r1)) if lam_var else (r0, r1)
-    delta = v1 - v0
-    rhos = []
-    for c in tab.c:
-        v = v0 + c * delta
-        rhos.append(r0 if c == 0.0 else r1 if c == 1.0 else math.exp(v) if lam_var else v)
-    return rhos, [[delta * w for w in row] for row in tab.a], [delta * w for w in tab.b]
-
-
-def _row(alpha_0: float, alpha_j: float, coefs: Sequence[float], w: list[float]) -> Row:
-    """x_j = (α_j/α_0)·x + α_j·Σ_l coefs_l·w_l·ε̂_l over the step's calls l (oldest first), as
-    a row over the evaluations newest first."""
-    eps = [alpha_j * c * wl for c, wl in zip(coefs, w)]
-    eps.reverse()
-    return Row(alpha_j / alpha_0, (), tuple(eps))  # positional: a NamedTuple's fast path
 
 
 alias("rk4", "rk", "classical 4th-order Runge–Kutta in σ/α", tableau="rk4")

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..processes.base import GaussianProcess
 from ._expint import phi_data_float, phi_noise_float
 from .base import Grid
-from .engine import Row, RowSolver, StepRule
+from .engine import Row, RowSolver, StepRule, known
 
 __all__ = ["SinglestepSolver", "check_calls", "fast_plan", "singlestep_calls", "singlestep_rules"]
 
@@ -125,6 +125,7 @@ def singlestep_rules(
         stage_t = [next(of_lam) if f else next(given) for f in in_lam]
         coefs = process.coefficients(torch.tensor(stage_t, dtype=torch.float64))
         stage_pts = list(zip(stage_t, *(v.tolist() for v in coefs)))
+        known(grid, *list(zip(*stage_pts))[:3])
     at = 0
 
     out: list[StepRule] = []
