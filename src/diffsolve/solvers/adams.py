@@ -111,8 +111,8 @@ class _RhoAdams(RowSolver):
     def _orders(self, grid: Grid, steps: int) -> list[int]:
         # DEIS' lower_order_final (diffusers' threshold, 15), only without a clean end
         lower = getattr(self, "lower_order_final", False) and not grid.clean_end
-        rule = FinalOrders.of(self.name, lower, 15, self.euler_at_final)
-        return [min(self.order, i + 1, rule.cap(i, grid.steps)) for i in range(steps)]
+        rule, n = FinalOrders.of(self.name, lower, 15, self.euler_at_final), grid.steps
+        return [min(self.order, i + 1, rule.cap(i, n)) for i in range(steps)]
 
     def _table(self, grid: Grid, rho: np.ndarray, orders: list[int]) -> list[list[float]]:
         """c_{ij} of steps 0…len(orders) − 1: Lagrange in ρ, exact (lms)."""

@@ -160,7 +160,7 @@ def eval_points(
     if type(model) is Denoiser and grid is not None and grid.clean_end:
         t, alpha, sigma = grid.lists("t", "alpha", "sigma")
         known = {**dict(zip(t[:-1], zip(alpha, sigma))), **grid.__dict__.get("_known", {})}
-        got = [known.get(v) for v in times]
+        got = list(map(known.get, times))
         coefs = None if None in got else (*map(list, zip(*got)),)
         pts = model.points(ts, like, coefs=coefs)  # type: ignore[arg-type]
         return tuple([tuple([pts[k] for k in slot]) for slot in slots])

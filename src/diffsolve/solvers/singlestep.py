@@ -151,7 +151,7 @@ def singlestep_rules(
                 k, lam[i + 1] - lam[i], st, (lam[i], sigma[i]), (alpha[i + 1], sigma[i + 1]),
                 (ratio, gain), data, solver_type,
             )  # fmt: skip
-        out.append(StepRule((t[i], *(p[0] for p in st)), tuple(stages), update))
+        out.append(StepRule((t[i], *[p[0] for p in st]), tuple(stages), update))
     return tuple(out)
 
 
