@@ -38,14 +38,17 @@ __all__ = [
     "heldout20",
     "heldout24",
     "heldout32",
+    "heldout36",
     "heldout40",
     "heldout48",
     "heldout64",
     "heldout72",
+    "heldout80",
     "heldout96",
     "heldout100",
     "heldout108",
     "heldout128",
+    "heldout144",
     "heldout192",
     "heldout256",
     "heldout300",
@@ -604,6 +607,57 @@ def heldout768() -> GaussianMixture:
     return _mixture(weights, m, None, np.stack(diag).reshape(k, -1).copy(), shape, "heldout768")
 
 
+# A seventh held-out set (stop 32), written down with its seeds (the first six digits of √17,
+# ln 7 and e²) before anything ran on it, to judge what stop 32 changes in ``ds.tune``: a
+# heavy-tailed scale mixture, many flat components with Zipf weights, and binary image patterns.
+# Report, never tune on.
+
+
+def heldout36() -> GaussianMixture:
+    """Held out (seventh set). Heavy tails in 36-D: four centres (N(0, 0.8²)), each carrying
+    three isotropic components of standard deviations 0.03, 0.2 and 1.0 at one centre (a
+    Gaussian scale mixture: most mass tight, some far out), weights uniform in [0.5, 1.5]."""
+    rng = np.random.default_rng(412310)
+    centres, d = 4, 36
+    means = np.repeat(rng.normal(0.0, 0.8, (centres, d)), 3, 0)
+    std = np.tile([0.03, 0.2, 1.0], centres)
+    weights = rng.uniform(0.5, 1.5, centres * 3) * np.tile([1.0, 0.5, 0.15], centres)
+    return _mixture(weights, means, None, np.repeat(std[:, None] ** 2, d, 1), (d,), "heldout36")
+
+
+def heldout80() -> GaussianMixture:
+    """Held out (seventh set). Forty 80-D "pancakes": each a rank-2 plane of variance 0.1 in a
+    random orientation plus an isotropic 1e-3, means N(0, 0.5²), Zipf weights (∝ 1/rank)."""
+    rng = np.random.default_rng(194591)
+    k, d = 40, 80
+    means = rng.normal(0.0, 0.5, (k, d))
+    covs = []
+    for _ in range(k):
+        basis = np.linalg.qr(rng.normal(size=(d, 2)))[0]
+        covs.append(0.1 * basis @ basis.T + 1e-3 * np.eye(d))
+    weights = 1.0 / (1.0 + rng.permutation(k))
+    return _mixture(weights, means, np.stack(covs), None, (d,), "heldout80")
+
+
+def heldout144() -> GaussianMixture:
+    """Held out (seventh set). Twenty binary 1×12×12 patterns (each pixel ±0.8, a random blob:
+    a thresholded smooth random field) with isotropic standard deviations log-uniform in
+    [0.02, 0.15], weights Dirichlet(2)."""
+    rng = np.random.default_rng(738905)
+    k, side = 20, 12
+    yy, xx = np.meshgrid(np.linspace(0, 1, side), np.linspace(0, 1, side), indexing="ij")
+    means = []
+    for _ in range(k):
+        f, ph = rng.uniform(0.5, 2.5, (2, 2)), rng.uniform(0, 2 * np.pi, 2)
+        field = np.sin(2 * np.pi * f[0, 0] * yy + ph[0]) + np.cos(2 * np.pi * f[1, 1] * xx + ph[1])
+        means.append(np.where(field > 0, 0.8, -0.8).reshape(-1))
+    std = np.exp(rng.uniform(np.log(0.02), np.log(0.15), k))
+    weights = rng.dirichlet(np.full(k, 2.0)) + 1e-3
+    d = side * side
+    diag = np.repeat(std[:, None] ** 2, d, 1)
+    return _mixture(weights, np.stack(means), None, diag, (1, side, side), "heldout144")
+
+
 HELDOUT = {
     "heldout16": heldout16,
     "heldout48": heldout48,
@@ -623,6 +677,9 @@ HELDOUT = {
     "heldout12": heldout12,
     "heldout96": heldout96,
     "heldout768": heldout768,
+    "heldout36": heldout36,
+    "heldout80": heldout80,
+    "heldout144": heldout144,
 }
 
 
