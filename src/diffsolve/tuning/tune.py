@@ -60,17 +60,23 @@ def _loss(out: Tensor, target: Tensor) -> Tensor:
 
 def _objective(out: Tensor, target: Tensor) -> Tensor:
     """The robust objective of the second round of ``auto`` and ``bespoke`` (the other
-    gradient methods descend :func:`_loss`): the mean per-sample error over the mean per-sample
-    norm, squared (the validation score, differentiable); a trajectory that ends near another
-    mode weighs as one sample, not as the square of its error."""
-    err = (out - target).reshape(out.shape[0], -1).norm(dim=1).mean()
-    return (err / target.reshape(target.shape[0], -1).norm(dim=1).mean()).pow(2)
+    gradient methods descend :func:`_loss`): the validation score squared, differentiable —
+    the mean over samples of √(e_i / n̄), to the fourth power (e_i: a sample's error, n̄: the
+    mean per-sample norm of the target). A trajectory that ends near another mode weighs as
+    the square root of its error, not as its square (the first round's :func:`_loss`) nor as
+    the error itself (this objective until stop 32, which let the broad or far-off samples
+    decide the grid where most samples are tight: docs/tuning.md, "Stop 32")."""
+    err = (out - target).reshape(out.shape[0], -1).norm(dim=1)
+    per = err / target.reshape(target.shape[0], -1).norm(dim=1).mean()
+    # an exact sample has no gradient rather than √'s infinite one at 0
+    return per.clamp_min(torch.finfo(per.dtype).tiny).sqrt().mean().pow(4)
 
 
 def _robust(out: Tensor, target: Tensor) -> float:
-    """The validation score: the mean per-sample error over the mean per-sample norm. Squared
-    errors of a few hundred trajectories are dominated by the one or two that end near another
-    mode, which no grid fixes; this score follows the bulk and still sees those."""
+    """The validation score, (mean_i √(e_i / n̄))²: an error scale that follows the bulk of the
+    trajectories. Squared errors of a few hundred trajectories are dominated by the one or two
+    that end near another mode, which no grid fixes, and even the mean error by the samples
+    far from the data's typical scale; this score still sees both."""
     return math.sqrt(float(_objective(out, target)))
 
 
@@ -240,8 +246,8 @@ def tune(
             two phases; from its 30th iteration a phase stops once 20 in a row have not
             bettered its best validation score by 0.1 %) or generations (autodiffusion,
             default 15). The first round of ``auto`` and ``bespoke`` minimises the squared
-            error, its second the mean per-sample error over the mean per-sample norm (the
-            validation score): the few trajectories that end near another mode than the
+            error, its second the validation score (mean_i √(e_i / n̄))², e_i a sample's
+            error and n̄ the mean norm: the few trajectories that end near another mode than the
             teacher's dominate squared errors and no grid fixes them, while on a network whose
             errors are alike across samples the squared error descends better; each phase
             keeps its best validation iterate, so the second round never undoes the first.
