@@ -444,10 +444,11 @@ def test_a_phase_stops_when_validation_stalls_and_its_bar_completes(sd64, monkey
     monkeypatch.setattr(tune_mod, "_MIN_ITERS", 0)
     calls: list[tuple[str, int, int]] = []
     tuned = ds.tune(
-        model, calib[:64], 5, target=target[:64], iters=50, lr=2.0,
+        model, calib[:64], 5, target=target[:64], iters=50, lr=1.0,
         progress=lambda ph, i, n, v: calls.append((ph, i, n)),
     )  # fmt: skip
-    assert len(calls) < 4 * 50  # some phase stopped early (lr = 2 overshoots)
+    # some phase stopped early (lr = 1 overshoots; 2 diverges from this start)
+    assert len(calls) < 4 * 50
     ends = [c for k, c in enumerate(calls) if k + 1 == len(calls) or calls[k + 1][0] != c[0]]
     assert all(i == n for _ph, i, n in ends), ends
     info = tuned.info
