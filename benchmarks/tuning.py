@@ -182,7 +182,7 @@ class Case:
 
 
 def _key(row: dict[str, Any]) -> str:
-    keys = ("model", "process", "nfe", "method", "calib", "iters", "lr", "batch")
+    keys = ("model", "process", "nfe", "method", "calib", "iters", "lr", "batch", "order")
     return "|".join(str(row.get(k)) for k in keys)  # rows before --lr have none: the default
 
 
@@ -332,6 +332,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=None, help="ds.tune's iters (default its own)")
     ap.add_argument("--lr", type=float, default=None, help="ds.tune's lr (default its own)")
     ap.add_argument("--batch", type=int, default=None, help="ds.tune's batch (default its own)")
+    ap.add_argument("--order", type=int, default=None, help="ds.tune's order (default its own)")
     ap.add_argument("--seed-calib", type=int, default=1)
     ap.add_argument("--seed-eval", type=int, default=2)
     ap.add_argument("--rtol", type=float, default=1e-6, help="the networks' rk45 truth (eval)")
@@ -415,6 +416,7 @@ def main() -> None:
                             "iters": args.iters,
                             "lr": args.lr,
                             "batch": args.batch,
+                            "order": args.order,
                         }
                         if _key(row) in done:
                             continue
@@ -435,6 +437,7 @@ def main() -> None:
                                 iters=args.iters, rtol=args.teacher_rtol,
                                 **({} if args.lr is None else {"lr": args.lr}),
                                 **({} if args.batch is None else {"batch": args.batch}),
+                                **({} if args.order is None else {"order": args.order}),
                             )  # fmt: skip
                         except ds.TuningError as e:
                             row.update(error=repr(e), err_tuned=None, err_calib=None)
