@@ -100,6 +100,15 @@ class Grid:
     def _host(self) -> dict[str, list[float]]:
         return {n: getattr(self, n).tolist() for n in ("t", "alpha", "sigma", "lam")}
 
+    @cached_property
+    def known(self) -> dict[float, tuple[float, float]]:
+        """(α, σ) by process time, as computed for this grid: its own times (not the clean end)
+        and the stage times a row builder adds (singlestep, RK); evaluation points take them
+        from here instead of the process once more (the same float64 numbers)."""
+        t, alpha, sigma = self.lists("t", "alpha", "sigma")
+        n = len(t) - int(self.clean_end)
+        return dict(zip(t[:n], zip(alpha[:n], sigma[:n])))
+
     def lists(self, *names: str) -> tuple[list[float], ...]:
         """Columns of the grid ("t", "alpha", "sigma", "lam") as Python floats, made once per
         grid: the row builders read them element by element."""

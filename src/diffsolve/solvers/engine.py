@@ -158,9 +158,7 @@ def eval_points(
     times = list(where)
     ts = torch.tensor(times, dtype=torch.float64)
     if type(model) is Denoiser and grid is not None and grid.clean_end:
-        t, alpha, sigma = grid.lists("t", "alpha", "sigma")
-        known = {**dict(zip(t[:-1], zip(alpha, sigma))), **grid.__dict__.get("_known", {})}
-        got = list(map(known.get, times))
+        got = list(map(grid.known.get, times))
         coefs = None if None in got else (*map(list, zip(*got)),)
         pts = model.points(ts, like, coefs=coefs)  # type: ignore[arg-type]
         return tuple([tuple([pts[k] for k in slot]) for slot in slots])
@@ -170,8 +168,9 @@ def eval_points(
 
 
 def known(grid: Grid, t: Sequence[float], alpha: Sequence[float], sigma: Sequence[float]) -> None:
-    """Record α and σ a builder computed at its stage times: :func:`eval_points` reuses them."""
-    grid.__dict__.setdefault("_known", {}).update(zip(t, zip(alpha, sigma)))
+    """Record α and σ a builder computed at its stage times (``grid.known``):
+    :func:`eval_points` reuses them."""
+    grid.known.update(zip(t, zip(alpha, sigma)))
 
 
 class RowSolver(Solver[RowState]):
